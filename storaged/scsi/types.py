@@ -105,3 +105,20 @@ class TmfResponse:
     NOT_SUPPORTED = 5
     AUTH_FAILED = 6
     REJECTED = 255
+
+
+def decode_lun(raw: bytes) -> int:
+    """SAM-5 8-byte LUN field to a LUN number (peripheral and flat addressing)."""
+    method = raw[0] >> 6
+    if method == 0:  # peripheral device addressing, bus 0
+        return raw[1] if (raw[0] & 0x3F) == 0 else 0xFFFF_FFFF
+    if method == 1:  # flat space addressing
+        return ((raw[0] & 0x3F) << 8) | raw[1]
+    return 0xFFFF_FFFF
+
+
+def encode_lun(lun: int) -> bytes:
+    """LUN number to the 8-byte SAM-5 LUN field (peripheral below 256, else flat)."""
+    if lun < 256:
+        return bytes([0, lun, 0, 0, 0, 0, 0, 0])
+    return bytes([0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0, 0, 0])
