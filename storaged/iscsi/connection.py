@@ -1,0 +1,941 @@
+"""The sans-IO iSCSI target connection (RFC 7143), ErrorRecoveryLevel 0.
+
+A Connection takes bytes in (``receive_data``), produces bytes to send
+(``data_to_send``) and events for the shell (``next_events``): ``Execute``
+when a SCSI command has all its data and its turn in CmdSN order, ``Close``
+when the connection must end.  The shell runs the command against the SCSI
+layer and hands the result back with ``complete``.  No sockets, no clocks
+except the ``now`` values the shell passes to ``tick``.
+
+Since MaxConnections is negotiated to 1, a session has exactly one
+connection and the session-wide sequence numbers (CmdSN window) live here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from storaged.fastio import crc32c, decode_bhs
+from storaged.iscsi import text
+from storaged.iscsi.chap import ChapError, ChapTarget
+from storaged.iscsi.params import NegotiationError, Negotiator
+from storaged.iscsi.pdu import BHS_LEN, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
+from storaged.iscsi.target import Registry, TargetContext
+from storaged.scsi.types import (
+    Nexus,
+    ScsiCommand,
+    ScsiResult,
+    Status,
+    TmfFunction,
+    TmfResponse,
+    decode_lun,
+)
+
+log = logging.getLogger("storaged.iscsi")
+
+# Login status class/detail (§11.13.5).
+LOGIN_OK = 0x0000
+LOGIN_AUTH_FAILED = 0x0201
+LOGIN_FORBIDDEN = 0x0202
+LOGIN_NOT_FOUND = 0x0203
+LOGIN_UNSUPPORTED_VERSION = 0x0205
+LOGIN_MISSING_PARAM = 0x0207
+LOGIN_NO_SESSION = 0x020A
+LOGIN_INIT_ERROR = 0x0200
+LOGIN_INVALID_REQUEST = 0x020B
+LOGIN_TARGET_ERROR = 0x0300
+
+# Reject reasons (§11.17.1).
+REJ_DIGEST = 0x02
+REJ_SNACK = 0x03
+REJ_PROTOCOL = 0x04
+REJ_NOT_SUPPORTED = 0x05
+REJ_TASK_IN_PROGRESS = 0x07
+REJ_INVALID_FIELD = 0x09
+
+STAGE_SECURITY = 0
+STAGE_OPERATIONAL = 1
+STAGE_FULL = 3
+
+LOGIN_MRDSL = 8192  # login PDUs use the default segment size (§13.12)
+
+
+def _sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic a < b (RFC 1982, 32 bits) as CmdSN needs."""
+    return a != b and ((b - a) & 0xFFFFFFFF) < 0x80000000
+
+
+def _sn_in(sn: int, lo: int, hi: int) -> bool:
+    """lo <= sn <= hi in serial arithmetic."""
+    return ((sn - lo) & 0xFFFFFFFF) <= ((hi - lo) & 0xFFFFFFFF)
+
+
+@dataclass(slots=True)
+class Execute:
+    """A command is ready: run ``task.command`` and call ``complete``."""
+
+    task: Task
+
+
+@dataclass(slots=True)
+class Close:
+    """The connection must close once pending output is flushed."""
+
+    reason: str
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol badly enough that the connection drops."""
+
+
+class Task:
+    """One SCSI command from arrival to status."""
+
+    __slots__ = ("itt", "lun", "lun_raw", "cdb", "cmdsn", "edtl", "read", "write", "attr",
+                 "immediate", "buf", "received", "unsol_done", "unsol_limit", "r2t_next",
+                 "r2ts", "r2tsn", "datasn", "executing", "aborted", "command", "delivered",
+                 "unsol_datasn")
+
+    def __init__(self, itt: int, lun_raw: int, cdb: bytes, cmdsn: int, edtl: int, read: bool,
+                 write: bool, attr: int, immediate: bool) -> None:
+        self.itt = itt
+        self.lun_raw = lun_raw
+        self.lun = decode_lun(lun_raw.to_bytes(8, "big"))
+        self.cdb = cdb
+        self.cmdsn = cmdsn
+        self.edtl = edtl
+        self.read = read
+        self.write = write
+        self.attr = attr
+        self.immediate = immediate
+        self.buf: bytearray | None = None
+        self.received = 0
+        self.unsol_done = True
+        self.unsol_limit = 0
+        self.r2t_next = 0           # next buffer offset to solicit
+        self.r2ts: dict[int, list[int]] = {}  # ttt -> [offset, length, next_datasn, got]
+        self.r2tsn = 0
+        self.datasn = 0
+        self.unsol_datasn = 0
+        self.executing = False
+        self.aborted = False
+        self.delivered = False
+        self.command: ScsiCommand | None = None
+
+    @property
+    def data_complete(self) -> bool:
+        return not self.write or self.received >= self.edtl
+
+
+class Connection:
+    """One iSCSI connection/session on the target side."""
+
+    def __init__(self, registry: Registry, local: tuple[str, int], peer: tuple[str, int],
+                 nop_interval: float = 15.0, nop_timeout: float = 30.0,
+                 login_timeout: float = 30.0, now: float = 0.0) -> None:
+        self.registry = registry
+        self.local = local
+        self.peer = peer
+        self._buf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self._events: list[Execute | Close] = []
+        self.closed = False
+        self.on_drop: Callable[[str], None] | None = None
+        # Login state
+        self.full_feature = False
+        self.stage = STAGE_SECURITY
+        self.login_started = False
+        self.login_keys: list[tuple[str, str]] = []   # accumulates C-bit continuation
+        self.neg = Negotiator()
+        self.chap: ChapTarget | None = None
+        self.auth_needed = False
+        self.auth_done = False
+        self.auth_method: str | None = None
+        self.declared_tpgt = False
+        self.initiator = ""
+        self.alias = ""
+        self.discovery = False
+        self.target: TargetContext | None = None
+        self.isid = 0
+        self.tsih = 0
+        self.cid = 0
+        self.nexus: Nexus | None = None
+        # Digest and segment limits (login uses defaults).
+        self.hd = False
+        self.dd = False
+        self.max_recv = LOGIN_MRDSL   # what we accept
+        self.max_send = LOGIN_MRDSL   # what the initiator accepts
+        self.first_burst = 65536
+        self.max_burst = 262144
+        self.initial_r2t = True
+        self.immediate_data = True
+        self.max_r2t = 1
+        # Sequence numbers
+        self.statsn = 0
+        self.expcmdsn = 0
+        self.queue_depth = 128
+        self.tasks: dict[int, Task] = {}
+        self.waiting: dict[int, object] = {}   # cmdsn -> Task or deferred PDU
+        self.ttt_next = 1
+        self.text_pending: list[bytes] = []
+        self.text_ttt = RESERVED_TAG
+        self.text_itt = RESERVED_TAG
+        # Liveness
+        self.nop_interval = nop_interval
+        self.nop_timeout = nop_timeout
+        self.login_deadline = now + login_timeout
+        self.last_rx = now
+        self.ping_sent_at: float | None = None
+        self.ping_ttt = 0
+        self.logout_sent = False
+
+    # ------------------------------------------------------------------ I/O
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Feed bytes from the socket; parse and handle every complete PDU."""
+        if self.closed:
+            return
+        self._buf += data
+        buf = self._buf
+        pos = 0
+        try:
+            while not self.closed:
+                end = len(buf)
+                if end - pos < BHS_LEN:
+                    break
+                ahs = buf[pos + 4] * 4
+                dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
+                hlen = BHS_LEN + ahs + (4 if self.hd else 0)
+                plen = (dlen + 3) & ~3
+                total = hlen + plen + (4 if (self.dd and dlen) else 0)
+                if dlen > self.max_recv and dlen > self.first_burst:
+                    raise ProtocolError(f"data segment of {dlen} bytes exceeds "
+                                        f"MaxRecvDataSegmentLength {self.max_recv}")
+                if end - pos < total:
+                    if end - pos >= hlen and self.hd:
+                        self._check_hd(buf, pos, ahs)
+                    break
+                if self.hd:
+                    self._check_hd(buf, pos, ahs)
+                header = bytes(buf[pos:pos + BHS_LEN])
+                dstart = pos + hlen
+                payload = bytes(buf[dstart:dstart + dlen])
+                pos += total
+                if self.dd and dlen:
+                    want = int.from_bytes(buf[dstart + plen:dstart + plen + 4], "little")
+                    crc = crc32c(payload)
+                    if plen != dlen:
+                        crc = crc32c(bytes(plen - dlen), crc)
+                    if crc != want:
+                        self._data_digest_error(header)
+                        continue
+                self._dispatch(Pdu(header, payload))
+        except ProtocolError as e:
+            self.drop(str(e))
+        finally:
+            if pos:
+                del buf[:pos]
+
+    def _check_hd(self, buf: bytearray, pos: int, ahs: int) -> None:
+        end = pos + BHS_LEN + ahs
+        want = int.from_bytes(buf[end:end + 4], "little")
+        if crc32c(bytes(buf[pos:end])) != want:
+            # §7.8: at ERL 0 a header digest error ends the connection.
+            raise ProtocolError("header digest error")
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        """Buffers to write, in order (for transport.writelines)."""
+        out = self._out
+        self._out = []
+        return out
+
+    def next_events(self) -> list[Execute | Close]:
+        ev = self._events
+        self._events = []
+        return ev
+
+    def drop(self, reason: str) -> None:
+        """End the connection (and, at ERL 0, the session) abruptly."""
+        if self.closed:
+            return
+        self.closed = True
+        log.info("connection %s:%s dropped: %s", self.peer[0], self.peer[1], reason)
+        for task in self.tasks.values():
+            task.aborted = True
+        self._unregister()
+        self._events.append(Close(reason))
+        if self.on_drop is not None:
+            self.on_drop(reason)
+
+    def _unregister(self) -> None:
+        if self.target is not None and self.tsih:
+            key = (self.initiator, self.isid, self.target.name)
+            if self.registry.sessions.get(key) is self:
+                del self.registry.sessions[key]
+            if self.nexus is not None:
+                self.target.scsi.nexus_lost(self.nexus)
+
+    def _send(self, header: bytes, data: bytes | memoryview = b"") -> None:
+        self._out.extend(frame(header, data, self.hd, self.dd))
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def maxcmdsn(self) -> int:
+        return (self.expcmdsn + self.queue_depth - 1) & 0xFFFFFFFF
+
+    def _next_statsn(self) -> int:
+        sn = self.statsn
+        self.statsn = (sn + 1) & 0xFFFFFFFF
+        return sn
+
+    def _reject(self, header: bytes, reason: int) -> None:
+        self._send(build(Op.REJECT, flags=0x80, b2=reason, data_len=BHS_LEN,
+                         itt=RESERVED_TAG, w24=self._next_statsn(), w28=self.expcmdsn,
+                         w32=self.maxcmdsn), header)
+
+    def _data_digest_error(self, header: bytes) -> None:
+        # §7.8.1: Reject the PDU; at ERL 0 the command it belongs to will not
+        # complete normally, so fail the task too.
+        (op, _imm, _fl, _b2, _b3, _a, _d, _lun, itt, *_rest) = decode_bhs(header)
+        self._reject(header, REJ_DIGEST)
+        task = self.tasks.get(itt)
+        if task is not None and op == Op.DATA_OUT:
+            self.drop("data digest error on Data-Out at ErrorRecoveryLevel 0")
+
+    # ------------------------------------------------------------- dispatch
+    def _dispatch(self, pdu: Pdu) -> None:
+        op = pdu.opcode
+        if not self.full_feature:
+            if op != Op.LOGIN_REQ:
+                raise ProtocolError(f"opcode 0x{op:02x} before login completed")
+            self._login(pdu)
+            return
+        if op == Op.SCSI_CMD:
+            self._scsi_command(pdu)
+        elif op == Op.DATA_OUT:
+            self._data_out(pdu)
+        elif op == Op.NOP_OUT:
+            self._ordered(pdu, self._nop_out)
+        elif op == Op.TMF_REQ:
+            self._ordered(pdu, self._tmf)
+        elif op == Op.TEXT_REQ:
+            self._ordered(pdu, self._text)
+        elif op == Op.LOGOUT_REQ:
+            self._ordered(pdu, self._logout)
+        elif op == Op.LOGIN_REQ:
+            # §6.3: a Login Request in full feature phase is a protocol error.
+            self._reject(pdu.header, REJ_PROTOCOL)
+            self.drop("login request in full feature phase")
+        elif op == Op.SNACK:
+            self._reject(pdu.header, REJ_SNACK if pdu.flags & 0x0F else REJ_NOT_SUPPORTED)
+        else:
+            self._reject(pdu.header, REJ_NOT_SUPPORTED)
+
+    def _ordered(self, pdu: Pdu, handler: Callable[[Pdu], None]) -> None:
+        """Deliver non-SCSI requests in CmdSN order; immediate ones at once."""
+        cmdsn = pdu.w24
+        if pdu.immediate:
+            handler(pdu)
+            return
+        if not _sn_in(cmdsn, self.expcmdsn, self.maxcmdsn):
+            return  # §4.2.2.1: silently ignore commands outside the window
+        if cmdsn == self.expcmdsn:
+            self.expcmdsn = (self.expcmdsn + 1) & 0xFFFFFFFF
+            handler(pdu)
+            self._drain_waiting()
+        else:
+            self.waiting[cmdsn] = (pdu, handler)
+
+    def _drain_waiting(self) -> None:
+        while self.expcmdsn in self.waiting and not self.closed:
+            item = self.waiting.pop(self.expcmdsn)
+            self.expcmdsn = (self.expcmdsn + 1) & 0xFFFFFFFF
+            if isinstance(item, Task):
+                self._deliver(item)
+            else:
+                pdu, handler = item  # type: ignore[misc]
+                handler(pdu)
+
+    # ----------------------------------------------------------------- login
+    def _login(self, pdu: Pdu) -> None:
+        flags = pdu.flags
+        transit = bool(flags & 0x80)
+        cont = bool(flags & 0x40)
+        csg = (flags >> 2) & 3
+        nsg = flags & 3
+        isid, tsih = isid_tsih(pdu.lun)
+        if not self.login_started:
+            self.login_started = True
+            self.isid = isid
+            self.tsih = tsih
+            self.cid = pdu.w20 >> 16
+            self.expcmdsn = pdu.w24
+            self.statsn = pdu.w28
+            if pdu.b3 > 0 or pdu.b2 < pdu.b3:
+                self._login_fail(pdu, LOGIN_UNSUPPORTED_VERSION, "unsupported version")
+                return
+        try:
+            pairs = text.decode(pdu.data)
+        except text.TextError as e:
+            self._login_fail(pdu, LOGIN_INIT_ERROR, str(e))
+            return
+        self.login_keys.extend(pairs)
+        if cont:
+            # §11.12.2: a continued text; answer with an empty response, no transit.
+            self._login_response(pdu, [], transit=False, csg=csg, nsg=nsg)
+            return
+        pairs = self.login_keys
+        self.login_keys = []
+        keys = dict(pairs)
+        if csg == 2 or (transit and (nsg == 2 or nsg <= csg)):
+            self._login_fail(pdu, LOGIN_INIT_ERROR, f"bad login stage transition {flags:#x}")
+            return
+        if csg != self.stage:
+            if csg == STAGE_OPERATIONAL and self.stage == STAGE_SECURITY \
+                    and self.auth_method is None:
+                self.stage = STAGE_OPERATIONAL  # security stage skipped (§6.3)
+            else:
+                self._login_fail(pdu, LOGIN_INIT_ERROR, f"unexpected login stage {csg}")
+                return
+        try:
+            answers: list[tuple[str, str]] = []
+            if not self.initiator:
+                status = self._login_identify(keys)
+                if status:
+                    self._login_fail(pdu, status, "login refused")
+                    return
+                if self.target is not None and not self.declared_tpgt:
+                    self.declared_tpgt = True
+                    answers.append(("TargetPortalGroupTag", str(self.target.tpgt)))
+            if csg == STAGE_SECURITY:
+                answers += self._security(keys, pdu)
+                if self.closed:
+                    return
+                if self.auth_needed and not self.auth_done:
+                    transit = False
+            elif csg == STAGE_OPERATIONAL:
+                if self.auth_needed and not self.auth_done:
+                    self._login_fail(pdu, LOGIN_AUTH_FAILED, "authentication required")
+                    return
+            answers += self.neg.respond(pairs, in_login=True)
+            if csg == STAGE_OPERATIONAL or (transit and nsg == STAGE_FULL):
+                answers += self.neg.declarations()
+        except NegotiationError as e:
+            self._login_fail(pdu, e.status, str(e))
+            return
+        except ChapError as e:
+            log.warning("login from %s (%s): %s", self.peer[0], self.initiator, e)
+            self._login_fail(pdu, LOGIN_AUTH_FAILED, str(e))
+            return
+        if transit:
+            self.stage = nsg
+        if transit and nsg == STAGE_FULL:
+            self._login_response(pdu, answers, transit=True, csg=csg, nsg=nsg, final=True)
+            self._enter_full_feature()
+        else:
+            self._login_response(pdu, answers, transit=transit, csg=csg, nsg=nsg)
+
+    def _login_identify(self, keys: dict[str, str]) -> int:
+        """Process the first login request's identity keys; return a failure status."""
+        name = keys.get("InitiatorName")
+        if not name:
+            return LOGIN_MISSING_PARAM
+        self.initiator = name.lower()
+        self.alias = keys.get("InitiatorAlias", "")
+        stype = keys.get("SessionType", "Normal")
+        if stype == "Discovery":
+            self.discovery = True
+            self.neg = Negotiator(discovery=True)
+            return LOGIN_OK
+        if stype != "Normal":
+            return 0x0209
+        tname = keys.get("TargetName")
+        if not tname:
+            return LOGIN_MISSING_PARAM
+        target = self.registry.target(tname)
+        if target is None or not target.served_on(self.local):
+            return LOGIN_NOT_FOUND
+        if not target.allowed(self.initiator):
+            log.warning("initiator %s not in the ACL of %s", self.initiator, target.name)
+            return LOGIN_FORBIDDEN
+        self.target = target
+        self.auth_needed = target.credentials(self.initiator) is not None
+        self.queue_depth = target.queue_depth
+        self.neg = Negotiator(target.params)
+        if self.tsih:
+            old = self.registry.sessions.get((self.initiator, self.isid, target.name))
+            if old is None or old.tsih != self.tsih:
+                return LOGIN_NO_SESSION
+        return LOGIN_OK
+
+    def _security(self, keys: dict[str, str], pdu: Pdu) -> list[tuple[str, str]]:
+        creds = self.target.credentials(self.initiator) if self.target else None
+        out: list[tuple[str, str]] = []
+        if "AuthMethod" in keys and self.auth_method is None:
+            offered = [m.strip() for m in keys["AuthMethod"].split(",")]
+            if creds is not None:
+                if "CHAP" not in offered:
+                    raise ChapError("CHAP is required but the initiator does not offer it")
+                self.auth_method = "CHAP"
+                self.chap = ChapTarget(creds)
+            elif "None" in offered:
+                self.auth_method = "None"
+            else:
+                raise ChapError("initiator insists on authentication but none is configured")
+            out.append(("AuthMethod", self.auth_method))
+            return out
+        if self.auth_method is None and creds is not None:
+            raise ChapError("authentication required; AuthMethod not offered")
+        if self.chap is not None and not self.auth_done:
+            if "CHAP_A" in keys:
+                return self.chap.select_algorithm(keys["CHAP_A"])
+            if "CHAP_R" in keys or "CHAP_N" in keys:
+                out += self.chap.verify(keys)
+                self.auth_done = True
+                return out
+            raise ChapError("unexpected keys during CHAP")
+        return out
+
+    def _login_fail(self, pdu: Pdu, status: int, reason: str) -> None:
+        log.warning("login from %s:%s (%s) failed: %s (status 0x%04x)", self.peer[0],
+                    self.peer[1], self.initiator or "?", reason, status)
+        hdr = build(Op.LOGIN_RSP, flags=0, b2=0, b3=0, lun=pdu.lun, itt=pdu.itt,
+                    w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn,
+                    w36=status << 16)
+        self._send(hdr)
+        self.closed = True
+        self._events.append(Close(reason))
+
+    def _login_response(self, pdu: Pdu, answers: list[tuple[str, str]], transit: bool,
+                        csg: int, nsg: int, final: bool = False) -> None:
+        if final and not self.tsih:
+            self.tsih = self.registry.allocate_tsih()
+        flags = (0x80 if transit else 0) | (csg << 2) | (nsg if transit else 0)
+        data = text.encode(answers)
+        lun = (self.isid << 16) | (self.tsih if final else pdu.lun & 0xFFFF)
+        hdr = build(Op.LOGIN_RSP, flags=flags, b2=0, b3=0, data_len=len(data), lun=lun,
+                    itt=pdu.itt, w24=self._next_statsn(), w28=self.expcmdsn,
+                    w32=self.maxcmdsn)
+        self._send(hdr, data)
+
+    def _enter_full_feature(self) -> None:
+        self.neg.finish()
+        v = self.neg
+        self.full_feature = True
+        self.hd = v.header_digest
+        self.dd = v.data_digest
+        self.max_recv = int(v.ours["MaxRecvDataSegmentLength"])
+        self.max_send = v.num("MaxRecvDataSegmentLength")
+        self.first_burst = v.num("FirstBurstLength")
+        self.max_burst = v.num("MaxBurstLength")
+        self.initial_r2t = v.flag("InitialR2T")
+        self.immediate_data = v.flag("ImmediateData")
+        self.max_r2t = v.num("MaxOutstandingR2T")
+        if self.target is not None:
+            t = self.target
+            self.nexus = Nexus(
+                initiator_port=f"{self.initiator},i,0x{self.isid:012x}",
+                target_port=f"{t.name},t,0x{t.tpgt:04x}",
+                relative_port_id=t.tpgt,
+                initiator_name=self.initiator,
+                target_name=t.name,
+            )
+            key = (self.initiator, self.isid, t.name)
+            old = self.registry.sessions.get(key)
+            if old is not None and old is not self:
+                # §6.3.5 session reinstatement: the old session's tasks end now.
+                old.drop("session reinstated by a new login with the same ISID")
+            self.registry.sessions[key] = self
+        log.info("login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
+                 self.peer[0], self.peer[1],
+                 "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
+                 self.hd, self.dd, self.max_send)
+
+    # ------------------------------------------------------------ SCSI path
+    def _scsi_command(self, pdu: Pdu) -> None:
+        if self.discovery:
+            self._reject(pdu.header, REJ_PROTOCOL)
+            return
+        cmdsn = pdu.w24
+        if not pdu.immediate and not _sn_in(cmdsn, self.expcmdsn, self.maxcmdsn):
+            return  # §4.2.2.1 out of window: silently ignored
+        itt = pdu.itt
+        if itt in self.tasks or itt == RESERVED_TAG:
+            self._reject(pdu.header, REJ_TASK_IN_PROGRESS if itt != RESERVED_TAG
+                         else REJ_INVALID_FIELD)
+            return
+        flags = pdu.flags
+        read = bool(flags & 0x40)
+        write = bool(flags & 0x20)
+        edtl = pdu.w20
+        dlen = len(pdu.data)
+        if dlen and (not write or not self.immediate_data or dlen > edtl
+                     or dlen > self.first_burst):
+            self._reject(pdu.header, REJ_PROTOCOL)
+            return
+        if pdu.ahs_len:
+            # Extended CDB AHS (§11.3.5) carries CDB bytes beyond 16.
+            pass
+        task = Task(itt, pdu.lun, pdu.cdb, cmdsn, edtl, read, write, flags & 7, pdu.immediate)
+        if write and edtl:
+            task.buf = bytearray(edtl)
+            if dlen:
+                task.buf[:dlen] = pdu.data
+                task.received = dlen
+            if not self.initial_r2t and not (flags & 0x80):
+                task.unsol_done = False
+                task.unsol_limit = min(self.first_burst, edtl)
+            task.r2t_next = max(dlen, task.unsol_limit)
+        self.tasks[itt] = task
+        if pdu.immediate:
+            self._deliver(task)
+        elif cmdsn == self.expcmdsn:
+            self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            self._deliver(task)
+            self._drain_waiting()
+        else:
+            self.waiting[cmdsn] = task
+
+    def _deliver(self, task: Task) -> None:
+        """The command's turn has come: solicit data or run it."""
+        if task.aborted:
+            return
+        task.delivered = True
+        if task.data_complete:
+            self._ready(task)
+        elif task.unsol_done:
+            self._send_r2ts(task)
+
+    def _ready(self, task: Task) -> None:
+        if task.executing or task.aborted:
+            return
+        task.executing = True
+        data = None
+        if task.buf is not None:
+            data = memoryview(task.buf)[:task.received]
+        task.command = ScsiCommand(task.cdb, task.lun, self.nexus, data,  # type: ignore
+                                   task.edtl, task.read, task.write, task.itt, task.attr)
+        self._events.append(Execute(task))
+
+    def _send_r2ts(self, task: Task) -> None:
+        while (len(task.r2ts) < self.max_r2t and task.r2t_next < task.edtl):
+            off = task.r2t_next
+            length = min(self.max_burst, task.edtl - off)
+            ttt = self.ttt_next
+            self.ttt_next = (self.ttt_next + 1) & 0x7FFFFFFF or 1
+            task.r2ts[ttt] = [off, length, 0, 0]
+            task.r2t_next = off + length
+            self._send(build(Op.R2T, flags=0x80, lun=task.lun_raw, itt=task.itt, w20=ttt,
+                             w24=self.statsn, w28=self.expcmdsn, w32=self.maxcmdsn,
+                             w36=task.r2tsn, w40=off, w44=length))
+            task.r2tsn += 1
+
+    def _data_out(self, pdu: Pdu) -> None:
+        task = self.tasks.get(pdu.itt)
+        if task is None or task.aborted or not task.write or task.buf is None:
+            if task is None or task.aborted:
+                return  # data for an aborted/finished task is discarded (§11.5.1)
+            self._reject(pdu.header, REJ_PROTOCOL)
+            return
+        ttt = pdu.w20
+        datasn = pdu.w36
+        off = pdu.w40
+        n = len(pdu.data)
+        if off + n > task.edtl:
+            self._reject(pdu.header, REJ_PROTOCOL)
+            self.drop("Data-Out beyond the expected data transfer length")
+            return
+        if ttt == RESERVED_TAG:
+            if task.unsol_done:
+                self._reject(pdu.header, REJ_PROTOCOL)
+                return
+            if datasn != task.unsol_datasn:
+                self.drop(f"unsolicited Data-Out with DataSN {datasn}, expected "
+                          f"{task.unsol_datasn}")
+                return
+            task.unsol_datasn += 1
+            if off + n > task.unsol_limit:
+                self._reject(pdu.header, REJ_PROTOCOL)
+                self.drop("unsolicited data beyond FirstBurstLength")
+                return
+            task.buf[off:off + n] = pdu.data
+            task.received += n
+            if pdu.final:
+                task.unsol_done = True
+                if task.delivered and not task.data_complete:
+                    self._send_r2ts(task)
+        else:
+            r2t = task.r2ts.get(ttt)
+            if r2t is None:
+                self._reject(pdu.header, REJ_INVALID_FIELD)
+                return
+            if datasn != r2t[2]:
+                # §7.9 at ERL 0: a sequence error is fatal for the connection.
+                self.drop(f"Data-Out with DataSN {datasn}, expected {r2t[2]}")
+                return
+            if off < r2t[0] or off + n > r2t[0] + r2t[1]:
+                self.drop("Data-Out outside the R2T's buffer range")
+                return
+            r2t[2] += 1
+            r2t[3] += n
+            task.buf[off:off + n] = pdu.data
+            task.received += n
+            if pdu.final or r2t[3] >= r2t[1]:
+                del task.r2ts[ttt]
+                if task.delivered and task.r2t_next < task.edtl:
+                    self._send_r2ts(task)
+        if task.delivered and task.data_complete and not task.r2ts:
+            self._ready(task)
+
+    def complete(self, task: Task, result: ScsiResult) -> None:
+        """Send Data-In and/or SCSI Response for a finished command."""
+        self.tasks.pop(task.itt, None)
+        if task.aborted or self.closed:
+            return
+        status = result.status
+        data = result.data
+        edtl = task.edtl
+        if task.read:
+            have = len(data) if data is not None else 0
+            wanted = result.transfer_length if result.transfer_length is not None else have
+        elif task.write:
+            have = 0
+            wanted = (result.transfer_length if result.transfer_length is not None
+                      else task.received)
+        else:
+            have = 0
+            wanted = result.transfer_length or (len(data) if data is not None else 0)
+        if status != Status.GOOD and status != Status.CONDITION_MET:
+            have = 0
+        send = min(have, edtl) if task.read else 0
+        resid_flags = 0
+        resid = 0
+        if status in (Status.GOOD, Status.CONDITION_MET):
+            if wanted > edtl:
+                resid_flags, resid = 0x04, wanted - edtl
+            elif wanted < edtl:
+                resid_flags, resid = 0x02, edtl - wanted
+        if send and result.sense is None:
+            self._data_in(task, data, send, status, resid_flags, resid)  # type: ignore
+            return
+        if send:
+            self._data_in(task, data, send, None, 0, 0)  # type: ignore
+        payload = b""
+        if result.sense:
+            payload = len(result.sense).to_bytes(2, "big") + result.sense
+        hdr = build(Op.SCSI_RSP, flags=0x80 | resid_flags, b2=0, b3=status,
+                    data_len=len(payload), itt=task.itt, w24=self._next_statsn(),
+                    w28=self.expcmdsn, w32=self.maxcmdsn,
+                    w36=task.datasn if task.read else task.r2tsn, w44=resid)
+        self._send(hdr, payload)
+
+    def _data_in(self, task: Task, data: bytes | memoryview, length: int,
+                 status: int | None, resid_flags: int, resid: int) -> None:
+        mv = memoryview(data)
+        seg = self.max_send
+        burst = self.max_burst
+        off = 0
+        hd, dd = self.hd, self.dd
+        out = self._out
+        while off < length:
+            n = min(seg, length - off, burst - off % burst)
+            last = off + n >= length
+            flags = 0
+            if last or (off + n) % burst == 0:
+                flags |= 0x80
+            if last and status is not None:
+                flags |= 0x01 | resid_flags
+                statsn = self._next_statsn()
+            else:
+                statsn = 0
+            hdr = build(Op.DATA_IN, flags=flags, b3=status if (last and status is not None)
+                        else 0, data_len=n, lun=task.lun_raw, itt=task.itt, w20=RESERVED_TAG,
+                        w24=statsn, w28=self.expcmdsn, w32=self.maxcmdsn, w36=task.datasn,
+                        w40=off, w44=resid if (last and status is not None) else 0)
+            task.datasn += 1
+            out.extend(frame(hdr, mv[off:off + n], hd, dd))
+            off += n
+
+    # ------------------------------------------------------------- NOP/Text
+    def _nop_out(self, pdu: Pdu) -> None:
+        if pdu.itt == RESERVED_TAG:
+            if pdu.w20 != RESERVED_TAG and pdu.w20 == self.ping_ttt:
+                self.ping_sent_at = None
+            return
+        data = pdu.data[:self.max_send]
+        self._send(build(Op.NOP_IN, flags=0x80, data_len=len(data), lun=pdu.lun, itt=pdu.itt,
+                         w20=RESERVED_TAG, w24=self._next_statsn(), w28=self.expcmdsn,
+                         w32=self.maxcmdsn), data)
+
+    def _text(self, pdu: Pdu) -> None:
+        if pdu.w20 != RESERVED_TAG:
+            # Continuation of a long response (§11.10.4).
+            if pdu.w20 != self.text_ttt or not self.text_pending:
+                self._reject(pdu.header, REJ_INVALID_FIELD)
+                return
+            self._text_send(pdu.itt)
+            return
+        try:
+            pairs = text.decode(pdu.data)
+        except text.TextError:
+            self._reject(pdu.header, REJ_PROTOCOL)
+            return
+        out: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                out += self._send_targets(value)
+        others = [(k, v) for k, v in pairs if k != "SendTargets"]
+        if others:
+            out += self.neg.respond(others, in_login=False)
+            self.max_send = self.neg.num("MaxRecvDataSegmentLength")
+        body = text.encode(out)
+        self.text_pending = [body[i:i + self.max_send]
+                             for i in range(0, len(body), self.max_send)] or [b""]
+        self._text_send(pdu.itt)
+
+    def _text_send(self, itt: int) -> None:
+        chunk = self.text_pending.pop(0)
+        more = bool(self.text_pending)
+        if more:
+            self.text_ttt = self.ttt_next
+            self.ttt_next = (self.ttt_next + 1) & 0x7FFFFFFF or 1
+        else:
+            self.text_ttt = RESERVED_TAG
+        self._send(build(Op.TEXT_RSP, flags=0x40 if more else 0x80, data_len=len(chunk),
+                         itt=itt, w20=self.text_ttt, w24=self._next_statsn(),
+                         w28=self.expcmdsn, w32=self.maxcmdsn), chunk)
+
+    def _send_targets(self, value: str) -> list[tuple[str, str]]:
+        """SendTargets (§Appendix C): only what this initiator may see."""
+        out: list[tuple[str, str]] = []
+        if value == "All":
+            if not self.discovery:
+                return [("SendTargets", "Reject")]
+            targets = self.registry.visible(self.initiator, self.local)
+        elif value == "" or value is None:
+            targets = [self.target] if self.target else []
+        else:
+            t = self.registry.target(value)
+            targets = [t] if t and t.allowed(self.initiator) and t.served_on(self.local) else []
+        for t in targets:
+            out.append(("TargetName", t.name))
+            for ip, port in t.portals:
+                if ip in ("0.0.0.0", "::"):
+                    ip = self.local[0]
+                host = f"[{ip}]" if ":" in ip else ip
+                out.append(("TargetAddress", f"{host}:{port},{t.tpgt}"))
+        return out
+
+    # -------------------------------------------------------------- logout
+    def _logout(self, pdu: Pdu) -> None:
+        reason = pdu.flags & 0x7F
+        response = 0
+        if reason == 2:
+            response = 2  # connection recovery is not supported at ERL 0
+        self._send(build(Op.LOGOUT_RSP, flags=0x80, b2=response, itt=pdu.itt,
+                         w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn,
+                         w40=(2 << 16) | 0))
+        if response == 0:
+            for task in self.tasks.values():
+                task.aborted = True
+            self.closed = True
+            self._unregister()
+            self._events.append(Close("logout"))
+
+    # ----------------------------------------------------- task management
+    def _tmf(self, pdu: Pdu) -> None:
+        fn = pdu.flags & 0x7F
+        lun = decode_lun(pdu.lun.to_bytes(8, "big"))
+        resp = TmfResponse.COMPLETE
+        target = self.target
+        if self.discovery or target is None:
+            resp = TmfResponse.REJECTED
+        elif fn == TmfFunction.ABORT_TASK:
+            task = self.tasks.get(pdu.w20)
+            if task is not None:
+                if task.lun == lun:
+                    self._abort(task)
+                else:
+                    resp = TmfResponse.NO_TASK
+            elif _sn_lt(pdu.w32, self.expcmdsn) or pdu.w32 == pdu.w24:
+                resp = TmfResponse.COMPLETE  # already completed
+            elif pdu.w32 in self.waiting:
+                del self.waiting[pdu.w32]
+            elif not _sn_in(pdu.w32, self.expcmdsn, self.maxcmdsn):
+                resp = TmfResponse.NO_TASK
+        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
+                    TmfFunction.LOGICAL_UNIT_RESET):
+            if lun not in target.scsi.luns:
+                resp = TmfResponse.NO_LUN
+            else:
+                conns = [self] if fn == TmfFunction.ABORT_TASK_SET else \
+                    self.registry.connections(target.name)
+                for conn in conns:
+                    for task in list(conn.tasks.values()):
+                        if task.lun == lun:
+                            conn._abort(task)
+                if fn == TmfFunction.LOGICAL_UNIT_RESET:
+                    resp = target.scsi.task_management(fn, lun, self.nexus)  # type: ignore
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            for conn in self.registry.connections(target.name):
+                for task in list(conn.tasks.values()):
+                    conn._abort(task)
+            resp = target.scsi.task_management(fn, lun, self.nexus)  # type: ignore
+        elif fn == TmfFunction.CLEAR_ACA:
+            resp = TmfResponse.NOT_SUPPORTED
+        elif fn == TmfFunction.TASK_REASSIGN:
+            resp = TmfResponse.NO_REASSIGN
+        else:
+            resp = TmfResponse.REJECTED
+        self._send(build(Op.TMF_RSP, flags=0x80, b2=resp, itt=pdu.itt,
+                         w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn))
+        if fn == TmfFunction.TARGET_COLD_RESET and resp == TmfResponse.COMPLETE \
+                and target is not None:
+            # §11.5.1: a cold reset also closes every connection to the target.
+            for conn in self.registry.connections(target.name):
+                if conn is not self:
+                    conn.drop("target cold reset")
+            self.closed = True
+            self._unregister()
+            self._events.append(Close("target cold reset"))
+
+    def _abort(self, task: Task) -> None:
+        task.aborted = True
+        self.tasks.pop(task.itt, None)
+        if task.cmdsn in self.waiting and self.waiting[task.cmdsn] is task:
+            # Its CmdSN still counts as received (§11.5.1 c).
+            self.waiting[task.cmdsn] = (None, lambda _p: None)
+
+    # --------------------------------------------------------------- timers
+    def tick(self, now: float) -> None:
+        """Periodic housekeeping: login timeout, NOP-In pings, dead peers."""
+        if self.closed:
+            return
+        if not self.full_feature:
+            if now > self.login_deadline:
+                self.drop("login timed out")
+            return
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at > self.nop_timeout:
+                self.drop("initiator did not answer NOP-In")
+            return
+        if self.nop_interval and now - self.last_rx > self.nop_interval:
+            self.ping_ttt = self.ttt_next
+            self.ttt_next = (self.ttt_next + 1) & 0x7FFFFFFF or 1
+            self.ping_sent_at = now
+            self._send(build(Op.NOP_IN, flags=0x80, lun=0, itt=RESERVED_TAG, w20=self.ping_ttt,
+                             w24=self.statsn, w28=self.expcmdsn, w32=self.maxcmdsn))
+
+    def touch(self, now: float) -> None:
+        """The shell saw bytes from the peer at ``now``."""
+        self.last_rx = now
+
+    def request_logout(self, seconds: int = 5) -> None:
+        """Async Message: ask the initiator to log out (daemon shutdown)."""
+        if self.closed or not self.full_feature or self.logout_sent:
+            return
+        self.logout_sent = True
+        self._send(build(Op.ASYNC, flags=0x80, lun=0, itt=RESERVED_TAG, w20=0,
+                         w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn,
+                         w36=(1 << 24) | seconds, w40=0))
