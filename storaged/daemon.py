@@ -190,7 +190,7 @@ def _setup_logging() -> None:
 
 
 async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> None:
-    from storaged.control.server import start_control_server
+    from storaged.control.server import start_control_server, stop_control_server
 
     store = Store(directory)
     runtime = Runtime(store)
@@ -215,15 +215,11 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     finally:
         log.info("shutting down")
         _notify("STOPPING=1")
-        control.close()
+        await stop_control_server(control, sock_path)
         await runtime.server.shutdown()
         for d in runtime.devices.values():
             d.device.close()
         store.close()
-        try:
-            os.unlink(sock_path)
-        except OSError:
-            pass
 
 
 def _run_loop(coro) -> None:  # noqa: ANN001

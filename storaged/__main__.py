@@ -1,0 +1,5 @@
+"""`python -m storaged` runs the CLI."""
+
+from storaged.cli import main
+
+main()

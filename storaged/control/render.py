@@ -1,0 +1,84 @@
+"""Turn ``describe()`` output into a tree of labels (for ``storaged ls``).
+
+Kept apart from the CLI so the same tree can be shown by other front ends;
+``render_plain`` gives the text form used when stdout is not a terminal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from storaged.control.ops import format_size
+
+
+@dataclass
+class Node:
+    """One line of the tree and its children."""
+
+    label: str
+    children: list[Node] = field(default_factory=list)
+
+    def add(self, label: str) -> Node:
+        """Append and return a child."""
+        child = Node(label)
+        self.children.append(child)
+        return child
+
+
+def backstore_label(b: dict[str, Any]) -> str:
+    """``disk0  file /srv/d.img  1.0GiB  bs=512  write-back [lun0 of iqn...]``."""
+    size = format_size(b["size"]) if b["size"] else "whole device"
+    flags = [f"bs={b['block_size']}", "write-back" if b["wce"] else "write-through"]
+    if b["read_only"]:
+        flags.append("read-only")
+    if not b["online"]:
+        flags.append("OFFLINE")
+    users = ", ".join(f"lun{u['lun']} of {u['iqn']}" for u in b.get("used_by", []))
+    text = f"{b['name']}  {b['kind']} {b['path']}  {size}  {' '.join(flags)}"
+    return text + (f"  [{users}]" if users else "  [unused]")
+
+
+def target_node(t: dict[str, Any]) -> Node:
+    """A target subtree: portals, luns, acls, chap, params."""
+    access = "open access" if t["open_access"] else "acl-only"
+    node = Node(f"{t['iqn']}  tpgt={t['tpgt']}  {access}  queue_depth={t['queue_depth']}")
+    portals = node.add(f"portals ({len(t['portals'])})")
+    for p in t["portals"]:
+        portals.add(p)
+    luns = node.add(f"luns ({len(t['luns'])})")
+    for lun in t["luns"]:
+        path = f" ({lun['path']})" if lun.get("path") else ""
+        luns.add(f"lun{lun['lun']} -> {lun['backstore']}{path}")
+    acls = node.add(f"acls ({len(t['acls'])})")
+    for acl in t["acls"]:
+        chap = f"  chap: {acl['chap']}" if acl["chap"] else ""
+        acls.add(f"{acl['initiator']}{chap}")
+    node.add(f"chap: {t['chap'] or 'none'}")
+    if t["params"]:
+        params = node.add(f"params ({len(t['params'])})")
+        for key, value in t["params"].items():
+            params.add(f"{key}={value}")
+    return node
+
+
+def config_tree(desc: dict[str, Any], title: str = "storaged") -> Node:
+    """The whole ``describe()`` result as a tree."""
+    root = Node(title)
+    s = desc["settings"]
+    root.add(f"settings: nop_interval={s['nop_interval']}s nop_timeout={s['nop_timeout']}s "
+             f"default_portal={s['default_portal']}")
+    backstores = root.add(f"backstores ({len(desc['backstores'])})")
+    for b in desc["backstores"]:
+        backstores.add(backstore_label(b))
+    targets = root.add(f"targets ({len(desc['targets'])})")
+    for t in desc["targets"]:
+        targets.children.append(target_node(t))
+    return root
+
+
+def render_plain(node: Node, depth: int = 0) -> str:
+    """Indented plain text, two spaces per level, ``o- `` before each entry."""
+    lines = [("  " * (depth - 1) + "o- " if depth else "") + node.label]
+    lines += [render_plain(child, depth + 1) for child in node.children]
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Helpers for tests that run the real daemon and real peer tools."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+DEMO_IQN = "iqn.2026-11.org.storaged:demo"
+
+
+def require_tool(tool: str, package: str) -> str:
+    """Path of a peer tool; fail (never skip) naming the Debian package if missing."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} not found: install the Debian package '{package}' "
+                    f"(scripts/setup.sh does)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def storaged(*args: str, directory: str, check: bool = True,
+             input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a storaged CLI command against a state directory."""
+    return subprocess.run([sys.executable, "-m", "storaged", "--dir", directory, *args],
+                          capture_output=True, text=True, check=check, input=input,
+                          timeout=60)
+
+
+class Daemon:
+    """A storaged process serving a state directory."""
+
+    def __init__(self, directory: str, port: int, demo: bool = True,
+                 metrics_port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port
+        self.demo = demo
+        self.metrics_port = metrics_port
+        self.proc: subprocess.Popen | None = None
+        self.log = os.path.join(directory, "daemon.log")
+
+    def start(self) -> Daemon:
+        os.makedirs(self.directory, exist_ok=True)
+        if self.demo:
+            cmd = [sys.executable, "-m", "storaged", "demo", "--dir", self.directory,
+                   "--iscsi", f"127.0.0.1:{self.port}"]
+        else:
+            cmd = [sys.executable, "-m", "storaged", "--dir", self.directory, "serve"]
+        if self.metrics_port:
+            cmd += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+        env = dict(os.environ, STORAGED_LOG=os.environ.get("STORAGED_LOG", "WARNING"))
+        self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env)
+        wait_port(self.port, self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._logf.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        with open(self.log, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{DEMO_IQN}/0"
+
+
+@contextlib.contextmanager
+def running(directory: str, port: int | None = None, **kw) -> Iterator[Daemon]:
+    d = Daemon(directory, port or free_port(), **kw).start()
+    try:
+        yield d
+    finally:
+        d.stop()
