@@ -110,6 +110,7 @@ setup(
     packages=find_packages(include=["storaged", "storaged.*", "_fastio", "fence", "fence.*"]),
     ext_modules=_extensions(),
     # Build inputs are not runtime files: keep them out of wheels.
+    package_data={"storaged": ["data/*"]},
     exclude_package_data={"_fastio": ["*.c", "*.pyx", "*.pxd", "src/*"]},
     cmdclass={"build_ext": OptionalBuildExt},
     zip_safe=False,

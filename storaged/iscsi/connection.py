@@ -23,6 +23,7 @@ from storaged.iscsi.chap import ChapError, ChapTarget
 from storaged.iscsi.params import NegotiationError, Negotiator
 from storaged.iscsi.pdu import BHS_LEN, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
 from storaged.iscsi.target import Registry, TargetContext
+from storaged.scsi import sense
 from storaged.scsi.types import (
     Nexus,
     ScsiCommand,
@@ -54,6 +55,9 @@ REJ_PROTOCOL = 0x04
 REJ_NOT_SUPPORTED = 0x05
 REJ_TASK_IN_PROGRESS = 0x07
 REJ_INVALID_FIELD = 0x09
+
+# ABORTED COMMAND / DATA PHASE ERROR for Data-Out sequence errors (SPC-4 4B/00).
+_DATA_PHASE_ERROR = sense.check(sense.Key.ABORTED_COMMAND, 0x4B, 0x00)
 
 STAGE_SECURITY = 0
 STAGE_OPERATIONAL = 1
@@ -96,7 +100,7 @@ class Task:
     __slots__ = ("itt", "lun", "lun_raw", "cdb", "cmdsn", "edtl", "read", "write", "attr",
                  "immediate", "buf", "received", "unsol_done", "unsol_limit", "r2t_next",
                  "r2ts", "r2tsn", "datasn", "executing", "aborted", "command", "delivered",
-                 "unsol_datasn")
+                 "unsol_datasn", "error")
 
     def __init__(self, itt: int, lun_raw: int, cdb: bytes, cmdsn: int, edtl: int, read: bool,
                  write: bool, attr: int, immediate: bool) -> None:
@@ -123,6 +127,7 @@ class Task:
         self.aborted = False
         self.delivered = False
         self.command: ScsiCommand | None = None
+        self.error: ScsiResult | None = None
 
     @property
     def data_complete(self) -> bool:
@@ -611,6 +616,9 @@ class Connection:
         if task.executing or task.aborted:
             return
         task.executing = True
+        if task.error is not None:
+            self.complete(task, task.error)
+            return
         data = None
         if task.buf is not None:
             data = memoryview(task.buf)[:task.received]
@@ -651,9 +659,7 @@ class Connection:
                 self._reject(pdu.header, REJ_PROTOCOL)
                 return
             if datasn != task.unsol_datasn:
-                self.drop(f"unsolicited Data-Out with DataSN {datasn}, expected "
-                          f"{task.unsol_datasn}")
-                return
+                task.error = _DATA_PHASE_ERROR
             task.unsol_datasn += 1
             if off + n > task.unsol_limit:
                 self._reject(pdu.header, REJ_PROTOCOL)
@@ -671,9 +677,10 @@ class Connection:
                 self._reject(pdu.header, REJ_INVALID_FIELD)
                 return
             if datasn != r2t[2]:
-                # §7.9 at ERL 0: a sequence error is fatal for the connection.
-                self.drop(f"Data-Out with DataSN {datasn}, expected {r2t[2]}")
-                return
+                # §7.9: at ERL 0 the target cannot recover a DataSN gap within the
+                # command; fail the command once its data is in (the connection
+                # survives for the initiator's other tasks).
+                task.error = _DATA_PHASE_ERROR
             if off < r2t[0] or off + n > r2t[0] + r2t[1]:
                 self.drop("Data-Out outside the R2T's buffer range")
                 return
@@ -853,17 +860,20 @@ class Connection:
             resp = TmfResponse.REJECTED
         elif fn == TmfFunction.ABORT_TASK:
             task = self.tasks.get(pdu.w20)
+            ref = pdu.w32
             if task is not None:
                 if task.lun == lun:
                     self._abort(task)
                 else:
                     resp = TmfResponse.NO_TASK
-            elif _sn_lt(pdu.w32, self.expcmdsn) or pdu.w32 == pdu.w24:
-                resp = TmfResponse.COMPLETE  # already completed
-            elif pdu.w32 in self.waiting:
-                del self.waiting[pdu.w32]
-            elif not _sn_in(pdu.w32, self.expcmdsn, self.maxcmdsn):
-                resp = TmfResponse.NO_TASK
+            elif ref in self.waiting:
+                self.waiting[ref] = (None, lambda _p: None)
+            elif _sn_in(ref, self.expcmdsn, self.maxcmdsn) and _sn_lt(ref, pdu.w24):
+                # §11.5.1 b): the command never arrived; count its CmdSN as received.
+                self.waiting[ref] = (None, lambda _p: None)
+                self._drain_waiting()
+            else:
+                resp = TmfResponse.NO_TASK  # already completed, or never existed
         elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
                     TmfFunction.LOGICAL_UNIT_RESET):
             if lun not in target.scsi.luns:

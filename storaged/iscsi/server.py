@@ -21,16 +21,6 @@ from storaged.scsi.types import ScsiResult
 
 log = logging.getLogger("storaged.iscsi")
 
-# Opcodes whose completion waits on stable storage.
-_SYNC_OPS = frozenset({0x35, 0x91})
-_FUA_WRITES = frozenset({0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E})
-
-
-def _waits_for_disk(cdb: bytes) -> bool:
-    op = cdb[0]
-    return op in _SYNC_OPS or (op in _FUA_WRITES and bool(cdb[1] & 0x08))
-
-
 class IscsiProtocol(asyncio.Protocol):
     """One TCP connection."""
 
@@ -42,8 +32,7 @@ class IscsiProtocol(asyncio.Protocol):
         self.inflight = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             import socket
@@ -101,7 +90,7 @@ class IscsiProtocol(asyncio.Protocol):
         target = self.conn.target
         if target is None:
             return
-        if _waits_for_disk(cmd.cdb):
+        if target.scsi.may_block(cmd):
             self.inflight += 1
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(None, self.server.run_command, target.scsi, cmd,

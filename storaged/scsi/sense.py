@@ -50,7 +50,8 @@ def build(key: int, asc: int, ascq: int, info: int | None = None,
     out[0] = 0x70
     out[2] = key & 0xF
     if info is not None:
-        out[0] |= 0x80
+        if info <= 0xFFFFFFFF:  # fixed format holds 32 bits; VALID stays 0 otherwise
+            out[0] |= 0x80
         out[3:7] = (info & 0xFFFFFFFF).to_bytes(4, "big")
     out[7] = 10
     out[12] = asc
@@ -65,3 +66,14 @@ def check(key: int, asc: int, ascq: int, info: int | None = None,
     """A CHECK CONDITION result carrying the given sense."""
     return ScsiResult(status=Status.CHECK_CONDITION,
                       sense=build(key, asc, ascq, info, descriptor, sks))
+
+
+def field_pointer(byte: int, bit: int | None = None, cdb: bool = True) -> bytes:
+    """Sense-key specific field pointer (SPC-4 §4.5.2.4.2) with SKSV set.
+
+    ``cdb`` selects C/D (the error is in the CDB rather than the parameter
+    list); ``bit`` is the bit position of the field's most significant bit."""
+    b0 = 0x80 | (0x40 if cdb else 0)
+    if bit is not None:
+        b0 |= 0x08 | (bit & 7)
+    return bytes((b0, (byte >> 8) & 0xFF, byte & 0xFF))

@@ -1,0 +1,153 @@
+"""A SCSI target device: a LUN map of logical units plus the target-level
+commands and task management side effects (SAM-5 §4.6, SPC-4)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from storaged.scsi import sense, spc
+from storaged.scsi.lu import UA_BUS_DEVICE_RESET, UA_POWER_ON, LogicalUnit
+from storaged.scsi.sense import Key
+from storaged.scsi.types import (
+    Nexus,
+    ScsiCommand,
+    ScsiResult,
+    TmfFunction,
+    TmfResponse,
+)
+
+log = logging.getLogger("storaged.scsi")
+
+INQUIRY = 0x12
+REQUEST_SENSE = 0x03
+REPORT_LUNS = 0xA0
+
+
+class ScsiTarget:
+    """LUN number -> LogicalUnit, and the commands that are not any one LU's."""
+
+    def __init__(self, name: str, vendor: str = "STORAGED") -> None:
+        self.name = name
+        self.vendor = vendor
+        self.luns: dict[int, LogicalUnit] = {}
+
+    # ------------------------------------------------------------ configuration
+    def set_luns(self, mapping: Mapping[int, LogicalUnit]) -> None:
+        """Replace the LUN map live.  When the inventory changes, every known
+        I_T nexus of every mapped LU gets REPORTED LUNS DATA HAS CHANGED."""
+        new = dict(mapping)
+        for lun in new:
+            if not 0 <= lun < 0x4000:
+                raise ValueError(f"LUN {lun} out of range (0..16383)")
+        changed = {k: id(v) for k, v in new.items()} != \
+            {k: id(v) for k, v in self.luns.items()}
+        self.luns = new
+        if changed:
+            for lu in new.values():
+                lu.add_unit_attention(0x3F, 0x0E)
+
+    # ------------------------------------------------------------ commands
+    def execute(self, cmd: ScsiCommand) -> ScsiResult:
+        """Run one command addressed to ``cmd.lun``; never raises."""
+        cdb = cmd.cdb
+        lu = self.luns.get(cmd.lun)
+        if not cdb:
+            return sense.check(Key.ILLEGAL_REQUEST, 0x20, 0x00)
+        if lu is not None and cdb[0] != REPORT_LUNS:
+            return lu.execute(cmd)
+        try:
+            return self._target_command(cmd, lu)
+        except Exception:  # noqa: BLE001 - never let a bug escape to the transport
+            log.exception("%s: command %#04x to LUN %d raised", self.name, cdb[0], cmd.lun)
+            return sense.check(Key.HARDWARE_ERROR, 0x44, 0x00)
+
+    def may_block(self, cmd: ScsiCommand) -> bool:
+        """Should the transport run this command off its event loop?"""
+        lu = self.luns.get(cmd.lun)
+        return lu is not None and lu.may_block(cmd)
+
+    def _target_command(self, cmd: ScsiCommand, lu: LogicalUnit | None) -> ScsiResult:
+        cdb = cmd.cdb
+        op = cdb[0]
+        if op == REPORT_LUNS:
+            if len(cdb) < 12:
+                return self._error(lu, Key.ILLEGAL_REQUEST, 0x24, 0x00)
+            if cdb[11] & 0x04:
+                return self._invalid_cdb(lu, 11, 2)
+            data, bad = spc.report_luns_data(bytes(cdb[:12]), self.luns)
+            if data is None:
+                return self._invalid_cdb(lu, bad)
+            for unit in self.luns.values():
+                unit.clear_unit_attention(cmd.nexus, 0x3F, 0x0E)
+            return ScsiResult(data=data)
+        # The addressed LUN does not exist (SPC-4 §6.6.2 INQUIRY, §6.39 REQUEST SENSE).
+        if op == INQUIRY and len(cdb) >= 6:
+            alloc = (cdb[3] << 8) | cdb[4]
+            if cdb[1] & 0x01:
+                if cdb[2] != 0x00:
+                    return sense.check(Key.ILLEGAL_REQUEST, 0x24, 0x00,
+                                       sks=sense.field_pointer(2))
+                return ScsiResult(data=bytes((0x7F, 0x00, 0x00, 0x00))[:alloc])
+            if cdb[2]:
+                return sense.check(Key.ILLEGAL_REQUEST, 0x24, 0x00,
+                                   sks=sense.field_pointer(2))
+            return ScsiResult(data=spc.no_lun_inquiry(self.vendor)[:alloc])
+        if op == REQUEST_SENSE and len(cdb) >= 6:
+            data = sense.build(Key.ILLEGAL_REQUEST, 0x25, 0x00,
+                               descriptor=bool(cdb[1] & 0x01))
+            return ScsiResult(data=data[:cdb[4]])
+        return sense.check(Key.ILLEGAL_REQUEST, 0x25, 0x00)   # LOGICAL UNIT NOT SUPPORTED
+
+    @staticmethod
+    def _error(lu: LogicalUnit | None, key: int, asc: int, ascq: int) -> ScsiResult:
+        if lu is not None:
+            return lu.check(key, asc, ascq)
+        return sense.check(key, asc, ascq)
+
+    @staticmethod
+    def _invalid_cdb(lu: LogicalUnit | None, byte: int, bit: int | None = None) -> ScsiResult:
+        if lu is not None:
+            return lu.invalid_cdb(byte, bit)
+        return sense.check(Key.ILLEGAL_REQUEST, 0x24, 0x00,
+                           sks=sense.field_pointer(byte, bit))
+
+    # ------------------------------------------------------------ task management
+    def task_management(self, function: int, lun: int, nexus: Nexus) -> int:
+        """SCSI side effects of a task management function; returns a TmfResponse.
+
+        The transport aborts its own queued/running tasks (ABORT TASK, ABORT
+        TASK SET, CLEAR TASK SET, resets) before or after calling this; here
+        only logical unit state changes:
+
+        * LOGICAL UNIT RESET: mode pages back to saved values, PREVENT
+          cleared, UA 29/03 for every I_T nexus of that LU (the issuer too).
+        * TARGET WARM RESET: the same for every LU.
+        * TARGET COLD RESET: every LU reset with UA 29/01 POWER ON OCCURRED
+          (the transport also closes all sessions, RFC 7143 §11.5.1).
+        """
+        if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            asc, ascq = UA_BUS_DEVICE_RESET if function == TmfFunction.TARGET_WARM_RESET \
+                else UA_POWER_ON
+            for lu in self.luns.values():
+                lu.reset(asc, ascq)
+            return TmfResponse.COMPLETE
+        lu = self.luns.get(lun)
+        if function in (TmfFunction.ABORT_TASK, TmfFunction.ABORT_TASK_SET,
+                        TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+            if lu is None:
+                return TmfResponse.NO_LUN
+            if function == TmfFunction.LOGICAL_UNIT_RESET:
+                lu.reset(*UA_BUS_DEVICE_RESET)
+            return TmfResponse.COMPLETE
+        if function == TmfFunction.CLEAR_ACA:
+            return TmfResponse.NOT_SUPPORTED        # NormACA=0: no ACA to clear
+        if function == TmfFunction.TASK_REASSIGN:
+            return TmfResponse.NO_REASSIGN          # transport-level (ERL 2)
+        return TmfResponse.NOT_SUPPORTED
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """The I_T nexus is gone (session closed): every LU forgets it."""
+        for lu in self.luns.values():
+            lu.nexus_lost(nexus)
+
