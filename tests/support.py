@@ -56,11 +56,12 @@ class Daemon:
     """A storaged process serving a state directory."""
 
     def __init__(self, directory: str, port: int, demo: bool = True,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, log_level: str = "WARNING") -> None:
         self.directory = directory
         self.port = port
         self.demo = demo
         self.metrics_port = metrics_port
+        self.log_level = log_level
         self.proc: subprocess.Popen | None = None
         self.log = os.path.join(directory, "daemon.log")
 
@@ -73,7 +74,7 @@ class Daemon:
             cmd = [sys.executable, "-m", "storaged", "--dir", self.directory, "serve"]
         if self.metrics_port:
             cmd += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
-        env = dict(os.environ, STORAGED_LOG=os.environ.get("STORAGED_LOG", "WARNING"))
+        env = dict(os.environ, STORAGED_LOG=self.log_level)
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env)
         wait_port(self.port, self.proc)

@@ -181,3 +181,11 @@ class TcpInitiator:
         rsp = self.recv()
         assert rsp.opcode == Op.LOGOUT_RSP and rsp.b2 == 0
         self.close()
+
+    def clear_unit_attentions(self, lun: int = 0) -> None:
+        """TEST UNIT READY until the pending unit attentions are consumed."""
+        for _ in range(8):
+            status, _data, _sense = self.command(bytes(6), lun=lun)
+            if status == 0:
+                return
+        raise AssertionError("unit attentions never cleared")
