@@ -194,3 +194,70 @@ def test_header_digest_negotiated_and_checked():
     conn.receive_data(b"\x00" * 52)  # NOP-Out with a wrong header digest
     ini.collect()
     assert ini.closed
+
+
+def test_idle_initiator_is_pinged_and_dead_one_dropped():
+    _reg, conn, ini = make()
+    ini.full_login(TARGET)
+    conn.touch(0.0)
+    conn.tick(conn.nop_interval + 1)
+    (ping,) = ini.collect()
+    assert ping.opcode == Op.NOP_IN and ping.itt == 0xFFFFFFFF and ping.w20 != 0xFFFFFFFF
+    # The initiator answers with ITT 0xffffffff echoing the TTT: no longer pending.
+    hdr = build(Op.NOP_OUT, flags=0x80, itt=0xFFFFFFFF, w20=ping.w20, w24=ini.cmdsn,
+                immediate=True)
+    assert ini.send(hdr) == []
+    assert conn.ping_sent_at is None
+    conn.tick(1000.0)
+    (ping2,) = ini.collect()
+    assert ping2.opcode == Op.NOP_IN
+    conn.tick(1000.0 + conn.nop_timeout + 1)  # no answer this time
+    ini.collect()
+    assert ini.closed
+
+
+def test_abort_task_of_command_waiting_for_data():
+    _reg, conn, ini = make()
+    ini.full_login(TARGET, extra=[("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    pdus = ini.scsi(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0]), edtl=4096, write=True)
+    assert [p.opcode for p in pdus] == [Op.R2T]
+    itt = pdus[0].itt
+    hdr = build(Op.TMF_REQ, flags=0x80 | 1, itt=500, w20=itt, w24=ini.cmdsn, w32=ini.cmdsn - 1,
+                immediate=True)
+    (rsp,) = ini.send(hdr)
+    assert rsp.opcode == Op.TMF_RSP and rsp.b2 == TmfResponse.COMPLETE
+    # Late data for the aborted task is discarded silently; no SCSI response follows.
+    late = build(Op.DATA_OUT, flags=0x80, data_len=512, itt=itt, w20=pdus[0].w20, w36=0)
+    assert ini.send(late, b"x" * 512) == []
+    assert not ini.executed
+    # A completed task is no longer there: "task does not exist".
+    ini.scsi(bytes(6))
+    run(ini)
+    hdr = build(Op.TMF_REQ, flags=0x80 | 1, itt=501, w20=ini.itt - 1, w24=ini.cmdsn,
+                w32=ini.cmdsn - 1, immediate=True)
+    (rsp,) = ini.send(hdr)
+    assert rsp.b2 == TmfResponse.NO_TASK
+
+
+def test_logout_closes_session():
+    reg, conn, ini = make()
+    ini.full_login(TARGET)
+    assert reg.sessions
+    (rsp,) = ini.send(build(Op.LOGOUT_REQ, flags=0x80, itt=42, w24=ini.cmdsn, immediate=True))
+    assert rsp.opcode == Op.LOGOUT_RSP and rsp.b2 == 0 and rsp.itt == 42
+    assert ini.closed and not reg.sessions
+
+
+def test_operational_negotiation_results():
+    _reg, _conn, ini = make()
+    rsp = ini.full_login(TARGET, extra=[("MaxBurstLength", "999999999"),
+                                        ("FirstBurstLength", "4096"), ("InitialR2T", "No"),
+                                        ("ImmediateData", "No"), ("X-vendor.key", "1"),
+                                        ("MaxConnections", "4"), ("DefaultTime2Wait", "0")])
+    keys = dict(text.decode(rsp.data))
+    assert keys["MaxBurstLength"] == "Reject"  # out of range (§13.13: 512..2^24-1)
+    assert keys["FirstBurstLength"] == "4096"  # min(4096, ours)
+    assert keys["InitialR2T"] == "No" and keys["ImmediateData"] == "No"
+    assert keys["X-vendor.key"] == "NotUnderstood"
+    assert keys["MaxConnections"] == "1"
+    assert keys["DefaultTime2Wait"] == "2"  # max(0, 2)
