@@ -66,13 +66,21 @@ class Runtime:
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
         started = time.perf_counter()
         result = scsi.execute(cmd)
+        elapsed = time.perf_counter() - started
         meter = self.meters.get((target, cmd.lun))
         if meter is None:
             meter = self.meters[(target, cmd.lun)] = metrics.LunMeter(target, cmd.lun)
         nread = len(result.data) if result.data is not None else 0
         nwritten = len(cmd.data_out) if cmd.data_out is not None else 0
-        meter.record(cmd.cdb[0], started, nread, nwritten, result.status)
+        meter.record(cmd.cdb[0], elapsed, nread, nwritten, result.status)
         return result
+
+    def session_counts(self) -> dict[str, int]:
+        """Logged-in sessions per target (for the metrics collector)."""
+        counts: dict[str, int] = dict.fromkeys(self.registry.targets, 0)
+        for (_i, _s, target) in self.registry.sessions:
+            counts[target] = counts.get(target, 0) + 1
+        return counts
 
     def _open_device(self, b: Backstore) -> _Device | None:
         try:
@@ -150,24 +158,6 @@ class Runtime:
                 "portals": [f"{h}:{p}" for h, p in sorted(self.server.listeners)]}
 
 
-class _SessionCollector:
-    """Prometheus collector reading session counts at scrape time."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def collect(self):  # noqa: ANN201 - prometheus collector protocol
-        from prometheus_client.core import GaugeMetricFamily
-        fam = GaugeMetricFamily("storaged_iscsi_sessions", "Logged-in iSCSI sessions",
-                                labels=["target"])
-        counts: dict[str, int] = dict.fromkeys(self.runtime.registry.targets, 0)
-        for (_i, _s, target) in self.runtime.registry.sessions:
-            counts[target] = counts.get(target, 0) + 1
-        for target, n in sorted(counts.items()):
-            fam.add_metric([target], n)
-        yield fam
-
-
 def _notify(message: str) -> None:
     """sd_notify(3) without libsystemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -196,7 +186,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     runtime = Runtime(store)
     if metrics_addr:
         host, port = split_portal(metrics_addr)
-        metrics.REGISTRY.register(_SessionCollector(runtime))
+        metrics.REGISTRY.register(metrics.StoragedCollector(
+            lambda: list(runtime.meters.values()), runtime.session_counts))
         metrics.serve_metrics(host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
     await runtime.reconcile()

@@ -114,7 +114,7 @@ class Task:
         self.write = write
         self.attr = attr
         self.immediate = immediate
-        self.buf: bytearray | None = None
+        self.buf: bytearray | bytes | None = None
         self.received = 0
         self.unsol_done = True
         self.unsol_limit = 0
@@ -204,6 +204,7 @@ class Connection:
         self._buf += data
         buf = self._buf
         pos = 0
+        mv = memoryview(buf)
         try:
             while not self.closed:
                 end = len(buf)
@@ -219,16 +220,16 @@ class Connection:
                                         f"MaxRecvDataSegmentLength {self.max_recv}")
                 if end - pos < total:
                     if end - pos >= hlen and self.hd:
-                        self._check_hd(buf, pos, ahs)
+                        self._check_hd(mv, pos, ahs)
                     break
                 if self.hd:
-                    self._check_hd(buf, pos, ahs)
-                header = bytes(buf[pos:pos + BHS_LEN])
+                    self._check_hd(mv, pos, ahs)
+                header = bytes(mv[pos:pos + BHS_LEN])
                 dstart = pos + hlen
-                payload = bytes(buf[dstart:dstart + dlen])
+                payload = bytes(mv[dstart:dstart + dlen]) if dlen else b""
                 pos += total
                 if self.dd and dlen:
-                    want = int.from_bytes(buf[dstart + plen:dstart + plen + 4], "little")
+                    want = int.from_bytes(mv[dstart + plen:dstart + plen + 4], "little")
                     crc = crc32c(payload)
                     if plen != dlen:
                         crc = crc32c(bytes(plen - dlen), crc)
@@ -239,13 +240,14 @@ class Connection:
         except ProtocolError as e:
             self.drop(str(e))
         finally:
+            mv.release()
             if pos:
                 del buf[:pos]
 
-    def _check_hd(self, buf: bytearray, pos: int, ahs: int) -> None:
+    def _check_hd(self, mv: memoryview, pos: int, ahs: int) -> None:
         end = pos + BHS_LEN + ahs
-        want = int.from_bytes(buf[end:end + 4], "little")
-        if crc32c(bytes(buf[pos:end])) != want:
+        want = int.from_bytes(mv[end:end + 4], "little")
+        if crc32c(mv[pos:end]) != want:
             # §7.8: at ERL 0 a header digest error ends the connection.
             raise ProtocolError("header digest error")
 
@@ -584,10 +586,12 @@ class Connection:
             pass
         task = Task(itt, pdu.lun, pdu.cdb, cmdsn, edtl, read, write, flags & 7, pdu.immediate)
         if write and edtl:
-            task.buf = bytearray(edtl)
-            if dlen:
+            if dlen == edtl:
+                task.buf = pdu.data  # all data came as immediate data: no copy
+            else:
+                task.buf = bytearray(edtl)
                 task.buf[:dlen] = pdu.data
-                task.received = dlen
+            task.received = dlen
             if not self.initial_r2t and not (flags & 0x80):
                 task.unsol_done = False
                 task.unsol_limit = min(self.first_burst, edtl)
@@ -650,7 +654,7 @@ class Connection:
         datasn = pdu.w36
         off = pdu.w40
         n = len(pdu.data)
-        if off + n > task.edtl:
+        if off + n > task.edtl or task.received >= task.edtl:
             self._reject(pdu.header, REJ_PROTOCOL)
             self.drop("Data-Out beyond the expected data transfer length")
             return
