@@ -109,6 +109,32 @@ def backstore_delete(ctx: click.Context, name: str) -> None:
     click.echo(f"Deleted backstore {name}.")
 
 
+@backstore.command("set")
+@click.argument("name")
+@click.option("--read-only/--read-write", default=None, help="Write-protect the LUNs.")
+@click.option("--online/--offline", default=None,
+              help="Offline LUNs answer NOT READY to media access.")
+@click.option("--write-cache/--no-write-cache", "wce", default=None,
+              help="Acknowledge writes from the page cache (WCE=1) or only once durable.")
+@click.pass_context
+def backstore_set(ctx: click.Context, name: str, read_only: bool | None, online: bool | None,
+                  wce: bool | None) -> None:
+    """Change flags of backstore NAME (live when the daemon runs)."""
+    b = run_op(ctx, "backstore_set", {"name": name, "read_only": read_only, "online": online,
+                                      "wce": wce})
+    click.echo(backstore_label(b))
+
+
+@backstore.command("resize")
+@click.argument("name")
+@click.argument("size")
+@click.pass_context
+def backstore_resize(ctx: click.Context, name: str, size: str) -> None:
+    """Grow file backstore NAME to SIZE (e.g. 20G); initiators see the new capacity."""
+    b = run_op(ctx, "backstore_resize", {"name": name, "size": size})
+    click.echo(backstore_label(b))
+
+
 @backstore.command("ls")
 @click.pass_context
 def backstore_ls(ctx: click.Context) -> None:

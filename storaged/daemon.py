@@ -100,9 +100,12 @@ class Runtime:
         for name, b in backstores.items():
             cur = self.devices.get(name)
             if cur is not None and (cur.record.path, cur.record.block_size) == \
-                    (b.path, b.block_size) and cur.record.read_only == b.read_only:
+                    (b.path, b.block_size) and (b.read_only or not cur.device.read_only):
+                # Same backing: change flags in place so unit attention state survives.
+                cur.lu.read_only = b.read_only
                 cur.lu.online = b.online
-                if cur.device.refresh_size() != cur.record.size or b.size != cur.record.size:
+                cur.lu.wce = b.wce
+                if cur.device.refresh_size() != cur.lu.num_blocks * cur.lu.block_size:
                     cur.lu.resize()
                 cur.record = b
                 continue

@@ -224,3 +224,27 @@ def test_state_directory_is_root_only(tmp_path):
         for name in os.listdir(os.path.join(d.directory, "state.lmdb")):
             st = os.stat(os.path.join(d.directory, "state.lmdb", name))
             assert st.st_mode & 0o077 == 0, name
+
+
+def test_live_resize_and_offline(tmp_path):
+    port = free_port()
+    with running(str(tmp_path / "demo"), port) as d:
+        ini = session(port)
+        cap16 = bytes([0x9E, 0x10] + [0] * 8 + [0, 0, 0, 32, 0, 0])
+        status, data, _s = ini.command(cap16, read_len=32)
+        assert status == 0 and int.from_bytes(data[:8], "big") == (1 << 30) // BS - 1
+        storaged("backstore", "resize", "demo", "2G", directory=d.directory)
+        status, data, sense = ini.command(cap16, read_len=32)
+        assert status == 2 and sense[12:14] == b"\x2a\x09", sense.hex()  # CAPACITY CHANGED
+        status, data, _s = ini.command(cap16, read_len=32)
+        assert status == 0 and int.from_bytes(data[:8], "big") == (2 << 30) // BS - 1
+        r = storaged("backstore", "resize", "demo", "1G", directory=d.directory, check=False)
+        assert r.returncode == 1 and "shrinking" in r.stderr
+        storaged("backstore", "set", "demo", "--offline", directory=d.directory)
+        status, _data, sense = ini.read10(0, 1)
+        assert status == 2 and sense[2] & 0xF == 0x2, sense.hex()  # NOT READY
+        storaged("backstore", "set", "demo", "--online", "--read-only", directory=d.directory)
+        ini.clear_unit_attentions()
+        status, _data, sense = ini.write10(0, bytes(BS))
+        assert status == 2 and sense[2] & 0xF == 0x7, sense.hex()  # DATA PROTECT
+        ini.logout()

@@ -319,6 +319,50 @@ def backstore_delete(txn: Txn, name: str) -> dict[str, Any]:
     return {"deleted": name}
 
 
+@_op()
+def backstore_set(txn: Txn, name: str, read_only: bool | None = None,
+                  online: bool | None = None, wce: bool | None = None) -> dict[str, Any]:
+    """Change a backstore's flags: write protection, online state, write cache."""
+    b = txn.get(Backstore, name)
+    if b is None:
+        raise ConfigError(f"backstore {name!r} does not exist")
+    for value, what in ((read_only, "read_only"), (online, "online"), (wce, "wce")):
+        if value is not None:
+            check_bool(value, what)
+            setattr(b, what, value)
+    txn.put(b)
+    return describe_backstore(b, _lun_users(txn, name))
+
+
+@_op()
+def backstore_resize(txn: Txn, name: str, size: str | int) -> dict[str, Any]:
+    """Grow a file backstore (initiators get CAPACITY DATA HAS CHANGED).
+
+    Shrinking is refused: it would cut off data an initiator still addresses.
+    """
+    b = txn.get(Backstore, name)
+    if b is None:
+        raise ConfigError(f"backstore {name!r} does not exist")
+    if b.kind != "file":
+        raise ConfigError(f"backstore {name!r} is a {b.kind} backstore; only files can be "
+                          "resized here (resize the device, storaged notices)")
+    nbytes = parse_size(size)
+    if nbytes % b.block_size:
+        raise ConfigError(f"size {nbytes} is not a multiple of the block size {b.block_size}")
+    if nbytes < b.size:
+        raise ConfigError(f"shrinking {name!r} from {b.size} to {nbytes} bytes would lose "
+                          "data; only growing is supported")
+    if nbytes != b.size:
+        try:
+            with open(b.path, "r+b") as f:
+                f.truncate(nbytes)
+        except OSError as e:
+            raise ConfigError(f"cannot resize {b.path}: {e.strerror}") from None
+        b.size = nbytes
+        txn.put(b)
+    return describe_backstore(b, _lun_users(txn, name))
+
+
 # --------------------------------------------------------------- targets
 
 @_op()
