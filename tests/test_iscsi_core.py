@@ -261,3 +261,20 @@ def test_operational_negotiation_results():
     assert keys["X-vendor.key"] == "NotUnderstood"
     assert keys["MaxConnections"] == "1"
     assert keys["DefaultTime2Wait"] == "2"  # max(0, 2)
+
+
+def test_extended_cdb_ahs_reaches_scsi_layer():
+    _reg, conn, ini = make()
+    ini.full_login(TARGET)
+    cdb32 = bytes([0x7F, 0, 0, 0, 0, 0, 0, 0x18]) + bytes(range(8, 32))
+    ahs_body = cdb32[16:]
+    ahs = (len(ahs_body) + 1).to_bytes(2, "big") + b"\x01\x00" + ahs_body
+    ahs += bytes(-len(ahs) & 3)
+    hdr = bytearray(build(Op.SCSI_CMD, flags=0x81, ahs_len=len(ahs) // 4, itt=ini.itt,
+                          w24=ini.cmdsn))
+    hdr[32:48] = cdb32[:16]
+    ini.itt += 1
+    ini.cmdsn += 1
+    ini.send(bytes(hdr) + ahs)
+    run(ini)
+    assert conn.target.scsi.commands[-1].cdb == cdb32

@@ -224,7 +224,7 @@ class Connection:
                     break
                 if self.hd:
                     self._check_hd(mv, pos, ahs)
-                header = bytes(mv[pos:pos + BHS_LEN])
+                header = bytes(mv[pos:pos + BHS_LEN + ahs])
                 dstart = pos + hlen
                 payload = bytes(mv[dstart:dstart + dlen]) if dlen else b""
                 pos += total
@@ -297,6 +297,7 @@ class Connection:
         return sn
 
     def _reject(self, header: bytes, reason: int) -> None:
+        header = bytes(header[:BHS_LEN])  # the rejected BHS is the data (§11.17)
         self._send(build(Op.REJECT, flags=0x80, b2=reason, data_len=BHS_LEN,
                          itt=RESERVED_TAG, w24=self._next_statsn(), w28=self.expcmdsn,
                          w32=self.maxcmdsn), header)
@@ -581,10 +582,13 @@ class Connection:
                      or dlen > self.first_burst):
             self._reject(pdu.header, REJ_PROTOCOL)
             return
+        cdb = pdu.cdb
         if pdu.ahs_len:
-            # Extended CDB AHS (§11.3.5) carries CDB bytes beyond 16.
-            pass
-        task = Task(itt, pdu.lun, pdu.cdb, cmdsn, edtl, read, write, flags & 7, pdu.immediate)
+            cdb = self._extended_cdb(pdu)
+            if cdb is None:
+                self._reject(pdu.header, REJ_INVALID_FIELD)
+                return
+        task = Task(itt, pdu.lun, cdb, cmdsn, edtl, read, write, flags & 7, pdu.immediate)
         if write and edtl:
             if dlen == edtl:
                 task.buf = pdu.data  # all data came as immediate data: no copy
@@ -605,6 +609,23 @@ class Connection:
             self._drain_waiting()
         else:
             self.waiting[cmdsn] = task
+
+    @staticmethod
+    def _extended_cdb(pdu: Pdu) -> bytes | None:
+        """CDB from the BHS plus an Extended CDB AHS (§11.3.5, AHSType 1)."""
+        ahs = bytes(pdu.header[BHS_LEN:])
+        pos = 0
+        cdb = pdu.cdb
+        while pos + 4 <= len(ahs):
+            length = int.from_bytes(ahs[pos:pos + 2], "big")
+            kind = ahs[pos + 2]
+            body = ahs[pos + 4:pos + 3 + length]
+            if kind == 1:
+                cdb += body
+            elif kind != 2:  # 2: bidirectional read length, ignored
+                return None
+            pos += (3 + length + 3) & ~3
+        return cdb
 
     def _deliver(self, task: Task) -> None:
         """The command's turn has come: solicit data or run it."""

@@ -66,6 +66,7 @@ class Pdu:
     __slots__ = SLOTS + ("header", "data")
 
     def __init__(self, header: bytes | memoryview, data: bytes | memoryview = b"") -> None:
+        # ``header`` is the 48-byte BHS, followed by the AHS if TotalAHSLength > 0.
         (self.opcode, self.immediate, self.flags, self.b2, self.b3, self.ahs_len,
          self.data_len, self.lun, self.itt, self.w20, self.w24, self.w28, self.w32,
          self.w36, self.w40, self.w44) = decode_bhs(header)
