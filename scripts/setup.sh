@@ -21,6 +21,9 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INP
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
     libiscsi-bin qemu-utils qemu-block-extra tgt mdadm libnfs-utils
+    etcd-server
+    nfs-ganesha nfs-ganesha-vfs
+    libisal2
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }

@@ -19,6 +19,16 @@ import operator
 import struct
 
 __all__ = ["crc32c", "decode_bhs", "encode_bhs", "encode_bhs_into", "scsi_rw_decode"]
+# RAID parity kernels live in their own module; same names as _fastio._raid.
+from storaged._pureraid import (  # noqa: E402
+    gf_mul,
+    pq_gen,
+    raid6_recov_2data,
+    raid6_recov_datap,
+    xor_gen,
+)
+
+__all__ += ["gf_mul", "pq_gen", "raid6_recov_2data", "raid6_recov_datap", "xor_gen"]
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF

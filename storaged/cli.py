@@ -361,6 +361,67 @@ def settings_set(ctx: click.Context, pairs: tuple[str, ...]) -> None:
     click.echo("Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + ".")
 
 
+# -------------------------------------------------------------------- pr
+
+@cli.group()
+def pr() -> None:
+    """SCSI persistent reservations (registrations and reservation per LUN)."""
+
+
+def _pr_lines(b: dict[str, Any], live: bool) -> list[str]:
+    luns = ", ".join(f"lun{u['lun']} of {u['iqn']}" for u in b["luns"]) or "not exported"
+    lines = [f"{b['backstore']}  [{luns}]  generation {b['generation']}  "
+             f"APTPL {'on' if b['aptpl'] else 'off'}"]
+    res = b["reservation"]
+    if res is None:
+        lines.append("  reservation: none")
+    else:
+        who = "every registrant (all-registrants type)" if res["holder"] is None else \
+            f"key {res['key']} via {res['holder']['initiator']} -> {res['holder']['target_port']}"
+        lines.append(f"  reservation: {res['type_name']} (type {res['type']}), held by {who}")
+    if b.get("spc2_reservation"):
+        s2 = b["spc2_reservation"]
+        lines.append(f"  SPC-2 RESERVE held by {s2['initiator']} -> {s2['target_port']}")
+    regs = b["registrations"]
+    lines.append(f"  registrations ({len(regs)}):")
+    for r in regs:
+        mark = "  [holder]" if r["holder"] else ""
+        lines.append(f"    {r['key']}  {r['initiator']} -> {r['target_port']}{mark}")
+    if not live:
+        lines.append("  (daemon not running: saved APTPL state)")
+    return lines
+
+
+@pr.command("ls")
+@click.argument("backstore_name", metavar="[BACKSTORE]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def pr_ls(ctx: click.Context, backstore_name: str | None, as_json: bool) -> None:
+    """Show registrations and reservations: live from the daemon, else the
+    state saved for APTPL."""
+    r = run_op(ctx, "pr_ls", {"backstore": backstore_name})
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for b in r["backstores"]:
+        click.echo("\n".join(_pr_lines(b, r["live"])))
+
+
+@pr.command("clear")
+@click.argument("backstore_name", metavar="BACKSTORE")
+@click.pass_context
+def pr_clear(ctx: click.Context, backstore_name: str) -> None:
+    """Remove every registration and reservation of BACKSTORE (live, and the
+    saved APTPL state).  Registered initiators see RESERVATIONS PREEMPTED."""
+    r = run_op(ctx, "pr_clear", {"backstore": backstore_name})
+    before = r["cleared"]
+    n = len(before["registrations"])
+    held = " and its reservation" if before["reservation"] or before.get("spc2_reservation") \
+        else ""
+    click.echo(f"Backstore {r['backstore']}: cleared {n} registration{'s' if n != 1 else ''}"
+               f"{held}.")
+
+
 # -------------------------------------------------------------------- ls
 
 @cli.command("ls")
@@ -443,9 +504,15 @@ def serve(ctx: click.Context, metrics: str | None) -> None:
               help=f"State directory for the demo (default {DEMO_DIR}).")
 @click.option("--iscsi", metavar="HOST:PORT", help="iSCSI portal for the demo target.")
 @click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option("--nfs", metavar="HOST:PORT",
+              help="NFS address for the demo export DIR/export (default 127.0.0.1:2049; "
+                   "'off' disables).")
+@click.option("--plain", is_flag=True,
+              help="On first run, back the LUN with one sparse file instead of a RAID-5 "
+                   "of four sparse members.")
 @click.pass_context
 def demo(ctx: click.Context, demo_dir: str | None, iscsi: str | None,
-         metrics: str | None) -> None:
+         metrics: str | None, nfs: str | None, plain: bool) -> None:
     """Run a self-contained demo target (creates its own state directory)."""
     from storaged import daemon
 
@@ -455,7 +522,25 @@ def demo(ctx: click.Context, demo_dir: str | None, iscsi: str | None,
         source = root.get_parameter_source("directory")
         explicit = source not in (None, click.core.ParameterSource.DEFAULT)
         directory = root.params["directory"] if explicit else DEMO_DIR
-    daemon.demo(directory, iscsi=iscsi, metrics=metrics)
+    extra: dict = {} if nfs is None else {"nfs": None if nfs == "off" else nfs}
+    if plain:
+        extra["plain"] = True
+    daemon.demo(directory, iscsi=iscsi or "127.0.0.1:3260", metrics=metrics, **extra)
+
+
+from storaged.nfs.cli import nfs as _nfs  # noqa: E402 - needs run_op defined above
+
+cli.add_command(_nfs)
+
+from storaged.raid.cli import raid as _raid  # noqa: E402
+
+cli.add_command(_raid)
+
+from storaged.cluster.cli import cluster as _cluster  # noqa: E402
+from storaged.cluster.cli import lock as _lock  # noqa: E402
+
+cli.add_command(_cluster)
+cli.add_command(_lock)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ Functions (identical in both implementations):
   w20, w24, w28, w32, w36, w40, w44) -> bytes``
 * ``encode_bhs_into(buf, offset, <the same 16 fields>) -> None``
 * ``scsi_rw_decode(cdb) -> (lba, blocks, flags_byte)``
+* RAID parity: ``xor_gen``, ``pq_gen``, ``gf_mul``, ``raid6_recov_2data``,
+  ``raid6_recov_datap`` (see :mod:`storaged._pureraid`)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "encode_bhs",
     "encode_bhs_into",
     "scsi_rw_decode",
+    "xor_gen", "pq_gen", "gf_mul", "raid6_recov_2data", "raid6_recov_datap",
 ]
 
 
@@ -54,3 +57,9 @@ decode_bhs = _impl.decode_bhs
 encode_bhs = _impl.encode_bhs
 encode_bhs_into = _impl.encode_bhs_into
 scsi_rw_decode = _impl.scsi_rw_decode
+# RAID parity (see storaged._pureraid for the semantics)
+xor_gen = _impl.xor_gen
+pq_gen = _impl.pq_gen
+gf_mul = _impl.gf_mul
+raid6_recov_2data = _impl.raid6_recov_2data
+raid6_recov_datap = _impl.raid6_recov_datap

@@ -56,20 +56,25 @@ class Daemon:
     """A storaged process serving a state directory."""
 
     def __init__(self, directory: str, port: int, demo: bool = True,
-                 metrics_port: int | None = None, log_level: str = "WARNING") -> None:
+                 metrics_port: int | None = None, log_level: str = "WARNING",
+                 plain: bool = True) -> None:
         self.directory = directory
         self.port = port
         self.demo = demo
         self.metrics_port = metrics_port
         self.log_level = log_level
+        self.plain = plain  # demo LUN on one sparse file instead of the RAID-5 default
         self.proc: subprocess.Popen | None = None
         self.log = os.path.join(directory, "daemon.log")
 
     def start(self) -> Daemon:
         os.makedirs(self.directory, exist_ok=True)
         if self.demo:
+            # iSCSI-only demo: NFS tests start their own daemons (tests/nfs_client.py).
             cmd = [sys.executable, "-m", "storaged", "demo", "--dir", self.directory,
-                   "--iscsi", f"127.0.0.1:{self.port}"]
+                   "--iscsi", f"127.0.0.1:{self.port}", "--nfs", "off"]
+            if self.plain:
+                cmd.append("--plain")
         else:
             cmd = [sys.executable, "-m", "storaged", "--dir", self.directory, "serve"]
         if self.metrics_port:

@@ -113,7 +113,8 @@ class TcpInitiator:
         self.dd = keys.get("DataDigest") == "CRC32C"
         self.mrdsl = int(keys.get("MaxRecvDataSegmentLength", "8192"))
         self.immediate = keys.get("ImmediateData", "Yes") == "Yes"
-        self.first_burst = int(keys.get("FirstBurstLength", "65536"))
+        fb = keys.get("FirstBurstLength", "65536")
+        self.first_burst = int(fb) if fb.isdigit() else 0  # "Irrelevant" (§13.14)
         return keys
 
     def command(self, cdb: bytes, read_len: int = 0, data: bytes = b"",

@@ -275,7 +275,7 @@ def test_serve_and_demo_delegate_to_daemon(fake_daemon, monkeypatch):
     assert fake_daemon == [
         ("serve", "/var/lib/storaged", "127.0.0.1:9100"),
         ("serve", "/srv/st", None),
-        ("demo", "./storaged-demo", None, None),
+        ("demo", "./storaged-demo", "127.0.0.1:3260", None),
         ("demo", "/tmp/d", "127.0.0.1:3261", None),
-        ("demo", "/srv/st", None, None),
+        ("demo", "/srv/st", "127.0.0.1:3260", None),
     ]

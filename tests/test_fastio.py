@@ -72,6 +72,8 @@ def outcome(fn, *args):
 # --------------------------------------------------------------------------- module shape
 
 NAMES = {"crc32c", "decode_bhs", "encode_bhs", "encode_bhs_into", "scsi_rw_decode"}
+# RAID parity kernels (tested in tests/test_raid_parity.py)
+NAMES |= {"gf_mul", "pq_gen", "raid6_recov_2data", "raid6_recov_datap", "xor_gen"}
 
 
 def test_pure_exports():

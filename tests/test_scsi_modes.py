@@ -23,9 +23,15 @@ class FuaRecorder(FileBlockDevice):
         super().__init__(*a, **kw)
         self.fua: list[bool] = []
 
+        self.flushes = 0
+
     def write(self, offset, data, fua=False):
         self.fua.append(fua)
         super().write(offset, data, fua=fua)
+
+    def flush(self):
+        self.flushes += 1
+        super().flush()
 
 
 @pytest.fixture
@@ -158,16 +164,18 @@ def test_mode_sense_allocation_length(lu):
 
 # ---------------------------------------------------------------- MODE SELECT
 def test_mode_select_wce_changes_write_behaviour(lu, dev):
+    flushes = dev.flushes
     run(lu, [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], bytes(BS))
-    assert dev.fua[-1] is False
+    assert dev.flushes == flushes                  # write-back: no flush
     page = bytearray(get_page(lu, 0x08))
     page[2] &= ~0x04
     r = select_page(lu, page)
     assert r.status == Status.GOOD and r.transfer_length == 4 + len(page)
     assert get_page(lu, 0x08)[2] & 0x04 == 0
     assert not lu.wce
+    flushes = dev.flushes
     run(lu, [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], bytes(BS))
-    assert dev.fua[-1] is True                     # write-through: every write is FUA
+    assert dev.flushes == flushes + 1              # write-through: every write is flushed
     # the other nexus is told, the issuer is not
     r = run(lu, [0] * 6, nexus=N2)
     assert key_asc(r) == (6, 0x2A, 0x01)

@@ -11,7 +11,11 @@ import importlib
 import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "raid": ("storaged.bench.raid", "RAID parity vs ISA-L and memcpy; RAID-5/6 I/O vs raw"),
     "crc": ("storaged.bench.crc", "CRC32C, BHS and CDB codecs: compiled vs pure Python"),
+    "iscsi": ("storaged.bench.iscsi", "storaged vs tgt on loopback (qemu-img bench, iscsi-perf)"),
+    "nfs": ("storaged.bench.nfs", "NFSv3: storaged vs nfs-ganesha (qemu-img, nfs-cp, nfs-ls)"),
+    "dlm": ("storaged.bench.dlm", "DLM lock+unlock pairs/s and latency vs etcd 3.4"),
 }
 
 

@@ -14,13 +14,20 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
+_libc_fallocate = None
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc_fallocate
+    import ctypes
+
+    fn = _libc_fallocate
+    if fn is None:
+        # Resolved once: ctypes.util.find_library runs ldconfig in a subprocess.
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        _libc_fallocate = fn
+    if fn(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -42,6 +49,22 @@ class FileBlockDevice:
         if create_size is not None and not self.is_block and st.st_size < create_size:
             os.ftruncate(self.fd, create_size)
         self._size = self._probe_size()
+        self.discard_granularity = max(block_size, st.st_blksize or 4096)
+        """Bytes a discard frees at a time (the filesystem block size)."""
+        self.thin = not self.is_block and self._can_punch()
+        """A regular file on a filesystem that punches holes: discarded ranges
+        give their space back and read as zeros (thin provisioning)."""
+
+    def _can_punch(self) -> bool:
+        if self.read_only:
+            return True  # cannot probe without write access; the data stays sparse anyway
+        try:
+            # Past EOF with KEEP_SIZE: changes nothing, fails where unsupported.
+            _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       max(self._size, 0), self.block_size)
+        except OSError:
+            return False
+        return True
 
     def _probe_size(self) -> int:
         if self.is_block:

@@ -26,6 +26,7 @@ from storaged.state import (
     Acl,
     Backstore,
     Chap,
+    PrRecord,
     Store,
     Target,
     Txn,
@@ -584,6 +585,46 @@ def settings_set(txn: Txn, values: dict[str, str | int]) -> dict[str, Any]:
                               "(known: nop_interval, nop_timeout, default_portal)")
     txn.put(settings)
     return settings.to_dict()
+
+
+# ------------------------------------------------ persistent reservations
+
+def _pr_backstores(txn: Txn, backstore: str | None) -> list[Backstore]:
+    if backstore is None:
+        return txn.list(Backstore)
+    b = txn.get(Backstore, backstore)
+    if b is None:
+        raise ConfigError(f"backstore {backstore!r} does not exist")
+    return [b]
+
+
+@_op(mutating=False)
+def pr_ls(txn: Txn, backstore: str | None = None) -> dict[str, Any]:
+    """Persistent reservations saved with APTPL (the daemon answers this op
+    itself with the live state of every LUN)."""
+    from storaged.scsi.pr import describe_state
+
+    out = []
+    for b in _pr_backstores(txn, backstore):
+        record = txn.get(PrRecord, b.name)
+        state = record.state() if record is not None and record.wwn in ("", b.wwn) else {}
+        out.append({"backstore": b.name,
+                    "luns": [{"iqn": iqn, "lun": lun} for iqn, lun in _lun_users(txn, b.name)],
+                    **describe_state(state)})
+    return {"live": False, "backstores": out}
+
+
+@_op()
+def pr_clear(txn: Txn, backstore: str) -> dict[str, Any]:
+    """Forget the saved (APTPL) registrations and reservation of a backstore
+    (the daemon answers this op itself and clears the live state too)."""
+    from storaged.scsi.pr import describe_state
+
+    [b] = _pr_backstores(txn, backstore)
+    record = txn.get(PrRecord, b.name)
+    before = describe_state(record.state() if record is not None else {})
+    txn.delete(PrRecord, b.name)
+    return {"backstore": b.name, "cleared": before}
 
 
 # -------------------------------------------------------------- dispatch

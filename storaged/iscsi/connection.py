@@ -64,6 +64,8 @@ STAGE_OPERATIONAL = 1
 STAGE_FULL = 3
 
 LOGIN_MRDSL = 8192  # login PDUs use the default segment size (§13.12)
+_RBUF_SIZE = 1 << 20  # receive buffer; grows for larger PDUs
+_MIN_READ = 64 << 10  # free space offered to each socket read
 
 
 def _sn_lt(a: int, b: int) -> bool:
@@ -143,7 +145,9 @@ class Connection:
         self.registry = registry
         self.local = local
         self.peer = peer
-        self._buf = bytearray()
+        self._rbuf = bytearray(_RBUF_SIZE)  # receive buffer: [_rstart, _rend) unparsed
+        self._rstart = 0
+        self._rend = 0
         self._out: list[bytes | memoryview] = []
         self._events: list[Execute | Close] = []
         self.closed = False
@@ -197,17 +201,48 @@ class Connection:
         self.logout_sent = False
 
     # ------------------------------------------------------------------ I/O
+    def get_buffer(self, sizehint: int = 0) -> memoryview:
+        """Writable space where the next socket read should land (the asyncio
+        BufferedProtocol path: bytes go from the kernel into our buffer)."""
+        if len(self._rbuf) - self._rend < _MIN_READ:
+            self._compact(max(sizehint, _MIN_READ))
+        return memoryview(self._rbuf)[self._rend:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last ``get_buffer``: handle them."""
+        self._rend += nbytes
+        self._parse()
+
     def receive_data(self, data: bytes | memoryview) -> None:
         """Feed bytes from the socket; parse and handle every complete PDU."""
-        if self.closed:
-            return
-        self._buf += data
-        buf = self._buf
-        pos = 0
+        view = memoryview(data).cast("B")
+        while len(view) and not self.closed:
+            with self.get_buffer(len(view)) as buf:
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def _compact(self, need: int) -> None:
+        """Move unparsed bytes to the front (or into a larger buffer)."""
+        pending = self._rend - self._rstart
+        if pending + need > len(self._rbuf):
+            new = bytearray(max(2 * len(self._rbuf), pending + need))
+            new[:pending] = self._rbuf[self._rstart:self._rend]
+            self._rbuf = new
+        elif pending:
+            # Same-length slice assignment: allowed while a view is exported.
+            self._rbuf[:pending] = self._rbuf[self._rstart:self._rend]
+        self._rstart = 0
+        self._rend = pending
+
+    def _parse(self) -> None:
+        buf = self._rbuf
+        pos = self._rstart
+        end = self._rend
         mv = memoryview(buf)
         try:
             while not self.closed:
-                end = len(buf)
                 if end - pos < BHS_LEN:
                     break
                 ahs = buf[pos + 4] * 4
@@ -241,8 +276,10 @@ class Connection:
             self.drop(str(e))
         finally:
             mv.release()
-            if pos:
-                del buf[:pos]
+            if pos == end:
+                self._rstart = self._rend = 0
+            else:
+                self._rstart = pos
 
     def _check_hd(self, mv: memoryview, pos: int, ahs: int) -> None:
         end = pos + BHS_LEN + ahs
@@ -934,6 +971,13 @@ class Connection:
             self.closed = True
             self._unregister()
             self._events.append(Close("target cold reset"))
+
+    def abort_lun_tasks(self, lun: int) -> None:
+        """Abort this session's tasks on ``lun`` without status (TAS=0), e.g. for
+        PREEMPT AND ABORT; late Data-Out for them is discarded."""
+        for task in list(self.tasks.values()):
+            if task.lun == lun:
+                self._abort(task)
 
     def _abort(self, task: Task) -> None:
         task.aborted = True

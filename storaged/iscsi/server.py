@@ -21,8 +21,8 @@ from storaged.scsi.types import ScsiResult
 
 log = logging.getLogger("storaged.iscsi")
 
-class IscsiProtocol(asyncio.Protocol):
-    """One TCP connection."""
+class IscsiProtocol(asyncio.BufferedProtocol):
+    """One TCP connection; socket reads land directly in the core's buffer."""
 
     def __init__(self, server: IscsiServer) -> None:
         self.server = server
@@ -54,11 +54,15 @@ class IscsiProtocol(asyncio.Protocol):
         # flush on the next pump, then close.
         asyncio.get_running_loop().call_soon(self.pump)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self.conn is not None
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         conn = self.conn
         assert conn is not None
         conn.touch(time.monotonic())
-        conn.receive_data(data)
+        conn.buffer_updated(nbytes)
         self.pump()
 
     def pump(self) -> None:

@@ -55,7 +55,7 @@ class Access(enum.IntEnum):
 
 # Service-action field locations for the opcodes that carry one.
 def _sa_byte1(cdb: bytes) -> int:
-    return cdb[1] & 0x1F
+    return cdb[1] & 0x1F if len(cdb) >= 2 else -1
 
 
 def _sa_var(cdb: bytes) -> int:  # 0x7F variable length CDB: bytes 8-9

@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 
 from storaged.block.base import BlockDevice, BlockDeviceError
 from storaged.scsi import modepages as mp
 from storaged.scsi import sense
 from storaged.scsi.commands import (
     DEFAULT_SA_FIELD,
-    DEFAULT_TABLE,
     SA_FIELD,
     SA_LOCATORS,
     CommandSpec,
     CommandTable,
 )
+from storaged.scsi.pr import PersistentReservations, PrStore
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
 
@@ -82,7 +83,8 @@ class LogicalUnit:
                  vendor: str = "STORAGED", product: str = "storaged LUN",
                  revision: str = "0001", physical_block_size: int = 4096,
                  max_transfer_bytes: int = 8 * 1024 * 1024, protocol_id: int = 5,
-                 d_sense: bool = False, commands: CommandTable | None = None) -> None:
+                 d_sense: bool = False, commands: CommandTable | None = None,
+                 thin: bool | None = None, pr_store: PrStore | None = None) -> None:
         if not _WWN_RE.match(wwn):
             raise ValueError(f"wwn must be 32 hex digits starting with 6 (NAA-6): {wwn!r}")
         self.device = device
@@ -96,8 +98,6 @@ class LogicalUnit:
         """SCSI transport protocol identifier for port designators (5 = iSCSI)."""
         self.target_port_group = 0
         """Target port group reported in VPD 0x83 (ALUA fills this in later)."""
-        self.lbpme = False   # logical block provisioning management enabled (next issue)
-        self.lbprz = False   # unmapped blocks read as zeros (next issue)
         self.removable = False
 
         bs = device.block_size
@@ -108,8 +108,15 @@ class LogicalUnit:
         self.max_transfer_blocks = max(1, max_transfer_bytes // bs)
         self._nblocks = device.size // bs
 
-        table = commands or DEFAULT_TABLE
+        # Thin provisioning (LBPME, LBPRZ, UNMAP/WRITE SAME limits): see
+        # storaged.scsi.thin.  ``thin=None`` asks the device (sparse files are thin).
+        if thin is None:
+            thin = bool(getattr(device, "thin", False))
+        _thin.configure(self, thin)
+        table = commands or _thin.command_table(thin)
         self.commands = table
+        self.third_party_copy = table.find(0x83, 0x00) is not None
+        """3PC in standard INQUIRY: EXTENDED COPY (LID1) is in the command table."""
         self._plain = table.plain
         self._by_sa = table.by_sa
 
@@ -124,6 +131,30 @@ class LogicalUnit:
 
         self._nexus: dict[tuple[str, str], NexusState] = {}
 
+        self.medium_lock = threading.Lock()
+        """Held while a command reads or changes the medium.  COMPARE AND WRITE,
+        ORWRITE and WRITE ATOMIC do their whole read-modify-write under it, so
+        they are atomic against every other command from any session, whether
+        it runs on the transport's event loop or in its thread pool."""
+        self.gate: Callable[[LogicalUnit, ScsiCommand, CommandSpec | ScsiResult],
+                            ScsiResult | None] | None = None
+        """Consulted before unit attentions are reported: while a sanitize
+        operation runs (SBC-3 §4.11) it answers every command but INQUIRY and
+        REPORT LUNS itself.  None (the usual case) costs one attribute test."""
+        self.scsi_targets: dict[str, Mapping[int, LogicalUnit]] = {}
+        """Target name -> LUN map of every ScsiTarget that maps this LU (set by
+        ScsiTarget.set_luns): the LUs EXTENDED COPY may reach."""
+        self.atomic_journal = None
+        """An :class:`storaged.scsi.atomic.AtomicJournal` makes WRITE ATOMIC(16)
+        all-or-nothing across a crash; without one WRITE ATOMIC is not offered."""
+        self.max_compare_and_write = 255
+        """MAXIMUM COMPARE AND WRITE LENGTH in blocks (VPD B0h)."""
+        self.max_atomic_transfer_blocks = 0
+        """MAXIMUM ATOMIC TRANSFER LENGTH; storaged.scsi.atomic.attach_journal sets it."""
+        self.sanitize_rate = 128 * 1024 * 1024
+        """Bytes per second a SANITIZE OVERWRITE may write (0: unthrottled), so
+        erasing one LUN does not starve the others sharing the disk."""
+
         self.access_check: Callable[[LogicalUnit, ScsiCommand, CommandSpec],
                                     ScsiResult | None] | None = None
         """Reservation check (next issue): return a RESERVATION CONFLICT result
@@ -133,6 +164,13 @@ class LogicalUnit:
         self.reset_hooks: list[Callable[[LogicalUnit, int, int], None]] = []
         """Called on logical unit / target reset with the UA (asc, ascq)."""
         self.nexus_lost_hooks: list[Callable[[LogicalUnit, Nexus], None]] = []
+        self.abort_hooks: list[Callable[[LogicalUnit, Nexus], None]] = []
+        """Called by PREEMPT AND ABORT for each preempted I_T nexus: abort its
+        tasks for this LU before the command completes (ScsiTarget forwards
+        them to ``on_abort_nexus``)."""
+        self.pr = PersistentReservations(self, pr_store)
+        """Persistent and SPC-2 reservations (storaged.scsi.pr); ``pr_store``
+        keeps them across restarts when the initiator asked for APTPL."""
 
     # ------------------------------------------------------------ properties
     @property
@@ -356,6 +394,12 @@ class LogicalUnit:
         spec = self._plain[cdb[0]]
         if spec is None:
             spec = self.lookup(cdb)
+        gate = self.gate
+        if gate is not None:
+            # A sanitize operation in progress outranks unit attentions (SBC-3 §4.11.4).
+            refused = gate(self, cmd, spec)
+            if refused is not None:
+                return refused
         nexus = cmd.nexus
         st = self._nexus.get((nexus.initiator_port, nexus.target_port))
         if st is None:
@@ -395,5 +439,9 @@ class LogicalUnit:
 
 
 # Register the standard command sets with DEFAULT_TABLE.
+from storaged.scsi import atomic as _atomic  # noqa: E402,F401
+from storaged.scsi import sanitize as _sanitize  # noqa: E402,F401
 from storaged.scsi import sbc as _sbc  # noqa: E402,F401
 from storaged.scsi import spc as _spc  # noqa: E402,F401
+from storaged.scsi import thin as _thin  # noqa: E402
+from storaged.scsi import xcopy as _xcopy  # noqa: E402,F401

@@ -69,7 +69,9 @@ def _read(lu: LogicalUnit, lba: int, n: int, len_byte: int) -> ScsiResult:
     if n > lu.max_transfer_blocks:
         return lu.invalid_cdb(len_byte)
     bs = lu.block_size
-    return ScsiResult(data=lu.device.read(lba * bs, n * bs))
+    with lu.medium_lock:   # never sees half of a COMPARE AND WRITE / ORWRITE
+        data = lu.device.read(lba * bs, n * bs)
+    return ScsiResult(data=data)
 
 
 @register(0x08, "READ(6)", 6, [0x08, 0x1F, 0xFF, 0xFF, 0xFF, C], access=Access.READ)
@@ -129,7 +131,12 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, fua: int,
             if not have:
                 return ScsiResult(transfer_length=want)
             data = memoryview(data)[:have]  # type: ignore[arg-type]
-    lu.device.write(lba * bs, data, fua=bool(fua) or not lu._wce)  # type: ignore[arg-type]
+    with lu.medium_lock:
+        lu.device.write(lba * bs, data)  # type: ignore[arg-type]
+    if fua or not lu._wce:
+        # FUA / write-through: flushed outside the lock, so a READ of this LU
+        # running on the transport's event loop never waits for the disk.
+        lu.device.flush()
     return ScsiResult(transfer_length=want)
 
 
@@ -195,7 +202,8 @@ def _verify(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_byte: int) 
         return ScsiResult(transfer_length=0)
     if n > lu.max_transfer_blocks:
         return lu.invalid_cdb(len_byte)
-    medium = lu.device.read(lba * bs, n * bs)
+    with lu.medium_lock:
+        medium = lu.device.read(lba * bs, n * bs)
     if bytchk:
         data = cmd.data_out
         got = memoryview(data if data is not None else b"")[:want]
@@ -242,7 +250,9 @@ def _write_verify(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int,
     have = min(0 if data is None else len(data), n * bs)
     have -= have % bs
     if have:
-        bad = _compare(lu, lu.device.read(lba * bs, have), memoryview(data)[:have])  # type: ignore
+        with lu.medium_lock:
+            medium = lu.device.read(lba * bs, have)
+        bad = _compare(lu, medium, memoryview(data)[:have])  # type: ignore
         if bad is not None:
             return bad
     return result

@@ -135,13 +135,21 @@ def vpd_block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
     d[20:24] = getattr(lu, "max_unmap_block_descriptors", 0).to_bytes(4, "big")
     gran = getattr(lu, "optimal_unmap_granularity", 0)
     d[24:28] = gran.to_bytes(4, "big")
+    if getattr(lu, "ugavalid", False):                   # UGAVALID + UNMAP GRANULARITY ALIGNMENT
+        d[28:32] = (0x80000000 | getattr(lu, "unmap_granularity_alignment", 0)).to_bytes(4, "big")
     d[32:40] = getattr(lu, "max_write_same_blocks", 0).to_bytes(8, "big")
+    # Atomic writes (SBC-4): no alignment, granularity or boundary limits.
+    d[40:44] = getattr(lu, "max_atomic_transfer_blocks", 0).to_bytes(4, "big")
+    if getattr(lu, "wsnz", False):
+        d[0] |= 0x01
     return _vpd(0xB0, bytes(d))
 
 
 def vpd_block_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
     d = bytearray(60)
     d[0:2] = (1).to_bytes(2, "big")                # MEDIUM ROTATION RATE: non-rotating
+    if lu.commands.find(0x48, 0x02) is not None:   # SANITIZE BLOCK ERASE supported:
+        d[3] |= 0x40                               # WABEREQ 01b, erased blocks read as zeros
     return _vpd(0xB1, bytes(d))
 
 

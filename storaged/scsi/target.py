@@ -4,7 +4,7 @@ commands and task management side effects (SAM-5 §4.6, SPC-4)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from storaged.scsi import sense, spc
 from storaged.scsi.lu import UA_BUS_DEVICE_RESET, UA_POWER_ON, LogicalUnit
@@ -31,6 +31,11 @@ class ScsiTarget:
         self.name = name
         self.vendor = vendor
         self.luns: dict[int, LogicalUnit] = {}
+        self.on_abort_nexus: Callable[[Nexus, int], None] | None = None
+        """Set by the transport: abort every task of I_T nexus ``nexus`` for
+        LUN ``lun`` now.  PREEMPT AND ABORT calls it (through the LU's
+        ``abort_hooks``) for each preempted nexus of this target before it
+        completes (SPC-4 §5.14.11.5); never for the nexus that sent it."""
 
     # ------------------------------------------------------------ configuration
     def set_luns(self, mapping: Mapping[int, LogicalUnit]) -> None:
@@ -42,6 +47,18 @@ class ScsiTarget:
                 raise ValueError(f"LUN {lun} out of range (0..16383)")
         changed = {k: id(v) for k, v in new.items()} != \
             {k: id(v) for k, v in self.luns.items()}
+        hook = self._abort_nexus
+        for lu in self.luns.values():
+            if hook in lu.abort_hooks and all(lu is not n for n in new.values()):
+                lu.abort_hooks.remove(hook)
+        for lu in new.values():
+            if hook not in lu.abort_hooks:
+                lu.abort_hooks.append(hook)
+        for lu in self.luns.values():      # EXTENDED COPY reaches the LUs of our map
+            if lu.scsi_targets.get(self.name) is self.luns:
+                del lu.scsi_targets[self.name]
+        for lu in new.values():
+            lu.scsi_targets[self.name] = new
         self.luns = new
         if changed:
             for lu in new.values():
@@ -145,6 +162,15 @@ class ScsiTarget:
         if function == TmfFunction.TASK_REASSIGN:
             return TmfResponse.NO_REASSIGN          # transport-level (ERL 2)
         return TmfResponse.NOT_SUPPORTED
+
+    def _abort_nexus(self, lu: LogicalUnit, nexus: Nexus) -> None:
+        """LU abort hook: forward to ``on_abort_nexus`` with our LUN number(s) of ``lu``."""
+        callback = self.on_abort_nexus
+        if callback is None or (nexus.target_name and nexus.target_name != self.name):
+            return
+        for lun, unit in list(self.luns.items()):
+            if unit is lu:
+                callback(nexus, lun)
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus is gone (session closed): every LU forgets it."""

@@ -15,6 +15,7 @@ from storaged.state.config import (
 )
 from storaged.state.errors import StateError, ValidationError
 from storaged.state.params import ISCSI_PARAMS, ParamSpec, effective_param, normalize_param
+from storaged.state.pr import PrRecord, PrRegistration, StatePrStore
 from storaged.state.records import (
     MAX_LUN,
     Acl,
@@ -33,6 +34,7 @@ from storaged.state.validate import normalize_iscsi_name, normalize_portal, spli
 
 __all__ = [
     "ISCSI_PARAMS", "MAX_LUN", "SCHEMA_VERSION", "Acl", "Backstore", "Chap", "ParamSpec",
+    "PrRecord", "PrRegistration", "StatePrStore",
     "Record", "Settings", "StateError", "Store", "Target", "Txn", "ValidationError",
     "check_references", "effective_chap", "effective_param", "export_config",
     "import_config", "initiator_allowed", "load_config_file", "normalize_iscsi_name",

@@ -38,7 +38,7 @@ R = TypeVar("R", bound="Record")
 
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
-BACKSTORE_KINDS = ("file", "block")
+BACKSTORE_KINDS = ("file", "block", "raid")  # raid: path is the RAID array name
 _SERIAL_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 _WWN_RE = re.compile(r"^6[0-9a-f]{31}$")
 
@@ -242,8 +242,10 @@ class Backstore(Record):
         errors: list[str] = []
         _collect(errors, normalize_name, self.name, "backstore name")
         if self.kind not in BACKSTORE_KINDS:
-            errors.append(f"kind must be 'file' or 'block', got {self.kind!r}")
-        if not isinstance(self.path, str) or not os.path.isabs(self.path) or "\0" in self.path:
+            errors.append(f"kind must be 'file', 'block' or 'raid', got {self.kind!r}")
+        if self.kind == "raid":
+            _collect(errors, normalize_name, self.path, "raid array name")
+        elif not isinstance(self.path, str) or not os.path.isabs(self.path) or "\0" in self.path:
             errors.append(f"path must be an absolute path, got {self.path!r}")
         else:
             self.path = os.path.normpath(self.path)

@@ -1,0 +1,345 @@
+"""NFS benchmark: storaged vs nfs-ganesha (VFS FSAL), side by side in one run.
+
+    python -m storaged.bench nfs [--runs 3] [--quick] [--keep]
+
+Rows (each the median of ``--runs`` runs, servers alternating):
+
+* ``qemu-img bench`` 4 KiB QD32 reads and writes (IOPS),
+* ``qemu-img bench`` 128 KiB sequential reads and writes (MB/s),
+* ``nfs-cp`` of a 1 GiB file in and out (MB/s),
+* ``nfs-ls`` of a directory of 10,000 files (seconds).
+
+QEMU's nfs:// driver can only find servers through the portmapper on port
+111, and ganesha refuses to start unless it can register there, so the whole
+benchmark runs in a private network namespace (``unshare -n``) with its own
+loopback: a built-in storaged portmapper owns port 111 there, ganesha
+registers with it, and before each QEMU row the benchmark points the NFS and
+MOUNT mappings at the server under test.  storaged runs as
+``python -m storaged.nfs`` (the daemon's NFS stack without the state store).
+
+The last line is ``min ratio storaged/ganesha: X.XX`` (ratios > 1 mean
+storaged is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STORAGED_PORT = 2049
+GANESHA_NFS_PORT = 12049
+GANESHA_MNT_PORT = 12050
+
+GANESHA_CONF = """\
+NFS_CORE_PARAM {{
+    NFS_Port = {nfs_port};
+    MNT_Port = {mnt_port};
+    NLM_Port = {nlm_port};
+    Rquota_Port = {rquota_port};
+    Protocols = 3;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFSV4 {{ Graceless = true; }}
+NFS_KRB5 {{ Active_krb5 = false; }}
+EXPORT {{
+    Export_Id = 77;
+    Path = {path};
+    Pseudo = {path};
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    Protocols = 3;
+    Transports = TCP;
+    SecType = sys;
+    FSAL {{ Name = VFS; }}
+}}
+LOG {{ Default_Log_Level = WARN; }}
+"""
+
+
+@dataclass
+class Server:
+    """One NFS server under test."""
+
+    name: str
+    export: str          # NFS path clients mount
+    directory: str       # host directory behind it
+    nfs_port: int
+    mnt_port: int
+    proc: subprocess.Popen | None = None
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+    def url(self, path: str = "", ports: bool = True) -> str:
+        base = f"nfs://127.0.0.1{self.export}{path}"
+        if ports:
+            base += f"?version=3&nfsport={self.nfs_port}&mountport={self.mnt_port}"
+        return base
+
+
+@dataclass
+class Row:
+    """A benchmark row: how to measure it and whether bigger is better."""
+
+    name: str
+    unit: str
+    measure: Callable[[Server], float]
+    higher_better: bool = True
+
+
+def _run(cmd: list[str], timeout: float = 600) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r.stdout
+
+
+_COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def parse_qemu_bench(output: str) -> float:
+    """Seconds from ``qemu-img bench`` output."""
+    m = _COMPLETED.search(output)
+    if not m:
+        raise ValueError(f"no 'Run completed' line in: {output!r}")
+    return float(m.group(1))
+
+
+def _in_netns() -> bool:
+    return os.environ.get("STORAGED_BENCH_NETNS") == "1"
+
+
+def _reexec_in_netns(argv: list[str]) -> int:
+    """Run this benchmark again inside a new network namespace with lo up."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        print("need unshare(1) and ip(8) (util-linux, iproute2)", file=sys.stderr)
+        return 2
+    env = dict(os.environ, STORAGED_BENCH_NETNS="1")
+    cmd = ["unshare", "--net", "sh", "-c",
+           'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "storaged.bench", "nfs",
+           *argv]
+    return subprocess.call(cmd, env=env)
+
+
+class PortMapper:
+    """The built-in portmapper on 127.0.0.1:111, in a background thread."""
+
+    def __init__(self) -> None:
+        from storaged.nfs.server import NfsServer
+        self.server = NfsServer()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        from storaged.nfs.mount import MOUNT_PROGRAM
+        from storaged.nfs.nfs3 import NFS_PROGRAM
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(
+            self.server.start("127.0.0.1", 0, "builtin"), self.loop)
+        fut.result(10)
+        # Only the portmapper is wanted here: forget the (empty) server's own programs.
+        for prog in (NFS_PROGRAM, MOUNT_PROGRAM):
+            for vers in (1, 2, 3):
+                self.server.portmap.unset(prog, vers)
+
+    def point_at(self, s: Server) -> None:
+        from storaged.nfs.mount import MOUNT_PROGRAM
+        from storaged.nfs.nfs3 import NFS_PROGRAM
+        pm = self.server.portmap
+        for prog, port in ((NFS_PROGRAM, s.nfs_port), (MOUNT_PROGRAM, s.mnt_port)):
+            pm.unset(prog, 3)
+            pm.set(prog, 3, 6, port, s.name.encode())
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _wait_ready(s: Server, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if s.proc is not None and s.proc.poll() is not None:
+            raise RuntimeError(f"{s.name} exited with {s.proc.returncode}")
+        r = subprocess.run(["nfs-ls", s.url()], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return
+        last = r.stderr
+        time.sleep(0.5)
+    raise TimeoutError(f"{s.name} did not come up: {last}")
+
+
+def _prepare(directory: str, image_size: int, files: int) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "bench.img"), "wb") as f:
+        f.truncate(image_size)
+    many = os.path.join(directory, "many")
+    os.mkdir(many)
+    for i in range(files):
+        os.close(os.open(os.path.join(many, f"f{i:05d}"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m storaged.bench nfs",
+                                description="storaged vs nfs-ganesha NFSv3 benchmark")
+    p.add_argument("--runs", type=int, default=3, help="runs per server (median)")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    p.add_argument("--keep", action="store_true", help="keep the temp directory")
+    p.add_argument("--tmp", default=None, help="parent of the temp directory (default /tmp)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the NFS benchmark needs root (open_by_handle_at, netns, ganesha)",
+              file=sys.stderr)
+        return 2
+    for tool, pkg in (("qemu-img", "qemu-utils"), ("nfs-cp", "libnfs-utils"),
+                      ("ganesha.nfsd", "nfs-ganesha nfs-ganesha-vfs")):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install {pkg}", file=sys.stderr)
+            return 2
+    if not _in_netns():
+        return _reexec_in_netns(argv)
+    return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    quick = args.quick
+    cp_size = (64 if quick else 1024) << 20
+    files = 1000 if quick else 10_000
+    ops4k = 3000 if quick else 40_000
+    ops128k = 300 if quick else 4096
+    image = (256 if quick else 1024) << 20
+    top = tempfile.mkdtemp(prefix="storaged-nfs-bench-", dir=args.tmp)
+    src = os.path.join(top, "src.bin")
+    with open(src, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(cp_size >> 20):
+            f.write(i.to_bytes(8, "big") + block[8:])
+    st = Server("storaged", "/export", os.path.join(top, "storaged"), STORAGED_PORT,
+                STORAGED_PORT)
+    ga = Server("ganesha", os.path.join(top, "ganesha"), os.path.join(top, "ganesha"),
+                GANESHA_NFS_PORT, GANESHA_MNT_PORT)
+    for s in (st, ga):
+        _prepare(s.directory, image, files)
+    pm = PortMapper()
+    procs: list[subprocess.Popen] = []
+    try:
+        pm.start()
+        st.proc = subprocess.Popen(
+            [sys.executable, "-m", "storaged.nfs", st.directory, "--listen",
+             f"127.0.0.1:{st.nfs_port}", "--portmap", "off"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(top, "storaged.log"), "wb"))
+        procs.append(st.proc)
+        conf = os.path.join(top, "ganesha.conf")
+        with open(conf, "w") as f:
+            f.write(GANESHA_CONF.format(nfs_port=ga.nfs_port, mnt_port=ga.mnt_port,
+                                        nlm_port=12051, rquota_port=12052, path=ga.directory))
+        ga.proc = subprocess.Popen(
+            ["ganesha.nfsd", "-F", "-f", conf, "-L", os.path.join(top, "ganesha.log"),
+             "-p", os.path.join(top, "ganesha.pid")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ga.proc)
+        _wait_ready(st)
+        _wait_ready(ga)
+
+        def qemu(s: Server, size: int, count: int, depth: int, write: bool) -> float:
+            pm.point_at(s)
+            cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth),
+                   "-s", str(size)]
+            if write:
+                cmd.append("-w")
+            secs = parse_qemu_bench(_run(cmd + [s.url("/bench.img", ports=False)]))
+            return count / secs * (1 if size == 4096 else size / 1e6)
+
+        copies: dict[str, int] = {}
+
+        def cp_in(s: Server) -> float:
+            # nfs-cp creates GUARDED, and ganesha caches directory entries: a new
+            # name per run rather than deleting behind the server's back.
+            copies[s.name] = copies.get(s.name, 0) + 1
+            t0 = time.perf_counter()
+            _run(["nfs-cp", src, s.url(f"/copy{copies[s.name]}.bin")])
+            return cp_size / (time.perf_counter() - t0) / 1e6
+
+        def cp_out(s: Server) -> float:
+            dst = os.path.join(top, f"out-{s.name}.bin")
+            t0 = time.perf_counter()
+            _run(["nfs-cp", s.url(f"/copy{copies[s.name]}.bin"), dst])
+            elapsed = time.perf_counter() - t0
+            os.unlink(dst)
+            return cp_size / elapsed / 1e6
+
+        def ls(s: Server) -> float:
+            t0 = time.perf_counter()
+            out = _run(["nfs-ls", s.url("/many")])
+            elapsed = time.perf_counter() - t0
+            if len(out.splitlines()) != files:
+                raise RuntimeError(f"{s.name}: nfs-ls listed {len(out.splitlines())} files")
+            return elapsed
+
+        rows = [
+            Row("4 KiB QD32 read", "IOPS", lambda s: qemu(s, 4096, ops4k, 32, False)),
+            Row("4 KiB QD32 write", "IOPS", lambda s: qemu(s, 4096, ops4k, 32, True)),
+            Row("128 KiB seq read", "MB/s", lambda s: qemu(s, 131072, ops128k, 16, False)),
+            Row("128 KiB seq write", "MB/s", lambda s: qemu(s, 131072, ops128k, 16, True)),
+            Row(f"nfs-cp {cp_size >> 20} MiB in", "MB/s", cp_in),
+            Row(f"nfs-cp {cp_size >> 20} MiB out", "MB/s", cp_out),
+            Row(f"nfs-ls {files} files", "s", ls, higher_better=False),
+        ]
+        for run in range(args.runs):
+            order = (st, ga) if run % 2 == 0 else (ga, st)
+            for row in rows:
+                for s in order:
+                    s.results.setdefault(row.name, []).append(row.measure(s))
+            print(f"run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
+        _report(rows, st, ga, args.runs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        pm.stop()
+        if args.keep:
+            print(f"kept {top}", file=sys.stderr)
+        else:
+            shutil.rmtree(top, ignore_errors=True)
+    return 0
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "s":
+        return f"{v * 1000:.0f} ms"
+    if unit == "IOPS":
+        return f"{v:,.0f}"
+    return f"{v:,.0f}"
+
+
+def _report(rows: list[Row], st: Server, ga: Server, runs: int) -> None:
+    print(f"NFSv3 over TCP on 127.0.0.1, medians of {runs} alternating runs")
+    print(f"{'test':<26} {'unit':<5} {'storaged':>12} {'ganesha':>12} {'ratio':>7}")
+    ratios = []
+    for row in rows:
+        a = statistics.median(st.results[row.name])
+        b = statistics.median(ga.results[row.name])
+        ratio = (a / b) if row.higher_better else (b / a)
+        ratios.append(ratio)
+        print(f"{row.name:<26} {row.unit:<5} {_fmt(a, row.unit):>12} {_fmt(b, row.unit):>12} "
+              f"{ratio:>7.2f}")
+    print(f"min ratio storaged/ganesha: {min(ratios):.2f}")

@@ -1,0 +1,539 @@
+"""The cluster node: membership, fencing and DLM lockspaces over ZeroMQ (asyncio shell).
+
+One process per host runs a :class:`ClusterNode` (``storaged cluster node``).
+It owns:
+
+* a ZeroMQ ROUTER socket bound to the node's configured address (every
+  message from peers arrives here) and one DEALER per peer for sending.
+  Messages are JSON objects with the sender's node id ``n`` and incarnation
+  ``i``; DLM messages carry their lockspace ``ls``.  Per-peer channels are
+  FIFO, which the DLM recovery barrier relies on;
+* the sans-IO :class:`~storaged.cluster.membership.Membership` core, ticked
+  every few milliseconds, and the :class:`~storaged.cluster.fencing.Fencer`;
+* one :class:`~storaged.dlm.api.Lockspace` per configured lockspace;
+* a local client endpoint (Unix socket ``<dir>/cluster.sock``, one JSON
+  request per line) for the ``storaged cluster`` and ``storaged lock``
+  commands: a client's locks are released when it disconnects, so a killed
+  ``storaged lock run`` never leaves a lock behind.
+
+Test hook (``test_hooks=True`` only): ``drop`` makes the node ignore every
+message from, and send nothing to, the given peers: a network partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from storaged.cluster.config import ClusterConfig
+from storaged.cluster.fencing import Fencer, make_fencer
+from storaged.cluster.membership import (
+    Fenced,
+    FenceRequest,
+    Membership,
+    Reset,
+    SkewWarning,
+    View,
+    ViewInstalled,
+)
+from storaged.dlm.api import LockError, Lockspace
+from storaged.dlm.core import LockspaceCore, PLock
+from storaged.dlm.modes import Flag, Mode, Status
+
+log = logging.getLogger("storaged.cluster")
+
+_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+_LOADS = json.loads
+_RC_KINDS = frozenset({"rc1", "rc2", "rcb", "rcd"})
+
+
+def new_incarnation() -> int:
+    """A fresh incarnation number: microseconds since the epoch (grows across restarts)."""
+    return time.time_ns() // 1000
+
+
+class ClusterNode:
+    """Membership + DLM for one node, on the running asyncio loop."""
+
+    def __init__(self, config: ClusterConfig, node_id: int, *, fencer: Fencer | None = None,
+                 control_path: str | None = None, test_hooks: bool = False,
+                 on_config: Callable[[ClusterConfig], None] | None = None,
+                 incarnation: int | None = None) -> None:
+        config.validate()
+        if node_id not in config.nodes:
+            raise ValueError(f"node {node_id} is not in cluster {config.name!r}")
+        self.config = config
+        self.node_id = node_id
+        self.inc = incarnation or new_incarnation()
+        self.fencer = fencer or make_fencer(config.fencer, config.fence_command)
+        self.control_path = control_path
+        self.test_hooks = test_hooks
+        self.on_config = on_config
+        self.membership = Membership(node_id, config, self.inc, time.monotonic())
+        self.lockspaces: dict[str, Lockspace] = {}
+        for name in config.lockspaces:
+            core = LockspaceCore(name, node_id, no_quorum_policy=config.no_quorum_policy)
+            self.lockspaces[name] = Lockspace(core, self._send_many)
+        self.drop: set[int] = set()
+        self.view: View | None = None
+        self.view_events: list[tuple[float, View]] = []
+        self.fenced_log: list[tuple[float, int, int]] = []
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._dealers: dict[int, zmq.Socket] = {}
+        self._client: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._fencing: set[tuple[int, int]] = set()
+        self._clients: dict[object, set[PLock]] = {}
+        self._client_tasks: dict[object, set[asyncio.Task]] = {}
+        self._ticker: asyncio.Task | None = None
+        self._view_changed = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Bind sockets, connect to peers and start ticking."""
+        loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        host, port = self.config.address(self.node_id)
+        r = self._ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.setsockopt(zmq.RCVHWM, 0)
+        r.bind(f"tcp://{host}:{port}")
+        self._router = r
+        for n in self.config.nodes:
+            if n != self.node_id:
+                self._connect(n)
+        loop.add_reader(r.getsockopt(zmq.FD), self._on_router)
+        if self.control_path:
+            self._client = await asyncio.start_unix_server(self._on_client, self.control_path)
+        self._ticker = loop.create_task(self._tick_loop())
+        log.info("node %d (incarnation %d) of cluster %s on %s:%d", self.node_id, self.inc,
+                 self.config.name, host, port)
+
+    def _connect(self, n: int) -> None:
+        assert self._ctx is not None
+        host, port = self.config.address(n)
+        d = self._ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        # Queue while (re)connecting: a recovery barrier message must not be lost because
+        # the connection to a peer that just started is not up yet.  Stale messages a
+        # restarted peer receives are dropped by incarnation and view checks.
+        d.setsockopt(zmq.SNDHWM, 10000)
+        d.setsockopt(zmq.RECONNECT_IVL, 50)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        d.connect(f"tcp://{host}:{port}")
+        self._dealers[n] = d
+
+    async def stop(self) -> None:
+        """Close every socket and cancel background tasks (no leave message)."""
+        loop = asyncio.get_running_loop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._router is not None and not self._router.closed:
+            loop.remove_reader(self._router.getsockopt(zmq.FD))
+            self._router.close(0)
+        for d in self._dealers.values():
+            d.close(0)
+        self._dealers.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        self.stopped.set()
+
+    async def leave(self) -> None:
+        """Leave the cluster cleanly (peers will not fence this node), then stop."""
+        self.membership.leave()
+        self._flush_membership()
+        await asyncio.sleep(0.05)
+        await self.stop()
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        """Run ``coro`` as a task the node cancels on stop."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -------------------------------------------------------------- queries
+
+    def lockspace(self, name: str = "default") -> Lockspace:
+        """The :class:`Lockspace` ``name`` (configured in ``ClusterConfig.lockspaces``)."""
+        try:
+            return self.lockspaces[name]
+        except KeyError:
+            raise KeyError(f"no lockspace {name!r} (configured: "
+                           f"{', '.join(self.lockspaces)})") from None
+
+    def quorate(self) -> bool:
+        return self.membership.quorate()
+
+    def ready(self) -> bool:
+        """Quorate and every lockspace running (recovery finished)."""
+        return self.quorate() and all(ls.core.state == "running"
+                                      for ls in self.lockspaces.values())
+
+    async def wait_ready(self, members: int | None = None, timeout: float = 30.0) -> None:
+        """Wait until :meth:`ready` (and the view has ``members`` nodes, if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.view
+            if self.ready() and (members is None or (v is not None
+                                                     and len(v.members) == members)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {self.node_id} not ready: {self.status()}")
+            await asyncio.sleep(0.01)
+
+    def status(self) -> dict[str, Any]:
+        """JSON-ready status (membership, quorum, skew, lockspaces)."""
+        st = self.membership.status(time.monotonic())
+        st["cluster"] = self.config.name
+        st["no_quorum_policy"] = self.config.no_quorum_policy
+        st["fencer"] = self.fencer.name
+        st["lockspaces"] = {n: ls.core.state for n, ls in self.lockspaces.items()}
+        st["token_ms"] = self.config.token_ms
+        st["consensus_ms"] = int(self.config.consensus * 1000)
+        return st
+
+    # ---------------------------------------------------------------- sending
+
+    def _send(self, dst: int, msg: dict[str, Any]) -> None:
+        if dst in self.drop:
+            return
+        d = self._dealers.get(dst)
+        if d is None:
+            return
+        msg["n"] = self.node_id
+        msg["i"] = self.inc
+        try:
+            d.send(_DUMPS(msg).encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # peer not connected: it is down or not started yet
+
+    def _send_many(self, out: list[tuple[int, dict[str, Any]]]) -> None:
+        for dst, msg in out:
+            self._send(dst, msg)
+
+    # -------------------------------------------------------------- receiving
+
+    def _on_router(self) -> None:
+        r = self._router
+        if r is None or r.closed:
+            return
+        while True:
+            try:
+                frames = r.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                return
+            if len(frames) == 2:
+                try:
+                    self._on_message(frames[0], frames[1])
+                except Exception:  # noqa: BLE001 - one bad peer message never kills the node
+                    log.exception("bad message from a peer ignored")
+        self._flush_membership()
+
+    def _on_message(self, ident: bytes, payload: bytes) -> None:
+        try:
+            msg = _LOADS(payload)
+            src = msg.get("n")
+            inc = msg.get("i")
+        except (ValueError, AttributeError):
+            return
+        kind = msg.get("t")
+        if kind == "cfgreq":
+            self._answer_join(ident, msg)
+            return
+        if not isinstance(src, int) or not isinstance(inc, int) or src in self.drop:
+            return
+        ls_name = msg.get("ls")
+        if ls_name is not None:
+            v = self.view
+            if kind not in _RC_KINDS and (v is None or v.incarnation(src) != inc):
+                return  # normal DLM traffic only from current members (recovery may run ahead)
+            ls = self.lockspaces.get(ls_name)
+            if ls is not None:
+                ls.core.receive(src, msg)
+                ls.pump()
+            return
+        if kind == "fack":
+            self.fencer.acknowledge(int(msg["node"]))
+            return
+        if kind in ("config", "cfgget"):
+            self._on_config_msg(src, msg)
+            return
+        if kind == "hb" and int(msg.get("cv", 0)) > self.config.version:
+            self._send(src, {"t": "cfgget"})
+        self.membership.receive(src, inc, msg, time.monotonic(), time.time())
+
+    # ------------------------------------------------------------- membership
+
+    async def _tick_loop(self) -> None:
+        period = min(0.05, self.config.heartbeat / 4)
+        while True:
+            self.membership.tick(time.monotonic(), time.time())
+            self._flush_membership()
+            self._on_router()
+            await asyncio.sleep(period)
+
+    def _flush_membership(self) -> None:
+        m = self.membership
+        if m.out:
+            out, m.out = m.out, []
+            self._send_many(out)
+        if not m.events:
+            return
+        events, m.events = m.events, []
+        for ev in events:
+            if isinstance(ev, ViewInstalled):
+                self._on_view(ev.view)
+            elif isinstance(ev, FenceRequest):
+                self._start_fence(ev.node, ev.inc)
+            elif isinstance(ev, Fenced):
+                log.warning("node %d (incarnation %d) fenced", ev.node, ev.inc)
+                self.fenced_log.append((time.time(), ev.node, ev.inc))
+                self._fence_state()
+            elif isinstance(ev, SkewWarning):
+                if ev.warn:
+                    log.warning("clock skew to node %d is %.3f s (threshold %.3f s): "
+                                "keep cluster clocks in sync (NTP)", ev.node, ev.skew,
+                                self.config.skew_warn_ms / 1000)
+                else:
+                    log.info("clock skew to node %d back to %.3f s", ev.node, ev.skew)
+            elif isinstance(ev, Reset):
+                log.warning("removed from the cluster: rejoining as incarnation %d "
+                            "(every lock held here is lost)", ev.new_inc)
+                self.inc = ev.new_inc
+                self.view = None
+                for ls in self.lockspaces.values():
+                    ls.core.reset()
+                    ls.pump()
+        if m.out:
+            out, m.out = m.out, []
+            self._send_many(out)
+
+    def _on_view(self, view: View) -> None:
+        self.view = view
+        self.view_events.append((time.time(), view))
+        q = view.quorum
+        log.info("view %s: members %s, %s (%d/%d votes, quorum %d)%s", view.label(),
+                 list(view.nodes), "quorate" if q.quorate else "NOT quorate", q.votes,
+                 q.expected, q.quorum,
+                 f", unclean: {[n for n, _ in view.removed]}" if view.removed else "")
+        fence_ok = not self.membership.pending_fence
+        for ls in self.lockspaces.values():
+            ls.core.fence_ok = fence_ok
+            ls.core.view_change(view.id, view.nodes, q.quorate)
+            ls.pump()
+        self._view_changed.set()
+        self._view_changed = asyncio.Event()
+
+    def _fence_state(self) -> None:
+        ok = not self.membership.pending_fence
+        for ls in self.lockspaces.values():
+            ls.core.set_fence_ok(ok)
+            ls.pump()
+
+    def _start_fence(self, node: int, inc: int) -> None:
+        pair = (node, inc)
+        if pair in self._fencing:
+            return
+        self._fencing.add(pair)
+
+        async def run() -> None:
+            try:
+                if self.config.fence_delay_ms:
+                    await asyncio.sleep(self.config.fence_delay_ms / 1000)
+                while pair in self.membership.pending_fence:
+                    v = self.membership.view
+                    if v is None or v.coordinator != self.node_id or not v.quorate:
+                        return
+                    log.warning("fencing node %d (incarnation %d) with the %s fencer",
+                                node, inc, self.fencer.name)
+                    if await self.fencer.fence(node, inc):
+                        self.membership.fenced(node, inc)
+                        self._flush_membership()
+                        return
+                    await asyncio.sleep(1.0)
+            finally:
+                self._fencing.discard(pair)
+        self.spawn(run())
+
+    def fence_ack(self, node: int) -> None:
+        """Operator confirmation for the manual fencer, sent to every node."""
+        self.fencer.acknowledge(node)
+        for n in self.config.nodes:
+            if n != self.node_id:
+                self._send(n, {"t": "fack", "node": node})
+
+    # ------------------------------------------------------------- config sync
+
+    def _answer_join(self, ident: bytes, msg: dict[str, Any]) -> None:
+        from storaged.cluster.config import NodeEntry
+        try:
+            nid = int(msg["id"])
+            addr = msg.get("address")
+            cfg = ClusterConfig.from_dict(self.config.to_dict())
+            if nid not in cfg.nodes:
+                if not addr:
+                    raise ValueError(f"node {nid} is not in the cluster: give its address")
+                cfg.nodes[nid] = NodeEntry(addr)
+                cfg.version += 1
+                cfg.validate()
+                self._adopt_config(cfg)
+                for n in self.config.nodes:
+                    if n != self.node_id:
+                        self._send(n, {"t": "config", "cfg": cfg.to_dict()})
+            reply = {"ok": True, "config": self.config.to_dict()}
+        except Exception as e:  # noqa: BLE001 - answered as an error
+            reply = {"ok": False, "error": str(e)}
+        assert self._router is not None
+        self._router.send_multipart([ident, _DUMPS(reply).encode()])
+
+    def _on_config_msg(self, src: int, msg: dict[str, Any]) -> None:
+        if msg["t"] == "cfgget":
+            self._send(src, {"t": "config", "cfg": self.config.to_dict()})
+            return
+        try:
+            cfg = ClusterConfig.from_dict(msg["cfg"])
+        except Exception:  # noqa: BLE001
+            log.warning("invalid cluster config from node %d ignored", src)
+            return
+        if cfg.version > self.config.version and cfg.name == self.config.name:
+            self._adopt_config(cfg)
+
+    def _adopt_config(self, cfg: ClusterConfig) -> None:
+        if self.node_id not in cfg.nodes:
+            log.warning("this node was removed from the cluster configuration")
+        old = self.config
+        self.config = cfg
+        self.membership.config = cfg
+        for n in cfg.nodes:
+            if n != self.node_id and (n not in self._dealers or
+                                      old.nodes.get(n) != cfg.nodes[n]):
+                if n in self._dealers:
+                    self._dealers.pop(n).close(0)
+                self._connect(n)
+        for n in list(self._dealers):
+            if n not in cfg.nodes:
+                self._dealers.pop(n).close(0)
+        log.info("cluster configuration version %d (%d nodes)", cfg.version, len(cfg.nodes))
+        if self.on_config is not None:
+            self.on_config(cfg)
+
+    # ------------------------------------------------------------- clients
+
+    async def _on_client(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """One local client connection: newline-delimited JSON requests, served in order."""
+        ident = object()
+        tasks: set[asyncio.Task] = set()
+        self._client_tasks[ident] = tasks
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    req = _LOADS(line)
+                    op, args = req["op"], req.get("args") or {}
+                except (ValueError, KeyError, TypeError):
+                    self._reply(writer, {"ok": False, "error": "bad request"})
+                    continue
+                task = asyncio.get_running_loop().create_task(self._serve(ident, op, args))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda t, w=writer: self._reply(w, t.result())
+                                       if not t.cancelled() else None)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._client_gone(ident)
+            writer.close()
+
+    @staticmethod
+    def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        if not writer.is_closing():
+            writer.write(_DUMPS(reply).encode() + b"\n")
+
+    async def _serve(self, ident: object, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"ok": True, "result": await self._op(ident, op, args)}
+        except LockError as e:
+            return {"ok": False, "error": str(e), "status": e.status.name}
+        except (KeyError, ValueError, TimeoutError) as e:
+            return {"ok": False, "error": str(e) or type(e).__name__}
+
+    async def _op(self, ident: object, op: str, args: dict[str, Any]) -> Any:
+        if op == "status":
+            return self.status()
+        if op == "ls":
+            return [ls.describe() for ls in self.lockspaces.values()]
+        if op == "fence_ack":
+            self.fence_ack(int(args["node"]))
+            return {"node": int(args["node"])}
+        if op == "leave":
+            held = sum(len(ls.core.locks) for ls in self.lockspaces.values())
+            if held and not args.get("force"):
+                raise ValueError(f"{held} lock(s) are held on this node: release them first "
+                                 "(or --force)")
+            self.spawn(self.leave())
+            return {"node": self.node_id}
+        if op == "lock":
+            return await self._client_lock(ident, args)
+        if op == "unlock":
+            ls = self.lockspace(args.get("lockspace", "default"))
+            lkid = int(args["lkid"])
+            lk = ls.core.locks.get(lkid)
+            mine = self._clients.get(ident, set())
+            if lk is None or lk not in mine:
+                raise KeyError(f"no lock {lkid} held by this client")
+            mine.discard(lk)
+            await ls.unlock(lk)
+            return {"lkid": lkid}
+        if op == "drop" and self.test_hooks:
+            self.drop = {int(n) for n in args.get("peers", [])}
+            return {"drop": sorted(self.drop)}
+        raise ValueError(f"unknown operation {op!r}")
+
+    async def _client_lock(self, ident: object, args: dict[str, Any]) -> dict[str, Any]:
+        ls = self.lockspace(args.get("lockspace", "default"))
+        flags = 0
+        for f in args.get("flags", []):
+            flags |= Flag[f.upper()]
+        timeout = args.get("timeout")
+        lk = await ls.lock(args["name"], Mode.parse(args.get("mode", "EX")), flags=flags,
+                           timeout=None if timeout is None else float(timeout))
+        self._clients.setdefault(ident, set()).add(lk)
+        return {"lkid": lk.lkid, "mode": lk.mode.name, "name": args["name"],
+                "lockspace": ls.name}
+
+    def _client_gone(self, ident: object) -> None:
+        for task in self._client_tasks.pop(ident, set()):
+            task.cancel()  # a lock request still waiting is cancelled (or released)
+        locks = self._clients.pop(ident, set())
+        for ls in self.lockspaces.values():
+            for lk in list(locks):
+                if ls.core.locks.get(lk.lkid) is lk and lk.op is None:
+                    self.spawn(self._release(ls, lk))
+
+    async def _release(self, ls: Lockspace, lk: PLock) -> None:
+        try:
+            await ls.unlock(lk)
+        except LockError as e:
+            if e.status != Status.ENOENT:
+                log.warning("releasing a lock of a departed client: %s", e)

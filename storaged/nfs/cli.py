@@ -1,0 +1,91 @@
+"""``storaged nfs``: NFS exports and the NFS listener (applied live when the daemon runs)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+import storaged.nas.ops  # noqa: F401 - registers the nfs_* operations for offline use
+
+
+def _run(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> Any:
+    from storaged.cli import run_op
+
+    return run_op(ctx, op, args)
+
+
+@click.group()
+def nfs() -> None:
+    """NFSv3 exports (NAS)."""
+
+
+@nfs.group()
+def export() -> None:
+    """Directories exported over NFS."""
+
+
+@export.command("add")
+@click.argument("path")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "clients", multiple=True, metavar="ADDR|CIDR|*",
+              help="Client allowed to mount (repeatable; default: everyone).")
+@click.option("--ro", "read_only", is_flag=True, help="Read-only export.")
+@click.option("--squash", type=click.Choice(["root", "all", "none"]), default="root",
+              show_default=True, help="root_squash, all_squash or no_root_squash.")
+@click.option("--anonuid", type=click.IntRange(0, 0xFFFFFFFF), default=65534,
+              show_default=True, help="uid squashed users get.")
+@click.option("--anongid", type=click.IntRange(0, 0xFFFFFFFF), default=65534,
+              show_default=True, help="gid squashed users get.")
+@click.option("--secure/--insecure", default=False, show_default=True,
+              help="Require client source ports below 1024.")
+@click.pass_context
+def export_add(ctx: click.Context, path: str, directory: str, clients: tuple[str, ...],
+               read_only: bool, squash: str, anonuid: int, anongid: int, secure: bool) -> None:
+    """Export host DIRECTORY as PATH (an existing export of PATH is updated)."""
+    import os
+
+    e = _run(ctx, "nfs_export_add", {
+        "path": path, "directory": os.path.abspath(directory), "clients": list(clients) or None,
+        "read_only": read_only, "squash": squash, "anonuid": anonuid, "anongid": anongid,
+        "secure": secure})
+    click.echo(f"Exported {e['directory']} as {e['path']} to {', '.join(e['clients'])} "
+               f"({e['options']}).")
+
+
+@export.command("remove")
+@click.argument("path")
+@click.pass_context
+def export_remove(ctx: click.Context, path: str) -> None:
+    """Stop exporting PATH (the directory is kept)."""
+    r = _run(ctx, "nfs_export_remove", {"path": path})
+    click.echo(f"Removed export {r['removed']}.")
+
+
+@export.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def export_ls(ctx: click.Context, as_json: bool) -> None:
+    """List exports."""
+    r = _run(ctx, "nfs_export_list")
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    listen = r["settings"]["listen"] or "off"
+    click.echo(f"NFS listener: {listen} (portmap {r['settings']['portmap']})")
+    for e in r["exports"]:
+        click.echo(f"{e['path']} -> {e['directory']}  {' '.join(e['clients'])}  "
+                   f"({e['options']})")
+
+
+@nfs.command("listen")
+@click.argument("address", metavar="HOST:PORT|off")
+@click.option("--portmap", type=click.Choice(["auto", "builtin", "system", "off"]),
+              help="Portmapper policy (auto: serve port 111 if free, else register).")
+@click.pass_context
+def listen(ctx: click.Context, address: str, portmap: str | None) -> None:
+    """Serve NFS on ADDRESS (port defaults to 2049); 'off' stops the NFS service."""
+    s = _run(ctx, "nfs_settings_set", {"listen": "" if address == "off" else address,
+                                       "portmap": portmap})
+    click.echo(f"NFS listener: {s['listen'] or 'off'} (portmap {s['portmap']}).")

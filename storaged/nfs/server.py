@@ -1,0 +1,206 @@
+"""asyncio shell around the sans-IO RPC core: NFSv3, MOUNT v3, NLM v4 and portmap.
+
+One TCP listener serves every program (clients learn the port from the
+portmapper, or are told with libnfs's ``nfsport``/``mountport``).  The
+built-in portmapper additionally listens on port 111 when it is free;
+otherwise the programs are registered with whatever portmapper owns 111 (the
+system rpcbind) and unregistered at shutdown.
+
+Page-cache reads and writes run inline on the event loop (cheaper than a
+thread hop); procedures marked ``blocking`` (COMMIT) run in a worker thread
+so one client's fsync does not stall everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+from storaged.nas.exports import ExportTable
+from storaged.nfs import portmap
+from storaged.nfs.mount import MOUNT_PROGRAM, MOUNT_V3, Mount
+from storaged.nfs.nfs3 import NFS_PROGRAM, NFS_V3, Nfs3, new_write_verifier
+from storaged.nfs.rpc import Call, Close, RpcConnection, RpcService, reply_accept
+
+log = logging.getLogger("storaged.nfs")
+
+
+class RpcProtocol(asyncio.Protocol):
+    """One TCP connection: bytes in, calls to the service, replies out."""
+
+    def __init__(self, server: NfsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn: RpcConnection | None = None
+        self.pending = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.conn = RpcConnection((peer[0], peer[1]))
+        transport.set_write_buffer_limits(high=16 << 20, low=4 << 20)  # type: ignore[attr-defined]
+        self.server.protocols.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.protocols.discard(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        assert conn is not None
+        conn.receive_data(data)
+        self.pump()
+
+    def pump(self) -> None:
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
+            return
+        service = self.server.service
+        for ev in conn.next_events():
+            if isinstance(ev, Close):
+                log.info("closing RPC connection from %s:%d: %s", *conn.peer, ev.reason)
+                self._flush()
+                transport.close()
+                return
+            proc = service.lookup(ev)
+            if isinstance(proc, tuple):
+                conn.send(reply_accept(ev.xid, *proc))
+            elif proc.blocking:
+                self.pending += 1
+                asyncio.get_running_loop().create_task(self._blocking(ev, proc))
+            else:
+                conn.send(service.run(ev, proc))
+        self._flush()
+
+    async def _blocking(self, call: Call, proc) -> None:  # noqa: ANN001
+        try:
+            parts = await asyncio.to_thread(self.server.service.run, call, proc)
+        finally:
+            self.pending -= 1
+        if self.conn is not None and self.transport is not None:
+            self.conn.send(parts)
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send() if self.conn else []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+
+class NfsServer:
+    """The RPC programs and their listeners."""
+
+    def __init__(self, exports: ExportTable | None = None,
+                 write_verifier: bytes | None = None) -> None:
+        self.exports = exports or ExportTable()
+        self.nfs = Nfs3(self.exports, write_verifier or new_write_verifier())
+        self.mount = Mount(self.exports)
+        self.portmap = portmap.PortMap()
+        self.service = RpcService()
+        self.service.add(self.nfs.program())
+        self.service.add(self.mount.program())
+        for p in self.portmap.programs():
+            self.service.add(p)
+        self.protocols: set[RpcProtocol] = set()
+        self.listener: asyncio.AbstractServer | None = None
+        self.pmap_listener: asyncio.AbstractServer | None = None
+        self.pmap_listener6: asyncio.AbstractServer | None = None
+        self.address: tuple[str, int] | None = None
+        self.registered: list[tuple[int, int, int]] = []
+        self.portmap_mode = "off"
+
+    def add_program(self, program) -> None:  # noqa: ANN001
+        """Serve another RPC program (NLM) on the same listeners."""
+        self.service.add(program)
+
+    def mappings(self, port: int) -> list[tuple[int, int, int]]:
+        """(prog, vers, port) of every program this server offers, portmap excluded."""
+        out = []
+        for prog, versions in sorted(self.service.programs.items()):
+            if prog == portmap.PMAP_PROGRAM:
+                continue
+            for vers in sorted(versions):
+                out.append((prog, vers, port))
+        return out
+
+    async def start(self, host: str, port: int, portmap_mode: str = "auto") -> None:
+        """Listen on ``host:port`` and arrange for the portmapper to know about it."""
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(lambda: RpcProtocol(self), host, port,
+                                                 reuse_address=True, backlog=256)
+        sockname = self.listener.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        self.portmap.host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+        for prog, vers, p in self.mappings(self.address[1]):
+            self.portmap.set(prog, vers, portmap.IPPROTO_TCP, p, b"storaged")
+        for vers in (2, 3, 4):
+            self.portmap.set(portmap.PMAP_PROGRAM, vers, portmap.IPPROTO_TCP,
+                             portmap.PMAP_PORT, b"storaged")
+        self.portmap_mode = "off"
+        if portmap_mode in ("auto", "builtin"):
+            try:
+                self.pmap_listener = await loop.create_server(
+                    lambda: RpcProtocol(self), host, portmap.PMAP_PORT, reuse_address=True)
+                self.portmap_mode = "builtin"
+            except OSError as e:
+                if portmap_mode == "builtin" or e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    await self.stop()
+                    raise
+            # libtirpc (ganesha, rpcinfo) reaches "localhost" rpcbind over IPv6 first.
+            twin = {"127.0.0.1": "::1", "0.0.0.0": "::"}.get(host)
+            if self.pmap_listener is not None and twin:
+                try:
+                    self.pmap_listener6 = await loop.create_server(
+                        lambda: RpcProtocol(self), twin, portmap.PMAP_PORT, reuse_address=True)
+                except OSError:
+                    pass
+        if portmap_mode in ("auto", "system") and self.portmap_mode == "off":
+            mappings = self.mappings(self.address[1])
+            try:
+                self.registered = await asyncio.to_thread(portmap.register, mappings)
+                self.portmap_mode = "system"
+            except OSError as e:
+                log.warning("no portmapper on port 111 to register with (%s): clients "
+                            "must be told the port (libnfs: ?nfsport=%d&mountport=%d)",
+                            e, self.address[1], self.address[1])
+        log.info("NFS on %s:%d (portmap: %s)", *self.address, self.portmap_mode)
+
+    async def stop(self) -> None:
+        """Close listeners and connections; unregister from a system portmapper."""
+        listeners = (self.listener, self.pmap_listener, self.pmap_listener6)
+        for lst in listeners:
+            if lst is not None:
+                lst.close()
+        for proto in list(self.protocols):
+            if proto.transport is not None:
+                proto.transport.abort()
+        for lst in listeners:
+            if lst is not None:
+                try:
+                    await asyncio.wait_for(lst.wait_closed(), 2)
+                except TimeoutError:
+                    pass
+        if self.registered:
+            await asyncio.to_thread(portmap.unregister, self.registered)
+            self.registered = []
+        self.listener = self.pmap_listener = self.pmap_listener6 = None
+        self.address = None
+
+
+__all__ = ["MOUNT_PROGRAM", "MOUNT_V3", "NFS_PROGRAM", "NFS_V3", "NfsServer", "RpcProtocol"]

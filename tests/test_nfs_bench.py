@@ -1,0 +1,28 @@
+"""The NFS benchmark's parsing and report (the run itself: python -m storaged.bench nfs)."""
+
+from __future__ import annotations
+
+from storaged.bench import BENCHMARKS
+from storaged.bench.nfs import Row, Server, _report, parse_qemu_bench
+
+
+def test_registered():
+    assert BENCHMARKS["nfs"][0] == "storaged.bench.nfs"
+
+
+def test_parse_qemu_bench():
+    out = ("Sending 1000 requests, 4096 bytes each, 32 in parallel\n"
+           "Run completed in 0.250 seconds.\n")
+    assert parse_qemu_bench(out) == 0.25
+
+
+def test_report_ratios(capsys):
+    st = Server("storaged", "/e", "/tmp/a", 1, 1)
+    ga = Server("ganesha", "/g", "/tmp/b", 2, 3)
+    rows = [Row("iops", "IOPS", lambda s: 0.0), Row("ls", "s", lambda s: 0.0, False)]
+    st.results = {"iops": [100, 300, 200], "ls": [0.02, 0.03, 0.05]}
+    ga.results = {"iops": [100, 100, 100], "ls": [0.01, 0.01, 0.01]}
+    _report(rows, st, ga, 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "min ratio storaged/ganesha: 0.33"
+    assert "2.00" in lines[2]
