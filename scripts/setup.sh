@@ -67,7 +67,25 @@ else
             fi
         done
         if [ ${#installable[@]} -gt 0 ]; then
-            as_root apt-get install -y --no-install-recommends "${installable[@]}"
+            # The peers (tgt, nfs-ganesha, rpcbind, etcd) are only started by the
+            # tests and benchmarks, on their own ports: keep their packages from
+            # starting system services that would hold 3260, 2049, 111 or 2379.
+            policy=/usr/sbin/policy-rc.d
+            made_policy=0
+            if [ ! -e "$policy" ]; then
+                printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+                as_root chmod +x "$policy"
+                made_policy=1
+            fi
+            rc=0
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends \
+                "${installable[@]}" || rc=$?
+            if [ "$made_policy" = 1 ]; then
+                as_root rm -f "$policy"
+            fi
+            if [ "$rc" -ne 0 ]; then
+                die "apt-get install failed ($rc)"
+            fi
         fi
     fi
 fi
