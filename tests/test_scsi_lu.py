@@ -13,7 +13,8 @@ from storaged.block.file import FileBlockDevice
 from storaged.scsi import commands
 from storaged.scsi.commands import Access, CommandSpec
 from storaged.scsi.lu import LogicalUnit
-from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
+from storaged.scsi.types import ScsiCommand, ScsiResult, Status
+from tests.scsi_util import N1, N2, assert_check, clear_ua, parse_sense, run
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
@@ -21,12 +22,6 @@ BS = 512
 NBLOCKS = SIZE // BS
 WWN = "6001405" + "0123456789abcdef" + "fedcba987"
 
-N1 = Nexus("iqn.2024-01.test:init1,i,0x000000000001", "iqn.2024-01.test:tgt,t,0x0001",
-           relative_port_id=1, initiator_name="iqn.2024-01.test:init1",
-           target_name="iqn.2024-01.test:tgt")
-N2 = Nexus("iqn.2024-01.test:init2,i,0x000000000002", "iqn.2024-01.test:tgt,t,0x0001",
-           relative_port_id=1, initiator_name="iqn.2024-01.test:init2",
-           target_name="iqn.2024-01.test:tgt")
 
 
 class RecordingDevice:
@@ -96,48 +91,6 @@ def lu(dev):
     unit = make_lu(dev)
     clear_ua(unit, N1)
     return unit
-
-
-def run(lu: LogicalUnit, cdb, data=None, nexus: Nexus = N1, lun: int = 0) -> ScsiResult:
-    raw = bytes(cdb)
-    return lu.execute(ScsiCommand(raw, lun, nexus, data))
-
-
-def clear_ua(lu: LogicalUnit, nexus: Nexus) -> None:
-    for _ in range(20):
-        if run(lu, tur(), nexus=nexus).status == Status.GOOD:
-            return
-    raise AssertionError("unit attentions never cleared")
-
-
-def parse_sense(raw: bytes) -> dict:
-    code = raw[0] & 0x7F
-    out: dict = {"code": code}
-    if code in (0x70, 0x71):
-        out.update(key=raw[2] & 0xF, asc=raw[12], ascq=raw[13], valid=bool(raw[0] & 0x80),
-                   info=int.from_bytes(raw[3:7], "big"))
-        if raw[15] & 0x80:
-            out["sks"] = raw[15:18]
-    else:
-        assert code in (0x72, 0x73)
-        out.update(key=raw[1] & 0xF, asc=raw[2], ascq=raw[3], valid=False)
-        pos = 8
-        while pos < 8 + raw[7]:
-            dtype, dlen = raw[pos], raw[pos + 1]
-            if dtype == 0x00:
-                out["valid"] = bool(raw[pos + 2] & 0x80)
-                out["info"] = int.from_bytes(raw[pos + 4:pos + 12], "big")
-            elif dtype == 0x02:
-                out["sks"] = raw[pos + 4:pos + 7]
-            pos += 2 + dlen
-    return out
-
-
-def assert_check(r: ScsiResult, key: int, asc: int, ascq: int = 0) -> dict:
-    assert r.status == Status.CHECK_CONDITION, r
-    s = parse_sense(r.sense)
-    assert (s["key"], s["asc"], s["ascq"]) == (key, asc, ascq), s
-    return s
 
 
 # ---------------------------------------------------------------- CDB builders
