@@ -137,7 +137,7 @@ def test_standard_inquiry_fields(lu):
     assert d[2] == 0x06                      # SPC-4
     assert d[3] & 0x0F == 2 and d[3] & 0x10  # response format 2, HiSup
     assert d[4] == len(d) - 5
-    assert d[5] & 0x30 == 0                  # TPGS 0
+    assert d[5] & 0x30 == 0x30               # TPGS 3: implicit and explicit ALUA
     assert d[7] & 0x02                       # CmdQue
     assert d[8:16] == b"STORAGED"
     assert d[16:32] == b"storaged LUN    "

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from storaged.block.base import BlockDevice, BlockDeviceError
 from storaged.scsi import modepages as mp
 from storaged.scsi import sense
+from storaged.scsi.alua import Alua
 from storaged.scsi.commands import (
     DEFAULT_SA_FIELD,
     SA_FIELD,
@@ -96,8 +97,6 @@ class LogicalUnit:
         self.revision = _ascii(revision, "revision")[:4]
         self.protocol_id = protocol_id
         """SCSI transport protocol identifier for port designators (5 = iSCSI)."""
-        self.target_port_group = 0
-        """Target port group reported in VPD 0x83 (ALUA fills this in later)."""
         self.removable = False
 
         bs = device.block_size
@@ -161,6 +160,16 @@ class LogicalUnit:
         to refuse the command, or None to let it run.  Called after unit
         attentions are reported and before the handler, with the spec whose
         ``access`` class says how the command relates to reservations."""
+        self.alua_check: Callable[[LogicalUnit, ScsiCommand, CommandSpec],
+                                  ScsiResult | None] | None = None
+        """ALUA check (storaged.scsi.alua): set only while the LU's target port
+        groups include a local one in standby, unavailable, offline or
+        transitioning state.  Runs after unit attentions, before ``access_check``."""
+        self.alua: Alua = Alua()
+        """Target port groups (SPC-4 §5.16); the daemon attaches one shared
+        :class:`~storaged.scsi.alua.Alua` to every LU.  Alone, an LU has the
+        default: one active/optimized group 1 holding every port."""
+        self.alua.attach(self)
         self.reset_hooks: list[Callable[[LogicalUnit, int, int], None]] = []
         """Called on logical unit / target reset with the UA (asc, ascq)."""
         self.nexus_lost_hooks: list[Callable[[LogicalUnit, Nexus], None]] = []
@@ -176,6 +185,11 @@ class LogicalUnit:
     @property
     def num_blocks(self) -> int:
         return self._nblocks
+
+    @property
+    def tpgs(self) -> int:
+        """INQUIRY TPGS field: ALUA implicit (1) and explicit (2) support."""
+        return self.alua.tpgs
 
     @property
     def read_only(self) -> bool:
@@ -418,6 +432,12 @@ class LogicalUnit:
             return self.invalid_cdb(len(cdb))
         if cdb[n - 1] & 0x04:   # NACA: ACA is not supported (NormACA=0)
             return self.invalid_cdb(n - 1, 2)
+        check = self.alua_check
+        if check is not None:
+            # Asymmetric access state of the arrival port (SPC-4 §5.16.2.4).
+            refused = check(self, cmd, spec)
+            if refused is not None:
+                return refused
         check = self.access_check
         if check is not None:
             # Reservation conflicts are decided here, per the spec's access class.

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from storaged.scsi import modepages as mp
 from storaged.scsi import sense
+from storaged.scsi.alua import request_sense_not_ready
 from storaged.scsi.commands import SA_LOCATORS, Access, CommandSpec, register
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, encode_lun
@@ -40,7 +41,7 @@ def standard_inquiry(lu: LogicalUnit) -> bytes:
     d[2] = 0x06                                   # SPC-4
     d[3] = 0x12                                   # HISUP=1, RESPONSE DATA FORMAT=2
     d[4] = STD_INQUIRY_LEN - 5
-    d[5] = (getattr(lu, "tpgs", 0) & 3) << 4 | (0x08 if getattr(lu, "third_party_copy", False)
+    d[5] = (lu.tpgs & 3) << 4 | (0x08 if getattr(lu, "third_party_copy", False)
                                                 else 0)
     d[6] = 0x00
     d[7] = 0x02                                   # CMDQUE
@@ -108,7 +109,7 @@ def vpd_device_id(lu: LogicalUnit, nexus: Nexus) -> bytes:
     ]
     if nexus.relative_port_id:
         out.append(_designator(1, 1, 4, nexus.relative_port_id.to_bytes(4, "big"), proto))
-    out.append(_designator(1, 1, 5, (lu.target_port_group & 0xFFFF).to_bytes(4, "big"),
+    out.append(_designator(1, 1, 5, (lu.alua.group_id(nexus) & 0xFFFF).to_bytes(4, "big"),
                            proto))
     if nexus.target_port:
         out.append(_designator(3, 1, 8, _name_string(nexus.target_port), proto))
@@ -213,8 +214,11 @@ def request_sense(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     desc = bool(cdb[1] & 0x01)
     ua = lu.take_unit_attention(cmd.nexus)
+    alua = request_sense_not_ready(lu, cmd.nexus)
     if ua is not None:
         data = sense.build(Key.UNIT_ATTENTION, ua[0], ua[1], descriptor=desc)
+    elif alua is not None:     # port in standby/unavailable/... (SPC-4 §5.16.2.4)
+        data = sense.build(Key.NOT_READY, alua[0], alua[1], descriptor=desc)
     elif not lu.online:
         data = sense.build(Key.NOT_READY, 0x04, 0x12, descriptor=desc)
     else:
