@@ -40,16 +40,22 @@ from typing import Any
 
 from storaged import fastio
 from storaged.block.base import BlockDevice, BlockDeviceError
+from storaged.raid import journal as jrnl
+from storaged.raid.bitmap import BITMAP_OFFSET_SECTORS, WriteIntentBitmap
 from storaged.raid.layout import REDUNDANCY, Geometry, layout_name
 from storaged.raid.superblock import (
+    FEATURE_BITMAP_OFFSET,
     FEATURE_RECOVERY_OFFSET,
+    FEATURE_REPLACEMENT,
     MAX_SECTOR,
     ROLE_FAULTY,
     ROLE_SPARE,
     SECTOR,
     Superblock,
+    SuperblockError,
     md_time,
     mdadm_uuid,
+    read_superblock,
     write_superblock,
 )
 
@@ -57,6 +63,7 @@ log = logging.getLogger("storaged.raid")
 
 IN_SYNC = "in_sync"
 RECOVERING = "recovering"
+REPLACING = "replacing"       # md's want_replacement: a copy of a live slot's member
 SPARE = "spare"
 FAULTY = "faulty"
 
@@ -65,6 +72,7 @@ SPEED_LIMIT_MAX = 200000      # KiB/s, md's speed_limit_max
 SAFE_MODE_DELAY = 0.2         # seconds, md's safe_mode_delay
 MAX_CORRECTED_READ_ERRORS = 20
 CHECKPOINT_BYTES = 8 << 20    # recovery_offset written at least this often
+SPLIT_RECORD = 32 << 10       # journal payloads this large are written apart from the header
 
 
 class RaidError(Exception):
@@ -89,6 +97,7 @@ class Member:
     slot: int = -1
     recovery_offset: int = 0          # bytes of the data area already rebuilt
     corrected: int = 0
+    bitmap_recovery: bool = False     # re-added: only bitmap-dirty regions need recovery
 
     @property
     def dev_number(self) -> int:
@@ -110,6 +119,8 @@ class SyncState:
     done_bytes: int = 0
     mismatches: int = 0               # sectors
     members: set[int] = field(default_factory=set)   # id() of members being recovered
+    by_bitmap: bool = False           # only regions dirty in the write-intent bitmap
+    synced_bytes: int = 0             # bytes actually resynced/recovered (not skipped)
     window: list[tuple[float, int]] = field(default_factory=list)
 
     def speed(self) -> float:
@@ -131,7 +142,9 @@ class RaidArray:
     """A running md array; implements the BlockDevice protocol."""
 
     def __init__(self, name: str, geometry: Geometry, members: list[Member], template: Superblock,
-                 block_size: int = 512, start_worker: bool = True) -> None:
+                 block_size: int = 512, start_worker: bool = True,
+                 bitmap: WriteIntentBitmap | None = None,
+                 journal: tuple[int, int] | None = None, journal_sync: bool = False) -> None:
         geometry.validate()
         self.name = name
         self.geo = geometry
@@ -159,7 +172,22 @@ class RaidArray:
         self._wake = threading.Condition(self.lock)
         self._idle = threading.Event()
         self._idle.set()
+        self.bitmap = bitmap
+        self.bitmap_clear_delay = float(bitmap.daemon_sleep) if bitmap is not None else 0.0
+        self.journal = journal            # (ring start, ring end) in member bytes, or None
+        self._jseq = 1
+        self._jupto = 1
+        self._jpos = 0
+        self._jroles: list[int] | None = None
+        self._jlive: dict[int, list[tuple[int, int]]] = {}   # stripe -> rows with live records
+        self._jbusy = False               # a journaled stripe update is between its writes
+        self._jdeferred = False           # a checkpoint waits for that update to finish
+        self.last_sync: dict[str, Any] | None = None
+        self.journal_replayed = 0
+        self.journal_fua = journal_sync   # records durable before home writes (power cut)
         self._check_alive()
+        if self.journal is not None and not self.failed:
+            self._journal_replay()
         if start_worker:
             self._worker = threading.Thread(target=self._run, name=f"raid-{name}", daemon=True)
             self._worker.start()
@@ -210,11 +238,19 @@ class RaidArray:
             members = []
             for m in sorted(self.members, key=lambda m: m.dev_number):
                 members.append({"path": m.path, "dev_number": m.dev_number, "state": m.state,
-                                "slot": m.slot if m.state in (IN_SYNC, RECOVERING) else None,
+                                "slot": m.slot if m.state in (IN_SYNC, RECOVERING, REPLACING)
+                                else None,
                                 "recovery_offset": m.recovery_offset
-                                if m.state == RECOVERING else None,
+                                if m.state in (RECOVERING, REPLACING) else None,
                                 "corrected_read_errors": m.corrected})
             return {
+                "bitmap": None if self.bitmap is None else {
+                    "chunk": self.bitmap.chunksize, "bits": self.bitmap.nbits,
+                    "dirty": len(self.bitmap.bits),
+                    "events_cleared": self.bitmap.events_cleared},
+                "journal": None if self.journal is None else
+                ("sync" if self.journal_fua else "async"),
+                "last_sync": self.last_sync,
                 "name": self.name, "uuid": self.uuid, "level": self.geo.level,
                 "layout": layout_name(self.geo.level, self.geo.layout),
                 "chunk": self.geo.chunk if self.geo.level != 1 else 0,
@@ -233,7 +269,7 @@ class RaidArray:
         max_dev = max([m.dev_number + 1 for m in self.members] + [self.template.max_dev])
         roles = [ROLE_FAULTY] * max_dev          # md: unknown devices are "faulty"
         for m in self.members:
-            if m.state in (IN_SYNC, RECOVERING):
+            if m.state in (IN_SYNC, RECOVERING, REPLACING):
                 roles[m.dev_number] = m.slot
             elif m.state == SPARE:
                 roles[m.dev_number] = ROLE_SPARE
@@ -250,11 +286,18 @@ class RaidArray:
         sb.utime = md_time()
         sb.resync_offset = MAX_SECTOR if self.clean else (self.resync_from or 0)
         sb.cnt_corrected_read = m.corrected
-        sb.feature_map &= ~FEATURE_RECOVERY_OFFSET
+        sb.feature_map &= ~(FEATURE_RECOVERY_OFFSET | FEATURE_BITMAP_OFFSET)
         sb.recovery_offset = 0
-        if m.state == RECOVERING:
+        sb.bitmap_offset = 0
+        if self.bitmap is not None:
+            sb.feature_map |= FEATURE_BITMAP_OFFSET
+            sb.bitmap_offset = self._bitmap_offset()
+        sb.feature_map &= ~FEATURE_REPLACEMENT
+        if m.state in (RECOVERING, REPLACING):
             sb.feature_map |= FEATURE_RECOVERY_OFFSET
             sb.recovery_offset = m.recovery_offset // SECTOR
+        if m.state == REPLACING:
+            sb.feature_map |= FEATURE_REPLACEMENT
         return sb
 
     def _sync_sbs(self, bump: bool = True) -> None:
@@ -262,15 +305,176 @@ class RaidArray:
         if bump:
             self.events += 1
         roles = self._roles()
+        if self.bitmap is not None:
+            self.bitmap.events = self.events
         for m in list(self.members):
             if m.state == FAULTY or m.dev is None:
                 continue
             try:
                 write_superblock(m.dev, self._member_sb(m, roles))
+                if self.bitmap is not None:
+                    self._write_bitmap(m)
             except OSError as e:
                 log.error("raid %s: superblock write to %s failed: %s", self.name, m.path, e)
                 self._fail(m, f"superblock write failed: {e}")
                 return
+        if self.journal is not None and roles != self._jroles and not self.failed:
+            if self._jbusy:
+                self._jdeferred = True    # after the stripe update in progress
+            else:
+                self._journal_checkpoint()
+
+    # ------------------------------------------------------------ write-intent bitmap
+    def _write_bitmap(self, m: Member) -> None:
+        assert m.dev is not None and self.bitmap is not None
+        m.dev.write((m.sb.super_offset + self._bitmap_offset()) * SECTOR, self.bitmap.encode(),
+                    fua=True)
+
+    def _bitmap_offset(self) -> int:
+        """Sectors from the superblock to the bitmap (kept from md-made arrays; else 8)."""
+        return self.template.bitmap_offset or BITMAP_OFFSET_SECTORS
+
+    def _bitmap_to_all(self) -> None:
+        """Write the bitmap durably to every live member (before data writes rely on it)."""
+        for m in list(self.members):
+            if m.state in (IN_SYNC, RECOVERING, REPLACING, SPARE) and m.dev is not None:
+                try:
+                    self._write_bitmap(m)
+                except OSError as e:
+                    self._fail(m, f"bitmap write failed: {e}")
+
+    def _member_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Member byte ranges that a write of array bytes [offset, offset+length) touches."""
+        level = self.geo.level
+        if level == 1:
+            return [(offset, offset + length)]
+        chunk = self.geo.chunk
+        dd = self.geo.data_disks
+        out: list[tuple[int, int]] = []
+        for _pos, c, within, n in self._pieces(offset, length):
+            if level == 10:
+                for _d, r in self.geo.raid10_copies(c):
+                    out.append((r * chunk + within, r * chunk + within + n))
+            else:
+                row = c // dd
+                out.append((row * chunk + within, row * chunk + within + n))
+        return out
+
+    def settle_bitmap(self, force: bool = False) -> int:
+        """Clear bits whose writes have settled (md's bitmap daemon); returns bits cleared.
+
+        Only while every slot has an in-sync member and no resync/recovery is
+        pending: a dirty bit is what lets a missing member come back cheaply.
+        Members are flushed first so the data the bit covered is durable.
+        """
+        with self.lock:
+            bm = self.bitmap
+            if bm is None or not bm.bits or self.failed or self._closed:
+                return 0
+            if self.degraded() or self.sync is not None or self._want \
+                    or self.resync_from is not None:
+                return 0
+            done = set(bm.bits) if force else bm.settled(self.bitmap_clear_delay)
+            if not done:
+                return 0
+            self.flush()
+            bm.bits -= done
+            for b in done:
+                bm.last_write.pop(b, None)
+            bm.events_cleared = self.events
+            bm.events = self.events
+            self._bitmap_to_all()
+            return len(done)
+
+    # ------------------------------------------------------------ stripe journal
+    def _journal_members(self) -> list[Member]:
+        return [m for m in self.members
+                if m.state in (IN_SYNC, RECOVERING, REPLACING, SPARE) and m.dev is not None]
+
+    def _journal_checkpoint(self) -> None:
+        """Flush members and restart the ring: every earlier record is durable at home."""
+        assert self.journal is not None
+        start, _end = self.journal
+        for m in self._journal_members() if self.journal_fua else []:
+            try:
+                assert m.dev is not None
+                m.dev.flush()
+            except OSError as e:
+                self._fail(m, f"flush failed: {e}")
+        seq = self._jseq
+        self._jseq += 1
+        self._jupto = seq
+        rec = jrnl.Record(seq, seq, 0, 0, 0xFFFF, ())
+        raw = rec.encode(self.template.set_uuid)
+        for m in self._journal_members():
+            try:
+                assert m.dev is not None
+                m.dev.write(start, raw, fua=self.journal_fua)
+            except OSError as e:
+                self._fail(m, f"journal write failed: {e}")
+        self._jpos = start + rec.size
+        self._jroles = self._roles()
+        self._jlive.clear()
+
+    def _jlive_overlaps(self, s: int, lo: int, hi: int) -> bool:
+        """Whether rows [lo, hi) of stripe ``s`` have records newer than the last checkpoint."""
+        return any(a < hi and lo < b for a, b in self._jlive.get(s, ()))
+
+    def _journal_replay(self) -> None:
+        """Copy complete journaled stripe updates home (before any I/O is served)."""
+        assert self.journal is not None
+        start, end = self.journal
+        uuid = self.template.set_uuid
+        found: dict[int, list[jrnl.Record]] = {}
+        by_slot: dict[int, Member] = {}
+        for m in self.members:
+            if m.state in (IN_SYNC, RECOVERING) and m.dev is not None:
+                by_slot[m.slot] = m
+                try:
+                    area = m.dev.read(start, end - start)
+                except OSError as e:
+                    log.warning("raid %s: cannot read journal on %s: %s", self.name, m.path, e)
+                    continue
+                found[m.slot] = [r for _, r in jrnl.parse_ring(area, uuid)]
+        plan, nxt = jrnl.plan_replay(found, set(by_slot))
+        for r in plan:
+            m = by_slot[r.slot]
+            base = r.stripe * self.geo.chunk + r.lo
+            self._mwrite(m, base, r.payload)
+        if plan:
+            log.warning("raid %s: replayed %d journal records (%d stripe updates)", self.name,
+                        len(plan), len({r.seq for r in plan}))
+        self.journal_replayed = len(plan)
+        self._jseq = max(self._jseq, nxt)
+        self._journal_checkpoint()
+
+    def _journal_write(self, s: int, lo: int, blocks: list[tuple[Member, Any]]) -> None:
+        """Write one record per member (its new rows) durably, before the home writes."""
+        assert self.journal is not None
+        start, end = self.journal
+        size = jrnl.HEADER + len(blocks[0][1]) if blocks else 0
+        size = -(-size // jrnl.HEADER) * jrnl.HEADER   # records start on 4 KiB boundaries
+        if self._jpos + size > end:
+            self._journal_checkpoint()
+        seq = self._jseq
+        self._jseq += 1
+        slots = tuple(m.slot for m, _ in blocks)
+        if blocks:
+            self._jlive.setdefault(s, []).append((lo, lo + len(blocks[0][1])))
+        uuid = self.template.set_uuid
+        for m, blk in blocks:
+            try:
+                assert m.dev is not None
+                if len(blk) >= SPLIT_RECORD and not self.journal_fua:   # two writes, no copy
+                    m.dev.write(self._jpos, jrnl.encode_header(
+                        uuid, seq, self._jupto, s, lo, m.slot, slots, blk), fua=self.journal_fua)
+                    m.dev.write(self._jpos + jrnl.HEADER, blk, fua=self.journal_fua)
+                else:
+                    m.dev.write(self._jpos, jrnl.encode_record(
+                        uuid, seq, self._jupto, s, lo, m.slot, slots, blk), fua=self.journal_fua)
+            except OSError as e:
+                self._fail(m, f"journal write failed: {e}")
+        self._jpos += size
 
     # ------------------------------------------------------------ failures
     def _check_alive(self) -> None:
@@ -297,6 +501,10 @@ class RaidArray:
                         m.slot, reason)
             was = m.state
             m.state = FAULTY
+            if was == IN_SYNC:
+                for r in self._replacements(m.slot):
+                    r.state = RECOVERING     # md: the replacement carries on as a recovery
+                    r.bitmap_recovery = False
             self._check_alive()
             if self.failed:
                 return  # md stops updating superblocks of a dead array
@@ -343,17 +551,74 @@ class RaidArray:
             need = (self.template.data_offset * SECTOR + self.geo.member_bytes)
             if dev.size < need:
                 raise RaidError(f"{path} is too small: {dev.size} bytes, need {need}")
+            readd = self._readd_slot(dev)
             used = {m.dev_number for m in self.members}
             number = next(i for i in range(len(used) + 1) if i not in used)
             sb = Superblock(**{**self.template.__dict__, "dev_number": number,
                                "data_size": dev.size // SECTOR - self.template.data_offset,
                                "device_uuid": _new_uuid(), "feature_map": 0,
                                "recovery_offset": 0, "cnt_corrected_read": 0})
+            if self.journal is not None:
+                dev.write(jrnl.JOURNAL_START, jrnl.encode_area(
+                    self.template.set_uuid, *self.journal, self.journal_fua), fua=True)
             m = Member(path, dev, sb, SPARE)
+            if readd is not None:
+                # md's re-add: the old slot, recovering only what the bitmap says changed
+                m.state, m.slot, m.bitmap_recovery = RECOVERING, readd, True
+                log.info("raid %s: re-added %s to slot %d (bitmap-based recovery)", self.name,
+                         path, readd)
             self.members.append(m)
             self._sync_sbs()
             self._maybe_recover()
             return m
+
+    def replace(self, path: str, dev: BlockDevice, new_path: str) -> Member:
+        """Admin: hot-replace ``path`` by ``dev`` (md's want_replacement).
+
+        The new device takes the same slot as a *replacement*: it receives
+        every write at once and a background copy fills in the rest, while
+        the old member keeps serving, so redundancy never drops.  When the
+        copy is done the old member is marked faulty (remove it then); if
+        the old member fails meanwhile, the copy carries on as a recovery.
+        """
+        with self.lock:
+            old = self._member(path)
+            if old.state != IN_SYNC:
+                raise RaidError(f"{path} is not an in-sync member ({old.state})")
+            if self.geo.level == 0:
+                raise RaidError("raid0 cannot replace members (no redundancy to copy with)")
+            if self._replacements(old.slot):
+                raise RaidError(f"slot {old.slot} is already being replaced")
+            m = self.add(dev, new_path)
+            if m.state == SPARE:
+                m.state, m.slot, m.recovery_offset = REPLACING, old.slot, 0
+                log.info("raid %s: replacing %s (slot %d) by %s", self.name, path, old.slot,
+                         new_path)
+                self._sync_sbs()
+                self._maybe_recover()
+            return m
+
+    def _readd_slot(self, dev: BlockDevice) -> int | None:
+        """The slot ``dev`` may rejoin with a bitmap-based recovery, or None (md re-add rules).
+
+        It must carry this array's superblock with an active role whose slot is
+        missing now, and ``events`` no older than the bitmap's ``events_cleared``
+        (nothing it lacks was cleared from the bitmap since it left).
+        """
+        if self.bitmap is None:
+            return None
+        try:
+            old = read_superblock(dev)
+        except (OSError, SuperblockError):
+            return None
+        if old.set_uuid != self.template.set_uuid or old.events > self.events:
+            return None
+        role = old.role
+        if role >= self.geo.raid_disks or old.feature_map & FEATURE_RECOVERY_OFFSET:
+            return None
+        if self.slots()[role] is not None or old.events < self.bitmap.events_cleared:
+            return None
+        return role
 
     def _member(self, path: str) -> Member:
         for m in self.members:
@@ -392,10 +657,20 @@ class RaidArray:
         try:
             assert m.dev is not None
             m.dev.write(m.data_offset + off, data, fua=fua)
-            return True
         except OSError as e:
             self._fail(m, f"write error: {e}")
             return False
+        if m.state != REPLACING:
+            for r in self._replacements(m.slot):   # a hot replacement sees every write
+                try:
+                    assert r.dev is not None
+                    r.dev.write(r.data_offset + off, data, fua=fua)
+                except OSError as e:
+                    self._fail(r, f"write error: {e}")
+        return True
+
+    def _replacements(self, slot: int) -> list[Member]:
+        return [r for r in self.members if r.state == REPLACING and r.slot == slot]
 
     def _read_error(self, m: Member, off: int, good: bytes) -> None:
         """fix_read_error: rewrite reconstructed data; fail the member if that fails."""
@@ -535,23 +810,102 @@ class RaidArray:
 
     def _stripe_write(self, s: int, lo: int, hi: int, pieces: list[tuple[int, int, memoryview]],
                       fua: bool) -> None:
-        """Reconstruct-write of rows [lo, hi) of stripe ``s``; pieces = (k, off in chunk, data)."""
+        """Write rows [lo, hi) of stripe ``s``; pieces = (k, off in chunk, data).
+
+        With the journal, the rows that the request writes on *every* data
+        chunk (a full-stripe write of those rows) go home without journal
+        records: no acknowledged data shares their parity, so a torn update
+        there can only affect the unacknowledged data being written (md's
+        PPL skips full-stripe writes for the same reason; this holds for
+        RAID-6 and for a degraded array too, since the parity of those rows
+        depends on nothing else).  Only the partial head/tail rows, which are
+        read-modify/reconstruct-writes mixing old and new data, are journaled.
+        """
+        if self.journal is None:
+            self._stripe_update(s, lo, hi, pieces, fua, False)
+            return
+        f_lo, f_hi = lo, lo
+        if len(pieces) > 1 and len(pieces) == self.geo.data_disks and \
+                len({k for k, _, _ in pieces}) == self.geo.data_disks:
+            f_lo = max(a for _, a, _ in pieces)
+            f_hi = min(a + len(d) for _, a, d in pieces)
+        if f_lo >= f_hi:
+            self._journaled(s, lo, hi, pieces, fua)
+            return
+        for sub_lo, sub_hi, full in ((lo, f_lo, False), (f_lo, f_hi, True), (f_hi, hi, False)):
+            part = _clip(pieces, sub_lo, sub_hi)
+            if not part:
+                continue
+            if full:
+                self._stripe_update(s, sub_lo, sub_hi, part, fua, False)
+            else:
+                self._journaled(s, min(a for _, a, _ in part),
+                                max(a + len(d) for _, a, d in part), part, fua)
+
+    def _journaled(self, s: int, lo: int, hi: int, pieces: list[tuple[int, int, memoryview]],
+                   fua: bool) -> None:
+        """A journaled partial-stripe update, split into records of at most MAX_RECORD rows."""
+        if hi - lo <= jrnl.MAX_RECORD:
+            self._stripe_update(s, lo, hi, pieces, fua, True)
+            return
+        for sub in range(lo, hi, jrnl.MAX_RECORD):
+            part = _clip(pieces, sub, min(sub + jrnl.MAX_RECORD, hi))
+            if part:
+                self._stripe_update(s, min(a for _, a, _ in part),
+                                    max(a + len(d) for _, a, d in part), part, fua, True)
+
+    def _stripe_update(self, s: int, lo: int, hi: int, pieces: list[tuple[int, int, memoryview]],
+                       fua: bool, journaled: bool) -> None:
+        """Reconstruct-write of rows [lo, hi) of stripe ``s`` (journaled first if asked)."""
         geo = self.geo
         sm = geo.stripe(s)
         nd = len(sm.data)
         length = hi - lo
-        full = {k for k, a, d in pieces if a == lo and a + len(d) == hi}
+        full = {k: d for k, a, d in pieces if a == lo and a + len(d) == hi}
         need = {k for k in range(nd) if k not in full}
         old, _, _ = self._stripe_read(s, lo, hi, need) if need else ([None] * nd, None, None)
         blocks: list[Any] = []
         for k in range(nd):
-            blocks.append(bytearray(old[k]) if old[k] is not None else bytearray(length))
+            if k in full:
+                blocks.append(full[k])        # the caller's bytes as they are: no copy
+            else:
+                blocks.append(bytearray(old[k]) if old[k] is not None else bytearray(length))
         changed = set()
         for k, a, d in pieces:
-            blocks[k][a - lo:a - lo + len(d)] = d
+            if k not in full:
+                blocks[k][a - lo:a - lo + len(d)] = d
             changed.add(k)
         p, q = self._parity(sm.qexp, blocks, length)
         base = s * geo.chunk + lo
+        if self.journal is not None and not journaled and not self.failed and \
+                self._jlive_overlaps(s, lo, hi):
+            # Records of an earlier update of these rows are still live: replaying
+            # them after this unjournaled write would bring old data back.
+            self._journal_checkpoint()
+        if journaled:
+            targets: list[tuple[Member, Any]] = []
+            for slot, blk in [(sm.data[k], blocks[k]) for k in sorted(changed)] + \
+                    [(sm.pd, p)] + ([(sm.qd, q)] if q is not None else []):
+                m = self._writable(slot)
+                if m is not None:
+                    targets.append((m, blk))
+            # A member failing in between must not checkpoint the ring (that would
+            # retire this update's records before its home writes are done).
+            self._jbusy = True
+            try:
+                self._journal_write(s, lo, targets)
+                self._home_writes(sm, base, changed, blocks, p, q, fua)
+            finally:
+                self._jbusy = False
+            if self._jdeferred:
+                self._jdeferred = False
+                if not self.failed:
+                    self._journal_checkpoint()
+            return
+        self._home_writes(sm, base, changed, blocks, p, q, fua)
+
+    def _home_writes(self, sm: Any, base: int, changed: set[int], blocks: list[Any],
+                     p: Any, q: Any, fua: bool) -> None:
         for k in sorted(changed):
             m = self._writable(sm.data[k])
             if m is not None:
@@ -650,6 +1004,10 @@ class RaidArray:
                 self.resync_from = None
                 self._sync_sbs()
                 self._wake.notify_all()
+            if self.bitmap is not None and \
+                    self.bitmap.mark(self._member_ranges(offset, length), now):
+                self._bitmap_to_all()       # bits durable before the data write
+                self._die()
             self._write_locked(offset, view, fua)
             self._die()
 
@@ -731,6 +1089,7 @@ class RaidArray:
                     self.flush()
                     self.clean = True
                     self._sync_sbs()
+                self.settle_bitmap(force=True)
             elif self.sync is not None and not self.failed:
                 self._checkpoint()
             self._close_members()
@@ -769,7 +1128,7 @@ class RaidArray:
                 sp.state, sp.slot, sp.recovery_offset = RECOVERING, slot, 0
                 log.info("raid %s: recovering slot %d onto %s", self.name, slot, sp.path)
                 self._sync_sbs()
-        if any(m.state == RECOVERING for m in self.members):
+        if any(m.state in (RECOVERING, REPLACING) for m in self.members):
             self._queue("recover")
 
     def start_sync(self, action: str) -> None:
@@ -823,8 +1182,13 @@ class RaidArray:
                         self.clean = True            # md safe mode: idle -> clean
                         if not self.failed:
                             self._sync_sbs()
+                    if self.bitmap is not None and self.bitmap.bits:
+                        self.settle_bitmap()
                     self._idle.set()
-                    self._wake.wait(self.safe_mode_delay / 2 if not self.clean else None)
+                    wait = None if self.clean else self.safe_mode_delay / 2
+                    if self.bitmap is not None and self.bitmap.bits and not self.degraded():
+                        wait = min(wait or 1.0, max(self.bitmap_clear_delay / 2, 0.05))
+                    self._wake.wait(wait)
                 if self._abort:
                     self._idle.set()
                     return
@@ -849,7 +1213,7 @@ class RaidArray:
             total = self.geo.member_bytes
             start = 0
             if action == "recover":
-                rec = [m for m in self.members if m.state == RECOVERING]
+                rec = [m for m in self.members if m.state in (RECOVERING, REPLACING)]
                 if not rec:
                     self._want.pop(0)
                     return True
@@ -859,23 +1223,36 @@ class RaidArray:
             self.sync = SyncState(action, total, pos=start)
             if action == "recover":
                 self.sync.members = {id(m) for m in rec}
+                self.sync.by_bitmap = self.bitmap is not None and \
+                    all(m.bitmap_recovery for m in rec)
+            elif action == "resync":
+                self.sync.by_bitmap = self.bitmap is not None
             if action in ("check", "repair"):
                 self.mismatch_cnt = 0
         step = self.geo.chunk if self.geo.level != 1 else 1 << 20
         step = min(step, 1 << 20)
+        if self.sync is not None and self.sync.by_bitmap and self.bitmap is not None:
+            step = min(step, self.bitmap.chunksize)
         last_ckpt = start
         pos = start
         while pos < total:
             with self.lock:
                 if self._abort or self.failed or self.sync is None:
                     return self._finish(action, completed=False)
-                if action == "recover" and not any(m.state == RECOVERING for m in self.members):
+                if action == "recover" and not any(m.state in (RECOVERING, REPLACING)
+                                                   for m in self.members):
                     return self._finish(action, completed=False)
                 n = min(step, total - pos)
+                if self.sync.by_bitmap and self.bitmap is not None and \
+                        not self.bitmap.dirty(pos, pos + n):
+                    pos += n                  # clean region: members agree already
+                    self.sync.pos = pos
+                    continue
                 mism = self._sync_range(action, pos, n)
                 pos += n
                 self.sync.pos = pos
                 self.sync.done_bytes += n
+                self.sync.synced_bytes += n
                 self.sync.mismatches += mism
                 self.mismatch_cnt = self.sync.mismatches
                 now = time.monotonic()
@@ -907,7 +1284,7 @@ class RaidArray:
             return
         if self.sync.action == "recover":
             for m in self.members:
-                if m.state == RECOVERING and id(m) in self.sync.members:
+                if m.state in (RECOVERING, REPLACING) and id(m) in self.sync.members:
                     m.recovery_offset = max(m.recovery_offset, min(self.sync.pos,
                                                                    self.geo.member_bytes))
             self._sync_sbs(bump=False)
@@ -919,14 +1296,26 @@ class RaidArray:
         sync = self.sync
         if not completed:
             self._checkpoint()
+        if sync is not None:
+            self.last_sync = {"action": action, "completed": completed,
+                              "bytes": sync.synced_bytes, "by_bitmap": sync.by_bitmap}
         self.sync = None
         if self._want and self._want[0] == action:
             self._want.pop(0)
         if completed and action == "recover":
             for m in self.members:
-                if m.state == RECOVERING and sync is not None and id(m) in sync.members:
+                if m.state == REPLACING and sync is not None and id(m) in sync.members:
+                    for old in [o for o in self.members
+                                if o.slot == m.slot and o.state == IN_SYNC]:
+                        old.state = FAULTY       # md: the replaced member is marked faulty
+                        log.info("raid %s: %s replaced by %s in slot %d", self.name,
+                                 old.path, m.path, m.slot)
                     m.state = IN_SYNC
                     m.recovery_offset = 0
+                elif m.state == RECOVERING and sync is not None and id(m) in sync.members:
+                    m.state = IN_SYNC
+                    m.recovery_offset = 0
+                    m.bitmap_recovery = False
                     log.info("raid %s: recovery of slot %d onto %s complete", self.name,
                              m.slot, m.path)
             self._sync_sbs()
@@ -940,7 +1329,7 @@ class RaidArray:
             self.last_check = {"action": action, "mismatch_cnt": sync.mismatches,
                                "finished": time.time()}
         elif not completed and action == "recover" and not self._abort:
-            if any(m.state == RECOVERING for m in self.members):
+            if any(m.state in (RECOVERING, REPLACING) for m in self.members):
                 self._queue("recover")
         elif not completed and not self._abort and action == "resync" and not self.failed:
             self._queue("resync")
@@ -984,6 +1373,9 @@ class RaidArray:
                     self._mwrite(m, off, good)
                 continue
             if action == "recover":
+                for r in self._replacements(slot):
+                    if off + n > r.recovery_offset:
+                        self._mwrite(r, off, good)
                 continue
             try:
                 cur = self._mread(m, off, n)
@@ -1001,7 +1393,7 @@ class RaidArray:
         base = s * self.geo.chunk + lo
         length = hi - lo
         if action == "recover":
-            rec = [m for m in self.members if m.state == RECOVERING
+            rec = [m for m in self.members if m.state in (RECOVERING, REPLACING)
                    and base + length > m.recovery_offset]
             if not rec:
                 return 0
@@ -1033,6 +1425,17 @@ class RaidArray:
             if m is not None:
                 self._mwrite(m, base, qn)
         return mism if action != "resync" else 0
+
+
+def _clip(pieces: list[tuple[int, int, memoryview]], lo: int, hi: int
+          ) -> list[tuple[int, int, memoryview]]:
+    """The parts of stripe pieces (k, off in chunk, data) inside rows [lo, hi)."""
+    out = []
+    for k, a, d in pieces:
+        a0, a1 = max(a, lo), min(a + len(d), hi)
+        if a0 < a1:
+            out.append((k, a0, d[a0 - a:a1 - a]))
+    return out
 
 
 def _diff_sectors(a: bytes | bytearray, b: bytes | bytearray) -> int:

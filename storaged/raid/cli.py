@@ -85,7 +85,8 @@ def mdstat(arrays: list[dict[str, Any]]) -> str:
             lines.append(f"{a['name']} : {a['state']}")
             continue
         devs = " ".join(
-            f"{m['path']}[{m['dev_number']}]" + {"faulty": "(F)", "spare": "(S)"}.get(
+            f"{m['path']}[{m['dev_number']}]" + {"faulty": "(F)", "spare": "(S)",
+                                                 "replacing": "(R)"}.get(
                 m["state"], "") for m in a["members"])
         lines.append(f"{a['name']} : {a['state']} raid{a['level']} {devs}")
         chunk = f"{a['chunk'] // 1024}k chunk, " if a["chunk"] else ""
@@ -103,6 +104,11 @@ def mdstat(arrays: list[dict[str, Any]]) -> str:
             lines.append(f"      [{bar}]  {s['action']} = {s['percent']:.1f}% "
                          f"({s['pos'] // 1024}/{s['total'] // 1024}) "
                          f"finish={eta_text} speed={s['speed_kib']}K/sec")
+        bm = a.get("bitmap")
+        if bm:
+            lines.append(f"      bitmap: {bm['dirty']}/{bm['bits']} bits dirty, "
+                         f"{bm['chunk'] // 1024}KB chunk"
+                         + (f"; journal {a['journal']}" if a.get("journal") else ""))
         if a.get("last_check"):
             lc = a["last_check"]
             lines.append(f"      last {lc['action']}: mismatch_cnt={lc['mismatch_cnt']}")
@@ -125,16 +131,29 @@ def raid() -> None:
               help="How many of the last MEMBERs are hot spares.")
 @click.option("--size", default=None, help="Create missing members as sparse files this big.")
 @click.option("--name", required=True, help="Array name.")
+@click.option("--bitmap", "bitmap", type=click.Choice(["internal", "none"]), default=None,
+              help="Write-intent bitmap (default internal, none for raid0).")
+@click.option("--bitmap-chunk", default=None,
+              help="Bytes per bitmap bit (default as mdadm: 64M, more if needed to fit).")
+@click.option("--journal", type=click.Choice(["async", "sync", "off"]), default=None,
+              help="raid4/5/6 write-hole journal (default async; sync survives power cuts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.argument("members", nargs=-1, required=True)
 @click.pass_context
 def raid_create(ctx: click.Context, level: str, chunk: str | None, layout: str | None,
-                spares: int, size: str | None, name: str, as_json: bool,
+                spares: int, size: str | None, name: str, bitmap: str | None,
+                bitmap_chunk: str | None, journal: str | None, as_json: bool,
                 members: tuple[str, ...]) -> None:
     """Create an array from MEMBER files or block devices (writes md v1.2 superblocks)."""
-    st = raid_call(ctx, "create", {"name": name, "level": int(level), "members": list(members),
-                                   "chunk": chunk, "layout": layout, "spares": spares,
-                                   "size": size})
+    args: dict[str, Any] = {"name": name, "level": int(level), "members": list(members),
+                            "chunk": chunk, "layout": layout, "spares": spares, "size": size}
+    if bitmap is not None:
+        args["bitmap"] = bitmap == "internal"
+    if bitmap_chunk is not None:
+        args["bitmap_chunk"] = bitmap_chunk
+    if journal is not None:
+        args["journal"] = journal
+    st = raid_call(ctx, "create", args)
     _show(st, as_json, f"created {name}: raid{level}, {format_size(st['size'])}")
 
 
@@ -211,7 +230,11 @@ _member_verb("add", "Add MEMBER to array NAME as a spare (re-add after a failure
 @click.pass_context
 def raid_replace(ctx: click.Context, name: str, member: str, new: str, size: str | None,
                  no_wait: bool) -> None:
-    """Rebuild MEMBER's contents onto NEW, then drop MEMBER (left faulty)."""
+    """Hot-replace: copy MEMBER onto NEW while MEMBER keeps serving, then swap.
+
+    Redundancy never drops (md's want_replacement); MEMBER is left faulty
+    for ``raid remove``.
+    """
     st = raid_call(ctx, "replace", {"name": name, "member": member, "new": new, "size": size},
                    wait=not no_wait, name=name)
     click.echo(f"{name}: {st['state']} [{st['slots']}]")

@@ -18,11 +18,30 @@ from collections.abc import Callable, Sequence
 
 from storaged.block.base import BlockDevice
 from storaged.block.file import FileBlockDevice
-from storaged.raid.array import FAULTY, IN_SYNC, RECOVERING, SPARE, Member, RaidArray, RaidError
+from storaged.raid import journal as jrnl
+from storaged.raid.array import (
+    FAULTY,
+    IN_SYNC,
+    RECOVERING,
+    REPLACING,
+    SPARE,
+    Member,
+    RaidArray,
+    RaidError,
+)
+from storaged.raid.bitmap import (
+    BITMAP_OFFSET_SECTORS,
+    BITMAP_SB_SIZE,
+    BitmapError,
+    WriteIntentBitmap,
+    default_chunk,
+)
 from storaged.raid.layout import DEFAULT_CHUNK, MIN_DISKS, REDUNDANCY, Geometry, layout_code
 from storaged.raid.superblock import (
     DEFAULT_DATA_OFFSET,
+    FEATURE_BITMAP_OFFSET,
     FEATURE_RECOVERY_OFFSET,
+    FEATURE_REPLACEMENT,
     MAX_SECTOR,
     ROLE_FAULTY,
     ROLE_SPARE,
@@ -66,16 +85,47 @@ def size_for_capacity(capacity: int, level: int, n: int, chunk: int = DEFAULT_CH
     return per + DEFAULT_DATA_OFFSET * SECTOR
 
 
+BITMAP_SECTORS_RESERVED = (jrnl.JOURNAL_START - (SB_OFFSET_SECTORS + BITMAP_OFFSET_SECTORS)
+                           * SECTOR) // SECTOR
+BITMAP_MAX_BITS = (BITMAP_SECTORS_RESERVED * SECTOR - BITMAP_SB_SIZE) * 8
+
+
+def read_bitmap(dev: BlockDevice, sb: Superblock) -> WriteIntentBitmap | None:
+    """A member's internal bitmap (None if the superblock has none or it is unreadable)."""
+    if not sb.feature_map & FEATURE_BITMAP_OFFSET:
+        return None
+    off = (sb.super_offset + sb.bitmap_offset) * SECTOR
+    try:
+        return WriteIntentBitmap.decode(dev.read(off, BITMAP_SECTORS_RESERVED * SECTOR))
+    except (OSError, BitmapError) as e:
+        log.warning("raid: bad bitmap at %d: %s", off, e)
+        return None
+
+
+def read_journal_area(dev: BlockDevice, sb: Superblock) -> tuple[int, int, bool] | None:
+    """The journal ring (start, end, sync mode) on a member, or None if it has no journal."""
+    try:
+        return jrnl.decode_area(dev.read(jrnl.JOURNAL_START, jrnl.HEADER), sb.set_uuid)
+    except OSError:
+        return None
+
+
 def create(name: str, paths: Sequence[str], level: int, chunk: int = DEFAULT_CHUNK,
            layout: str | None = None, spares: int = 0, size: int | None = None,
            assume_clean: bool | None = None, opener: Callable[..., BlockDevice] | None = None,
-           start_worker: bool = True) -> RaidArray:
+           start_worker: bool = True, bitmap: bool | None = None,
+           bitmap_chunk: int | None = None, journal: bool | str | None = None) -> RaidArray:
     """mdadm --create: write superblocks on ``paths`` (last ``spares`` are spares).
 
     ``size`` creates missing members as sparse files of that many bytes.  A
     new array of freshly created (all-zero) members is consistent already
     (parity of zeros is zero), so it starts clean; otherwise it starts dirty
     and resyncs in the background, as md does after --create.
+
+    ``bitmap`` (default: every level but 0) adds md's internal write-intent
+    bitmap with ``bitmap_chunk`` bytes per bit; ``journal`` (default: levels
+    4/5/6; ``"sync"`` or ``"async"``, True meaning async) adds the stripe
+    journal that closes the write hole (``storaged.raid.journal``).
     """
     if level not in MIN_DISKS:
         raise RaidError(f"unsupported raid level {level} (supported: 0, 1, 4, 5, 6, 10)")
@@ -117,6 +167,27 @@ def create(name: str, paths: Sequence[str], level: int, chunk: int = DEFAULT_CHU
             raise RaidError(f"members too small: {smallest} bytes")
         clean = fresh if assume_clean is None else assume_clean
         uuid = new_set_uuid()
+        if bitmap is None:
+            bitmap = level != 0
+        if journal is None:
+            journal = level in (4, 5, 6)
+        if journal not in (True, False, "sync", "async"):
+            raise RaidError(f"journal must be sync, async or off, not {journal!r}")
+        jsync = journal == "sync"
+        if bitmap and level == 0:
+            raise RaidError("raid0 has no redundancy: no write-intent bitmap")
+        if journal and level not in (4, 5, 6):
+            raise RaidError("the stripe journal is for raid4/5/6 only")
+        bm = None
+        if bitmap:
+            bc = bitmap_chunk or default_chunk(member_bytes, BITMAP_MAX_BITS)
+            if bc < 512 or bc & (bc - 1) or -(-member_bytes // bc) > BITMAP_MAX_BITS:
+                raise RaidError(f"bad bitmap chunk {bc}: a power of two, at most "
+                                f"{BITMAP_MAX_BITS} bits")
+            bm = WriteIntentBitmap(uuid=uuid, sync_size=member_bytes // SECTOR, chunksize=bc,
+                                   sectors_reserved=BITMAP_SECTORS_RESERVED)
+        ring = (jrnl.JOURNAL_START + jrnl.HEADER, DEFAULT_DATA_OFFSET * SECTOR) \
+            if journal else None
         roles = [i if i < n else ROLE_SPARE for i in range(len(paths))]
         template = Superblock(set_uuid=uuid, set_name=name, level=level, layout=code,
                               size=member_bytes // SECTOR, chunksize=chunk // SECTOR,
@@ -127,6 +198,12 @@ def create(name: str, paths: Sequence[str], level: int, chunk: int = DEFAULT_CHU
             sb = Superblock(**{**template.__dict__, "dev_number": i,
                                "data_size": d.size // SECTOR - DEFAULT_DATA_OFFSET,
                                "device_uuid": os.urandom(16)})
+            if bm is not None:
+                sb.feature_map |= FEATURE_BITMAP_OFFSET
+                sb.bitmap_offset = BITMAP_OFFSET_SECTORS
+                d.write((SB_OFFSET_SECTORS + BITMAP_OFFSET_SECTORS) * SECTOR, bm.encode())
+            if ring is not None:
+                d.write(jrnl.JOURNAL_START, jrnl.encode_area(uuid, *ring, jsync))
             write_superblock(d, sb)
             members.append(Member(p, d, sb, IN_SYNC if i < n else SPARE,
                                    slot=i if i < n else -1))
@@ -136,7 +213,8 @@ def create(name: str, paths: Sequence[str], level: int, chunk: int = DEFAULT_CHU
         raise
     log.info("raid %s: created raid%d on %d members (+%d spares), %d bytes", name, level, n,
              spares, geo.size)
-    return RaidArray(name, geo, members, template, start_worker=start_worker)
+    return RaidArray(name, geo, members, template, start_worker=start_worker, bitmap=bm,
+                     journal=ring, journal_sync=jsync)
 
 
 def examine(path: str, opener: Opener = open_member) -> Superblock:
@@ -190,7 +268,9 @@ def assemble(paths: Sequence[str], name: str | None = None, uuid: bytes | None =
     members: list[Member] = []
     taken: dict[int, Member] = {}
     for p, dev, sb in sorted(mine, key=lambda f: -f[2].events):
-        if sb.events < fresh.events:
+        # md (super_1_validate) accepts a member one event behind while assembling: a
+        # crash can interrupt the superblock update that bumped the others.
+        if sb.events + 1 < fresh.events:
             if sb.dev_number < len(fresh.dev_roles) and \
                     fresh.dev_roles[sb.dev_number] == ROLE_FAULTY:
                 dev.close()   # failed earlier: the others' superblocks say so
@@ -201,7 +281,12 @@ def assemble(paths: Sequence[str], name: str | None = None, uuid: bytes | None =
             continue
         role = fresh.dev_roles[sb.dev_number] if sb.dev_number < len(fresh.dev_roles) \
             else ROLE_SPARE
-        if role < fresh.raid_disks:
+        if role < fresh.raid_disks and sb.feature_map & FEATURE_REPLACEMENT:
+            m = Member(p, dev, sb, REPLACING, slot=role,
+                       recovery_offset=sb.recovery_offset * SECTOR
+                       if sb.feature_map & FEATURE_RECOVERY_OFFSET else 0,
+                       corrected=sb.cnt_corrected_read)
+        elif role < fresh.raid_disks:
             if role in taken:
                 log.warning("raid %s: %s claims slot %d already taken", fresh.set_name, p, role)
                 dev.close()
@@ -216,6 +301,10 @@ def assemble(paths: Sequence[str], name: str | None = None, uuid: bytes | None =
         else:
             m = Member(p, dev, sb, FAULTY)
         members.append(m)
+    for m in members:
+        if m.state == REPLACING and m.slot not in taken:
+            m.state = RECOVERING     # the replaced member is gone: the copy is a recovery
+            taken[m.slot] = m
     # Faulty members are only remembered in the roles table, not kept open.
     for m in [m for m in members if m.state == FAULTY]:
         members.remove(m)
@@ -238,17 +327,44 @@ def assemble(paths: Sequence[str], name: str | None = None, uuid: bytes | None =
         close_all()
         raise RaidError(f"cannot assemble raid{fresh.level} {fresh.set_name}: {missing} of "
                         f"{fresh.raid_disks} members missing")
-    if missing and dirty and fresh.level in (4, 5, 6) and not force:
+    bm = None
+    ring: tuple[int, int] | None = None
+    jsync = False
+    for m in members:
+        assert m.dev is not None
+        b = read_bitmap(m.dev, m.sb)
+        if b is not None and b.uuid == fresh.set_uuid:
+            if bm is None or b.events > bm.events:
+                bits = bm.bits if bm is not None else set()
+                bm = b
+                bm.bits |= bits
+            else:
+                bm.bits |= b.bits     # a torn bitmap update: keep every dirty bit
+        if ring is None and m.state in (IN_SYNC, RECOVERING):
+            area = read_journal_area(m.dev, m.sb)
+            if area is not None:
+                ring, jsync = area[:2], area[2]
+    if bm is not None:
+        bm.last_write = dict.fromkeys(bm.bits, 0.0)
+    if missing and dirty and fresh.level in (4, 5, 6) and not force and ring is None:
         close_all()
         raise RaidError(f"cannot start dirty degraded array {fresh.set_name} (data may be "
                         "inconsistent after a crash); use force to start it anyway")
     try:
         arr = RaidArray(name or fresh.set_name, geo, members, template,
-                        start_worker=start_worker)
+                        start_worker=start_worker, bitmap=bm, journal=ring,
+                        journal_sync=jsync)
     except Exception:
         close_all()
         raise
     if arr.failed:
         arr.abandon()
         raise RaidError(f"cannot assemble {fresh.set_name}: a mirror set has no member")
+    if arr.degraded():
+        # Record the missing members so they stay out.  Bump by two: an absent member
+        # may be one event ahead of the present ones (a crash interrupted the update
+        # that reached it), and must still end up behind, where its role says faulty.
+        with arr.lock:
+            arr.events += 1
+            arr._sync_sbs()
     return arr

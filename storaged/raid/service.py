@@ -186,8 +186,9 @@ class RaidService:
 
     # ------------------------------------------------------------ verbs
     def create(self, name: str, level: int, members: list[str], chunk: str | int | None = None,
-               layout: str | None = None, spares: int = 0, size: str | int | None = None
-               ) -> dict[str, Any]:
+               layout: str | None = None, spares: int = 0, size: str | int | None = None,
+               bitmap: bool | None = None, bitmap_chunk: str | int | None = None,
+               journal: str | None = None) -> dict[str, Any]:
         name = normalize_name(name, "raid name")
         if name in self._records():
             raise ConfigError(f"raid array {name!r} already exists")
@@ -204,8 +205,11 @@ class RaidService:
             raise ConfigError(f"{', '.join(clash)} already belongs to another array")
         chunk_bytes = parse_size(chunk) if chunk is not None else DEFAULT_CHUNK
         try:
+            jmode: bool | str | None = False if journal == "off" else journal
             arr = create(name, members, int(level), chunk=chunk_bytes, layout=layout,
-                         spares=int(spares), size=nbytes, start_worker=self.start_workers)
+                         spares=int(spares), size=nbytes, start_worker=self.start_workers,
+                         bitmap=bitmap, journal=jmode,
+                         bitmap_chunk=parse_size(bitmap_chunk) if bitmap_chunk else None)
         except (RaidError, OSError) as e:
             raise ConfigError(str(e)) from None
         self.arrays[name] = arr
@@ -285,9 +289,22 @@ class RaidService:
 
     def replace(self, name: str, member: str, new: str, size: str | int | None = None
                 ) -> dict[str, Any]:
-        """Add ``new`` as a spare, then fail ``member``: recovery rebuilds onto ``new``."""
-        self.add(name, new, size)
-        return self.fail(name, member)
+        """Hot-replace ``member`` by ``new`` (md's want_replacement; see RaidArray.replace)."""
+        path = os.path.abspath(member)
+        new_path = os.path.abspath(new)
+        nbytes = parse_size(size) if size is not None else None
+
+        def do(a: RaidArray) -> None:
+            if nbytes is None and not os.path.exists(new_path):
+                raise RaidError(f"{new_path} does not exist; give --size to create it")
+            dev = open_member(new_path, create_size=nbytes)
+            try:
+                a.replace(path, dev, new_path)
+            except BaseException:
+                if all(m.dev is not dev for m in a.members):
+                    dev.close()
+                raise
+        return self._act(name, do)
 
     def check(self, name: str, repair: bool = False) -> dict[str, Any]:
         return self._act(name, lambda a: a.start_sync("repair" if repair else "check"))
