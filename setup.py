@@ -94,6 +94,11 @@ def _extensions() -> list:
         Extension("_fastio._bhs", ["_fastio/_bhs.pyx"], **common),
         Extension("_fastio._cdb", ["_fastio/_cdb.pyx"], **common),
         Extension(
+            "_fastio._nfsdir",
+            ["_fastio/_nfsdir.pyx", "_fastio/src/nfsdir_impl.c"],
+            **{**common, "depends": [*common["depends"], "_fastio/src/nfsdir_impl.h"]},
+        ),
+        Extension(
             "_fastio._raid",
             ["_fastio/_raid.pyx", "_fastio/src/raid_impl.c"],
             **{**common, "depends": [*common["depends"], "_fastio/src/raid_impl.h"]},

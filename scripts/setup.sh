@@ -20,7 +20,7 @@ export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INP
 
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
-    libiscsi-bin qemu-utils qemu-block-extra tgt mdadm libnfs-utils
+    libiscsi-bin qemu-utils qemu-block-extra tgt mdadm libnfs-utils libnfs-dev
     etcd-server
     nfs-ganesha nfs-ganesha-vfs
     libisal2

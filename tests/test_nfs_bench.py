@@ -26,3 +26,15 @@ def test_report_ratios(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "min ratio storaged/ganesha: 0.33"
     assert "2.00" in lines[2]
+
+
+def test_report_cpu_table_keeps_last_line(capsys):
+    st = Server("storaged", "/e", "/tmp/a", 1, 1)
+    ga = Server("ganesha", "/g", "/tmp/b", 2, 3)
+    rows = [Row("ls", "s", lambda s: 0.0, False)]
+    st.results, ga.results = {"ls": [0.04]}, {"ls": [0.03]}
+    st.cpu, ga.cpu = {"ls": [0.02, 0.01, 0.03]}, {"ls": [0.05, 0.04, 0.06]}
+    _report(rows, st, ga, 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "min ratio storaged/ganesha: 0.75"
+    assert lines[-2].split()[-3:] == ["20", "50", "2.50"]

@@ -87,6 +87,9 @@ class Export(Record):
     secure: bool = False
     export_id: int = field(default_factory=new_export_id)
     handle_key: str = field(default_factory=new_handle_key)
+    #: seconds READDIRPLUS may reuse an entry's attributes read by an earlier listing
+    #: (0: re-read them every time); changes made through storaged void them at once
+    attr_timeout: float = 1.0
 
     @property
     def key(self) -> str:
@@ -125,6 +128,9 @@ class Export(Record):
         _collect(errors, check_int, self.anonuid, "anonuid", 0, 0xFFFFFFFF)
         _collect(errors, check_int, self.anongid, "anongid", 0, 0xFFFFFFFF)
         _collect(errors, check_int, self.export_id, "export_id", 1, 0xFFFFFFFF)
+        if isinstance(self.attr_timeout, bool) or not isinstance(self.attr_timeout, int | float) \
+                or not 0 <= self.attr_timeout <= 3600:
+            errors.append(f"attr_timeout must be 0-3600 seconds, got {self.attr_timeout!r}")
         if not isinstance(self.handle_key, str) or len(self.handle_key) != 32:
             errors.append("handle_key must be 32 hex digits")
         else:
@@ -141,6 +147,7 @@ class Export(Record):
                 "secure" if self.secure else "insecure"]
         if self.squash != "none":
             opts.append(f"anonuid={self.anonuid},anongid={self.anongid}")
+        opts.append(f"attr_timeout={self.attr_timeout:g}")
         return ",".join(opts)
 
     def describe(self) -> dict[str, Any]:
@@ -166,7 +173,7 @@ class NfsSettings(Record):
 
     listen: str = ""
     portmap: str = "auto"
-    grace: int = 15
+    grace: int = 90  # like Linux lockd's default grace period
 
     @property
     def key(self) -> str:
@@ -204,6 +211,8 @@ class LiveExport:
         self.fs = fs
         self.path = record.path
         self.export_id = record.export_id
+        #: attr_timeout in monotonic nanoseconds (storaged.nfs.nfs3's listing attributes)
+        self.attr_timeout_ns = int(record.attr_timeout * 1e9)
         self._key = bytes.fromhex(record.handle_key)
         self._id_bytes = struct.pack(">I", record.export_id)
         self.nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -263,6 +272,12 @@ class LiveExport:
         """The NFS file handle of backend inode handle ``inode``."""
         fh = _HEAD.pack(HANDLE_VERSION, self.export_id) + inode
         return fh + self._mac(inode)
+
+    def handle_layout(self) -> tuple[bytes, bytes]:
+        """``(prefix, MAC key)``: ``handle(inode)`` is ``prefix + inode + mac`` where mac is
+        the 8-byte keyed BLAKE2b of ``prefix[1:] + inode`` (for storaged.nfs.dirlist, which
+        builds handles in its own loop)."""
+        return _HEAD.pack(HANDLE_VERSION, self.export_id), self._key
 
     def inode(self, fh: bytes) -> bytes:
         """The backend inode handle inside ``fh`` (already routed here); HandleError if forged."""

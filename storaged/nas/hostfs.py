@@ -276,6 +276,18 @@ class HostFs:
         data = os.pread(fd, count, offset)
         return data, offset + len(data) >= st.st_size, attr
 
+    def read_range(self, fh: bytes, offset: int, count: int, creds: Creds
+                   ) -> tuple[int | None, int, bool, Attr]:
+        """READ without copying: ``(fd, n, eof, attr)`` where ``fd`` is a new descriptor
+        (the caller closes it) whose bytes ``offset .. offset+n`` are the data, or None
+        when ``n`` is 0.  Lets the transport sendfile(2) from the page cache."""
+        fd, st = self._stat(fh)
+        attr = self._attr(st)
+        check_io(attr, creds, write=False)
+        n = max(0, min(count, st.st_size - offset))
+        eof = offset + n >= st.st_size
+        return (os.dup(fd) if n else None), n, eof, attr
+
     def write(self, fh: bytes, offset: int, data: bytes | memoryview, sync: int,
               creds: Creds) -> tuple[Attr, Attr]:
         """Write ``data``; ``sync`` 0 = unstable, 1 = data, 2 = data + metadata.
@@ -552,6 +564,12 @@ class HostFs:
                 except OSError:
                     ent.handle = None
             yield ent
+
+    def listing_fd(self, dirfh: bytes) -> int:
+        """A descriptor of directory ``dirfh`` for one-pass listing encoders
+        (storaged.nfs.dirlist), which read it as ``readdir`` does: seek to the
+        cookie, getdents64, handles on ``self.mount_id`` only."""
+        return self._dir(dirfh)
 
     # ---------------------------------------------------------- fs-wide
 

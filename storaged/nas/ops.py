@@ -22,7 +22,8 @@ def _settings(txn: Txn) -> NfsSettings:
 @_op()
 def nfs_export_add(txn: Txn, path: str, directory: str, clients: list[str] | None = None,
                    read_only: bool = False, squash: str = "root", anonuid: int = 65534,
-                   anongid: int = 65534, secure: bool = False) -> dict[str, Any]:
+                   anongid: int = 65534, secure: bool = False,
+                   attr_timeout: float = 1.0) -> dict[str, Any]:
     """Export ``directory`` as ``path``; an existing export of ``path`` is updated in place.
 
     Updating keeps the export's id and handle key, so clients' file handles
@@ -43,7 +44,8 @@ def nfs_export_add(txn: Txn, path: str, directory: str, clients: list[str] | Non
     old = txn.get(Export, path)
     export = Export(path=path, directory=os.path.normpath(directory),
                     clients=list(clients) if clients else ["*"], read_only=read_only,
-                    squash=squash, anonuid=anonuid, anongid=anongid, secure=secure)
+                    squash=squash, anonuid=anonuid, anongid=anongid, secure=secure,
+                    attr_timeout=attr_timeout)
     if old is not None:
         export.export_id, export.handle_key = old.export_id, old.handle_key
     taken = {e.export_id for e in txn.list(Export) if e.path != path}

@@ -40,16 +40,20 @@ def export() -> None:
               show_default=True, help="gid squashed users get.")
 @click.option("--secure/--insecure", default=False, show_default=True,
               help="Require client source ports below 1024.")
+@click.option("--attr-timeout", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
+              metavar="SECONDS", help="How long listings may reuse file attributes read "
+              "by an earlier listing (0: never); storaged's own changes void them at once.")
 @click.pass_context
 def export_add(ctx: click.Context, path: str, directory: str, clients: tuple[str, ...],
-               read_only: bool, squash: str, anonuid: int, anongid: int, secure: bool) -> None:
+               read_only: bool, squash: str, anonuid: int, anongid: int, secure: bool,
+               attr_timeout: float) -> None:
     """Export host DIRECTORY as PATH (an existing export of PATH is updated)."""
     import os
 
     e = _run(ctx, "nfs_export_add", {
         "path": path, "directory": os.path.abspath(directory), "clients": list(clients) or None,
         "read_only": read_only, "squash": squash, "anonuid": anonuid, "anongid": anongid,
-        "secure": secure})
+        "secure": secure, "attr_timeout": attr_timeout})
     click.echo(f"Exported {e['directory']} as {e['path']} to {', '.join(e['clients'])} "
                f"({e['options']}).")
 
@@ -83,9 +87,45 @@ def export_ls(ctx: click.Context, as_json: bool) -> None:
 @click.argument("address", metavar="HOST:PORT|off")
 @click.option("--portmap", type=click.Choice(["auto", "builtin", "system", "off"]),
               help="Portmapper policy (auto: serve port 111 if free, else register).")
+@click.option("--grace", type=click.IntRange(0, 3600), metavar="SECONDS",
+              help="NLM grace period after a restart (default 90; applies at next start).")
 @click.pass_context
-def listen(ctx: click.Context, address: str, portmap: str | None) -> None:
+def listen(ctx: click.Context, address: str, portmap: str | None, grace: int | None) -> None:
     """Serve NFS on ADDRESS (port defaults to 2049); 'off' stops the NFS service."""
     s = _run(ctx, "nfs_settings_set", {"listen": "" if address == "off" else address,
-                                       "portmap": portmap})
-    click.echo(f"NFS listener: {s['listen'] or 'off'} (portmap {s['portmap']}).")
+                                       "portmap": portmap, "grace": grace})
+    click.echo(f"NFS listener: {s['listen'] or 'off'} (portmap {s['portmap']}, "
+               f"NLM grace {s['grace']} s).")
+
+
+@nfs.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """NFS listener, NLM grace period, NSM state and the client hosts holding locks."""
+    from storaged.cli import socket_path
+    from storaged.control.client import call, daemon_running
+    from storaged.state import Store
+    from storaged.state.nsm import NsmMonitor, NsmState
+
+    directory = ctx.find_root().obj["dir"]
+    sock = socket_path(directory)
+    if daemon_running(sock):
+        r = call(sock, "status", {})["nfs"]
+    else:
+        with Store(directory) as store, store.read() as txn:
+            st = txn.get(NsmState, NsmState.KEY) or NsmState()
+            hosts = txn.list(NsmMonitor)
+        r = {"listen": None, "nlm": {"nsm_state": st.state, "in_grace": False,
+                                     "monitored": [h.host for h in hosts]}}
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    nlm = r.get("nlm", {})
+    click.echo(f"NFS listener: {r.get('listen') or 'not running'}")
+    click.echo(f"NSM state: {nlm.get('nsm_state')}  grace period: "
+               f"{'running' if nlm.get('in_grace') else 'no'}")
+    if "lock_hosts" in nlm:
+        click.echo(f"hosts holding locks: {', '.join(nlm['lock_hosts']) or 'none'}")
+    else:
+        click.echo(f"hosts to notify at next start: {', '.join(nlm['monitored']) or 'none'}")

@@ -10,7 +10,11 @@ result carries the post-operation attributes and weak cache consistency
 
 Hot paths (READ, WRITE, GETATTR, READDIRPLUS) use the ``Custom`` fattr3 codec
 (one struct.pack from an ``Attr``); golden tests check it against the
-declarative ``FATTR3_TABLE``.
+declarative ``FATTR3_TABLE``.  READDIR/READDIRPLUS on backends with
+``listing_fd`` are encoded in one pass by ``storaged.nfs.dirlist`` (with a
+listing cache and a prefetch of the next slice's attributes); large READs on
+backends with ``read_range`` return a ``FileRange`` that the TCP shell sends
+with sendfile(2).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import errno
 import logging
 import os
 import struct
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +42,8 @@ from storaged.nas.fs import (
     access_bits,
     mode_allows,
 )
-from storaged.nfs.rpc import Call, Encoded, Procedure, Program
+from storaged.nfs import dirlist
+from storaged.nfs.rpc import Call, Encoded, FileRange, Procedure, Program
 from storaged.nfs.xdr import (
     BOOL,
     UINT32,
@@ -394,9 +401,23 @@ _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # by length & 3
 class Nfs3:
     """The NFSv3 program over an ``ExportTable``."""
 
+    #: Use storaged.nfs.dirlist (and its listing cache for READDIRPLUS) for backends with
+    #: ``listing_fd``; tests turn it off to compare with the general path.
+    fast_listing = True
+
     def __init__(self, exports: ExportTable, write_verifier: bytes) -> None:
         self.exports = exports
         self.verifier = write_verifier
+        self.listings = dirlist.ListingCache()
+        self.generation = 0  # count of modifying procedures run
+        self._next: tuple[Any, ...] | None = None   # listing slice to prefetch
+        self._ready: tuple[Any, ...] | None = None  # (match key, time, prefetched slice)
+        #: file handle -> generation of the NFS procedure that last changed it (recent
+        #: ones only; see ``_changed``), and the generation before which every cached
+        #: listing attribute is void
+        self.changed: dict[bytes, int] = {}
+        self.attrs_void = 0
+        self._changed_lock = threading.Lock()
 
     def program(self) -> Program:
         """The RPC program (100003 v3) with every procedure bound."""
@@ -408,13 +429,74 @@ class Nfs3:
         return prog
 
     def _wrap(self, num: int, fn: Callable[[Call, Any], Any]) -> Callable[[Call, Any], Any]:
+        modifying = num in MODIFYING
+
         def handler(call: Call, args: Any) -> Any:
+            if modifying:
+                self.generation += 1  # retires prefetched listing attributes
             try:
                 return fn(call, args)
             except NfsError as e:
                 return (e.status, e.fail)
+            finally:
+                if modifying and self.listings.has_entries():
+                    self._changed(num, args)
         handler.__name__ = fn.__name__
         return handler
+
+    #: Past this many recently changed handles, all cached listing attributes are voided
+    #: instead (keeps ``_changed`` and the freshness check cheap under write load).
+    MAX_CHANGED = 4096
+
+    def _changed(self, num: int, args: Any) -> None:
+        """Void cached listing attributes (export ``attr_timeout``) that procedure
+        ``num`` may have changed: the file handles it names (the object, and the
+        directory whose mtime/ctime it moves) are marked with a new generation;
+        REMOVE, RMDIR and RENAME also change objects named only by name (nlink and
+        ctime of the removed, moved or replaced file, which may be listed elsewhere
+        through hard links), so they void everything."""
+        if num == 2:
+            handles = (args["object"],)
+        elif num in (7, 21):
+            handles = (args["file"],)
+        elif num == 15:
+            handles = (args["file"], args["link"]["dir"])
+        elif num in (8, 9, 10, 11):  # CREATE, MKDIR, SYMLINK, MKNOD
+            handles = (args["where"]["dir"],)
+        else:  # REMOVE, RMDIR, RENAME
+            handles = None
+        with self._changed_lock:  # COMMIT runs in a worker thread
+            self.generation += 1  # after the change: attributes read from now on have it
+            gen = self.generation
+            changed = self.changed
+            if handles is None or len(changed) >= self.MAX_CHANGED:
+                self.attrs_void = gen
+                changed.clear()
+                return
+            for fh in handles:
+                fh = bytes(fh)
+                changed.pop(fh, None)
+                changed[fh] = gen  # insertion order = generation order
+
+    def _attrs_fresh(self, export: LiveExport, snap: dirlist.Snapshot, cookie: int,
+                     budget: int, entries: bytearray) -> bool:
+        """True if the attributes ``entries`` (``snap.slice(cookie, budget)``) hold are
+        recent enough to send without re-reading: read less than the export's
+        attr_timeout ago, and no NFS procedure since then changed one of the entries
+        (``_changed``).  Changes made other than through storaged show within
+        attr_timeout, as with any server-side attribute cache."""
+        rec = snap.fresh.get((cookie, budget))
+        if rec is None or time.monotonic_ns() - rec[0] >= export.attr_timeout_ns \
+                or rec[1] < self.attrs_void:
+            return False
+        gen = rec[1]
+        with self._changed_lock:
+            for fh, g in reversed(self.changed.items()):
+                if g <= gen:
+                    break
+                if fh in entries:
+                    return False
+        return True
 
     # ------------------------------------------------------------ helpers
 
@@ -505,9 +587,26 @@ class Nfs3:
                            {"obj_attributes": self._attr(export, inode)}) from None
         return (Stat.OK, {"symlink_attributes": self._attr(export, inode), "data": data})
 
+    #: READs of at least this many bytes go out by sendfile when the transport can
+    #: (``Call.zero_copy``) and the backend has ``read_range``.
+    ZERO_COPY_MIN = 256 << 10
+
     def read(self, call: Call, args: Any) -> Any:
         export, inode, creds = self._export(call, args["file"], {"obj_attributes": None})
         count = min(args["count"], export.fs.fsinfo().rtmax)
+        if call.zero_copy and count >= self.ZERO_COPY_MIN:
+            read_range = getattr(export.fs, "read_range", None)
+            if read_range is not None:
+                try:
+                    fd, n, eof, attr = read_range(inode, args["offset"], count, creds)
+                except FsError as e:
+                    raise NfsError(nfsstat(e.errno),
+                                   {"obj_attributes": self._attr(export, inode)}) from None
+                head = _OK + _TRUE + fattr3_bytes(attr) + struct.pack(
+                    ">III", n, 1 if eof else 0, n)
+                if fd is None:
+                    return Encoded([head])
+                return Encoded([head, FileRange(fd, args["offset"], n), _PAD[n & 3]])
         try:
             data, eof, attr = export.fs.read(inode, args["offset"], count, creds)
         except FsError as e:
@@ -655,6 +754,79 @@ class Nfs3:
             raise NfsError(Stat.ACCES, {"dir_attributes": attr})
         return export, dinode, attr
 
+    def _cached_listing(self, export: LiveExport, dinode: bytes, dfd: int, dattr: Attr,
+                        cookie: int, budget: int, is_root: bool
+                        ) -> tuple[bytearray, int, bool] | None:
+        """READDIRPLUS entries from the directory's snapshot (``dirlist.ListingCache``),
+        taken at cookie 0 of a settled directory; None: list it the uncached way."""
+        cache = self.listings
+        prefix, mac_key = export.handle_layout()
+        key = (prefix, mac_key, dinode)
+        stamp = (dattr.mtime, dattr.ctime, dattr.fileid)
+        snap = cache.get(key, stamp)
+        fs = export.fs
+        if snap is None:
+            if cookie != 0 or not cache.settled(dattr.mtime, dattr.ctime):
+                return None
+            data, _n, eof, index = dirlist.encode_indexed(
+                dfd, 0, cache.max_dir_bytes, 1 << 16, True, is_root, fs.mount_id,
+                export.handle(dinode), prefix, mac_key, fs.fsid)
+            snap = dirlist.Snapshot(stamp, data, index, complete=eof)
+            cache.put(key, snap)
+        ready, self._ready = self._ready, None
+        got = None
+        if export.attr_timeout_ns:
+            got = snap.slice(cookie, budget)
+            if got is None:
+                return None
+            if not self._attrs_fresh(export, snap, cookie, budget, got[0]):
+                got = None
+        if got is not None:
+            pass  # attributes from an earlier listing, within attr_timeout
+        elif ready is not None and ready[0] == (key, stamp, cookie, budget, self.generation) \
+                and time.monotonic_ns() - ready[1] < self.PREFETCH_MAX_AGE_NS:
+            got = ready[2]
+            if export.attr_timeout_ns:
+                snap.store_attrs(cookie, budget, got[0], ready[1], ready[0][4])
+        else:
+            got = snap.slice(cookie, budget)
+            when = time.monotonic_ns()
+            if got is None or not dirlist.refresh_attrs(dfd, got[0], is_root, fs.fsid):
+                return None
+            if export.attr_timeout_ns:
+                snap.store_attrs(cookie, budget, got[0], when, self.generation)
+        if got[1] and not got[2]:
+            self._next = (key, stamp, snap.last_cookie(cookie, got[1]), budget, export,
+                          dinode, is_root, snap)
+        return got
+
+    #: How old prefetched READDIRPLUS attributes may be when the client asks for them.
+    PREFETCH_MAX_AGE_NS = 50_000_000
+
+    def prefetch_listing(self) -> None:
+        """Idle work for the transport once replies are sent: read the attributes of the
+        next slice of the listing a client is walking (it asks for ~50 entries a call),
+        so they are ready when its next READDIRPLUS arrives, while it is still busy with
+        this reply.  Used only for exactly that call, within PREFETCH_MAX_AGE_NS, with
+        the directory unchanged and no modifying procedure run in between (RFC 1813
+        gives READDIRPLUS attributes no stronger ordering than that)."""
+        nxt, self._next = self._next, None
+        if nxt is None:
+            return
+        key, stamp, cookie, budget, export, dinode, is_root, snap = nxt
+        generation = self.generation
+        got = snap.slice(cookie, budget)
+        if got is None or (export.attr_timeout_ns
+                           and self._attrs_fresh(export, snap, cookie, budget, got[0])):
+            return
+        try:
+            dfd = export.fs.listing_fd(dinode)
+        except (FsError, OSError):
+            return
+        when = time.monotonic_ns()
+        if dirlist.refresh_attrs(dfd, got[0], is_root, export.fs.fsid):
+            self._ready = ((key, stamp, cookie, budget, generation), when, got)
+
     def readdir(self, call: Call, args: Any) -> Any:
         return self._readdir(call, args["dir"], args["cookie"], args["count"], plus=False)
 
@@ -673,8 +845,33 @@ class Nfs3:
         fs = export.fs
         head = bytearray(_OK)
         head += _TRUE + fattr3_bytes(dattr) + bytes(8)
-        out = bytearray()
         budget = count - len(head) - 8  # list terminator and eof
+        listing_fd = getattr(fs, "listing_fd", None) if self.fast_listing else None
+        if listing_fd is not None:
+            # One pass in C (or its pure reference): storaged.nfs.dirlist.
+            prefix, key = export.handle_layout()
+            try:
+                dfd = listing_fd(dinode)
+                is_root = dinode == fs.root
+                got = self._cached_listing(export, dinode, dfd, dattr, cookie, budget,
+                                           is_root) if plus else None
+                if got is not None:
+                    out, n, eof = got
+                else:
+                    out, n, eof = dirlist.encode_entries(
+                        dfd, cookie, budget, count // 3, plus, is_root, fs.mount_id,
+                        export.handle(dinode), prefix, key, fs.fsid)
+            except FsError as e:
+                raise NfsError(nfsstat(e.errno), {"dir_attributes": dattr}) from None
+            except OSError as e:
+                raise NfsError(nfsstat(e.errno or errno.EIO),
+                               {"dir_attributes": dattr}) from None
+            if n == 0 and not eof:
+                raise NfsError(Stat.TOOSMALL, {"dir_attributes": dattr})
+            head += out
+            head += _FALSE + (_TRUE if eof else _FALSE)
+            return head
+        out = bytearray()
         eof = True
         n = 0
         handle = export.handle

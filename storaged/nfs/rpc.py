@@ -14,6 +14,7 @@ errors: PROG_UNAVAIL, PROG_MISMATCH, PROC_UNAVAIL, GARBAGE_ARGS, AUTH_ERROR
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class Call:
     cred: Cred
     args: memoryview
     peer: tuple[str, int] = ("", 0)
+    #: the transport sends ``FileRange`` reply parts itself (sendfile); see FileRange
+    zero_copy: bool = False
 
 
 @dataclass(slots=True)
@@ -97,6 +100,23 @@ class Close:
     """The stream is unusable (bad framing, oversized record): close after flushing."""
 
     reason: str
+
+
+class FileRange:
+    """A reply part that is ``count`` bytes of open file ``fd`` from ``offset``: the TCP
+    shell sends it with sendfile(2) from the page cache instead of reading it into
+    memory first.  The part owns ``fd`` (a dup): whoever sends it closes it.  Only
+    handed out for calls with ``zero_copy`` set."""
+
+    __slots__ = ("fd", "offset", "count")
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class Encoded(list):  # type: ignore[type-arg]
@@ -236,38 +256,90 @@ def decode_reply(message: bytes | memoryview) -> tuple[int, int, memoryview]:
     return xid, astat, buf[off:]
 
 
+def _exported(buf: bytearray) -> bool:
+    """True while a memoryview (a record handed out, or a slice of one) still uses ``buf``:
+    CPython refuses to resize an exported bytearray."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
+
+
+#: Free space offered to each socket read (asyncio BufferedProtocol ``get_buffer``).
+MIN_READ = 256 << 10
+
+
 class RecordReader:
     """Record-marking reassembly (RFC 5531 §11), shared by server and client sides.
 
-    Whole single-fragment records are handed out as zero-copy memoryviews of
-    the receive buffer (the reader then starts a fresh buffer instead of
-    resizing one that is still referenced).
+    Bytes land in one receive buffer, straight from the socket with
+    ``get_buffer``/``buffer_updated`` (asyncio's BufferedProtocol) or copied in
+    by ``feed``.  Whole single-fragment records are handed out as zero-copy
+    memoryviews of that buffer (a 1 MiB WRITE is never copied in user space
+    before its pwrite).  Bytes a record view may still reference are never
+    overwritten: when more room is needed and views are alive, the unread tail
+    moves to a fresh buffer; otherwise it is compacted in place.  A buffer
+    always has room for the whole record being received, so records stay
+    contiguous.
     """
 
     def __init__(self, max_record: int = MAX_RECORD) -> None:
-        self.buf = bytearray()
+        self.buf = bytearray(MIN_READ)
+        self.start = 0      # first byte not yet parsed
+        self.end = 0        # end of the received bytes
+        self.view: memoryview | None = None  # base of the record views handed out
+        self.need = 0       # bytes (from ``start``) the record being received needs
         self.frags: list[bytes] = []
         self.size = 0
         self.max_record = max_record
 
-    def feed(self, data: bytes) -> list[memoryview | bytes]:
-        """Add stream bytes; return the records completed by them.  ValueError on abuse."""
-        self.buf += data
+    def get_buffer(self, sizehint: int = 0) -> memoryview:
+        """Writable space for the next socket read (at least MIN_READ bytes)."""
+        want = max(self.need - (self.end - self.start), MIN_READ,
+                   min(sizehint, self.max_record + 4))
+        if len(self.buf) - self.end < want:
+            self._make_room(want)
+        return memoryview(self.buf)[self.end:]
+
+    def _make_room(self, want: int) -> None:
+        pending = self.end - self.start
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        size = len(self.buf)
+        if pending + want <= size and not _exported(self.buf):
+            if pending:
+                self.buf[:pending] = self.buf[self.start:self.end]
+        else:
+            new = bytearray(max(size, pending + want))
+            new[:pending] = memoryview(self.buf)[self.start:self.end]
+            self.buf = new
+        self.start = 0
+        self.end = pending
+
+    def buffer_updated(self, nbytes: int) -> list[memoryview]:
+        """``nbytes`` arrived after the last ``get_buffer``: the records they complete.
+
+        ValueError when a record would exceed ``max_record``.
+        """
+        self.end += nbytes
         buf = self.buf
-        out: list[memoryview | bytes] = []
-        pos = 0
-        end = len(buf)
-        view: memoryview | None = None
+        pos = self.start
+        end = self.end
+        out: list[memoryview] = []
         while end - pos >= 4:
             mark = _MARK.unpack_from(buf, pos)[0]
             n = mark & 0x7FFFFFFF
             if self.size + n > self.max_record:
                 raise ValueError(f"record larger than {self.max_record} bytes")
             if end - pos - 4 < n:
+                self.need = 4 + n
                 break
-            if view is None:
-                view = memoryview(buf)
-            frag = view[pos + 4:pos + 4 + n]
+            if self.view is None:
+                self.view = memoryview(buf)
+            frag = self.view[pos + 4:pos + 4 + n]
             pos += 4 + n
             if mark & LAST_FRAGMENT:
                 if self.frags:
@@ -279,11 +351,21 @@ class RecordReader:
             else:
                 self.frags.append(bytes(frag))
                 self.size += n
-        if view is not None:
-            # Records reference the old buffer: keep only the unread tail, in a new one.
-            self.buf = bytearray(view[pos:])
-        elif pos:
-            del buf[:pos]
+        else:
+            self.need = 0
+        self.start = pos
+        return out
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        """Add stream bytes; return the records completed by them.  ValueError on abuse."""
+        src = memoryview(data).cast("B")
+        out: list[memoryview] = []
+        while len(src):
+            with self.get_buffer(len(src)) as dst:
+                k = min(len(dst), len(src))
+                dst[:k] = src[:k]
+            src = src[k:]
+            out += self.buffer_updated(k)
         return out
 
 
@@ -297,8 +379,28 @@ class RpcConnection:
         self._out: list[bytes | bytearray | memoryview] = []
         self._creds: dict[tuple[int, bytes], Cred] = {}
         self.closed = False
+        #: set by a transport that can send FileRange parts (Call.zero_copy)
+        self.zero_copy = False
 
     # -- input
+    def get_buffer(self, sizehint: int = 0) -> memoryview:
+        """Where the next socket read should land (asyncio BufferedProtocol)."""
+        if self.closed:
+            return memoryview(bytearray(MIN_READ))
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last ``get_buffer``; never raises on bad input."""
+        if self.closed:
+            return
+        try:
+            records = self.reader.buffer_updated(nbytes)
+        except ValueError as e:
+            self._close(str(e))
+            return
+        for rec in records:
+            self._record(rec)
+
     def receive_data(self, data: bytes) -> None:
         """Feed stream bytes; never raises on bad input (it becomes an event or reply)."""
         if self.closed:
@@ -349,7 +451,8 @@ class RpcConnection:
         if verf_flavor not in (AUTH_NONE, AUTH_SYS):
             self._denied(xid, AUTH_ERROR, AUTH_BADVERF)
             return
-        self._events.append(Call(xid, prog, vers, proc, cred, buf[off:], self.peer))
+        self._events.append(Call(xid, prog, vers, proc, cred, buf[off:], self.peer,
+                                 self.zero_copy))
 
     # -- output
     def _accepted(self, xid: int, stat: int) -> None:
@@ -362,6 +465,10 @@ class RpcConnection:
         """Queue an already framed reply (from ``RpcService.run``)."""
         if not self.closed:
             self._out.extend(parts)
+            return
+        for p in parts:
+            if type(p) is FileRange:
+                os.close(p.fd)  # never sent: the part owned the descriptor
 
     def next_events(self) -> list[Call | Close]:
         ev, self._events = self._events, []

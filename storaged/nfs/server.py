@@ -16,24 +16,30 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 
 from storaged.nas.exports import ExportTable
 from storaged.nfs import portmap
 from storaged.nfs.mount import MOUNT_PROGRAM, MOUNT_V3, Mount
 from storaged.nfs.nfs3 import NFS_PROGRAM, NFS_V3, Nfs3, new_write_verifier
-from storaged.nfs.rpc import Call, Close, RpcConnection, RpcService, reply_accept
+from storaged.nfs.rpc import Call, Close, FileRange, RpcConnection, RpcService, reply_accept
 
 log = logging.getLogger("storaged.nfs")
 
 
-class RpcProtocol(asyncio.Protocol):
-    """One TCP connection: bytes in, calls to the service, replies out."""
+class RpcProtocol(asyncio.BufferedProtocol):
+    """One TCP connection: bytes in, calls to the service, replies out.
+
+    A BufferedProtocol: the socket reads straight into the record reader's
+    buffer, so a WRITE's data is not copied in user space before its pwrite.
+    """
 
     def __init__(self, server: NfsServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.conn: RpcConnection | None = None
+        self.sock_fd: int | None = None
         self.pending = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,6 +52,8 @@ class RpcProtocol(asyncio.Protocol):
                 pass
         peer = transport.get_extra_info("peername") or ("", 0)
         self.conn = RpcConnection((peer[0], peer[1]))
+        self.sock_fd = sock.fileno() if sock is not None else None
+        self.conn.zero_copy = self.sock_fd is not None
         transport.set_write_buffer_limits(high=16 << 20, low=4 << 20)  # type: ignore[attr-defined]
         self.server.protocols.add(self)
 
@@ -60,6 +68,16 @@ class RpcProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self.conn is not None
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        assert conn is not None
+        conn.buffer_updated(nbytes)
+        self.pump()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -87,6 +105,7 @@ class RpcProtocol(asyncio.Protocol):
             else:
                 conn.send(service.run(ev, proc))
         self._flush()
+        self.server.nfs.prefetch_listing()  # replies are out: idle work
 
     async def _blocking(self, call: Call, proc) -> None:  # noqa: ANN001
         try:
@@ -99,8 +118,74 @@ class RpcProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self.conn.data_to_send() if self.conn else []
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        transport = self.transport
+        if not out:
+            return
+        if transport is None or transport.is_closing():
+            for part in out:
+                if type(part) is FileRange:
+                    os.close(part.fd)
+            return
+        plain: list = []
+        for part in out:
+            if type(part) is FileRange:
+                self._send_range(transport, plain, part)
+                plain = []
+            else:
+                plain.append(part)
+        if plain:
+            self._write(transport, plain)
+
+    def _write(self, transport: asyncio.Transport, parts: list) -> bool:
+        """Send ``parts`` now: one writev straight to the socket when the transport has
+        nothing queued (uvloop would otherwise send at the end of the loop iteration,
+        after the idle work in ``pump``); whatever the socket does not take, or
+        everything when data is queued, goes through the transport in order.
+        True if all of it went out directly."""
+        fd = self.sock_fd
+        if fd is None or len(parts) >= 256 or transport.get_write_buffer_size() != 0:
+            transport.writelines(parts)
+            return False
+        try:
+            k = os.writev(fd, parts)
+        except OSError:  # EAGAIN, or a broken connection the transport will report
+            k = 0
+        for i, p in enumerate(parts):
+            n = len(p)
+            if k < n:
+                rest = [memoryview(p)[k:], *parts[i + 1:]] if k else parts[i:]
+                transport.writelines(rest)
+                return False
+            k -= n
+        return True
+
+    def _send_range(self, transport: asyncio.Transport, before: list,
+                    part: FileRange) -> None:
+        """Send ``before`` then the file range: sendfile from the page cache when
+        everything before it went straight to the socket, else (and for whatever the
+        socket did not take) read it and send it through the transport."""
+        sent = 0
+        try:
+            if self._write(transport, before) and self.sock_fd is not None:
+                while sent < part.count:
+                    try:
+                        k = os.sendfile(self.sock_fd, part.fd, part.offset + sent,
+                                        part.count - sent)
+                    except BlockingIOError:
+                        break
+                    if k == 0:
+                        break
+                    sent += k
+            if sent < part.count:
+                rest = os.pread(part.fd, part.count - sent, part.offset + sent)
+                if len(rest) < part.count - sent:  # the file shrank meanwhile
+                    rest += bytes(part.count - sent - len(rest))
+                transport.write(rest)
+        except OSError as e:
+            log.warning("READ reply to %s:%d failed: %s", *self.conn.peer, e)
+            transport.abort()  # the stream cannot be repaired mid-record
+        finally:
+            os.close(part.fd)
 
 
 class NfsServer:
@@ -173,6 +258,7 @@ class NfsServer:
         if portmap_mode in ("auto", "system") and self.portmap_mode == "off":
             mappings = self.mappings(self.address[1])
             try:
+                mappings = await asyncio.to_thread(_keep_system_statd, mappings)
                 self.registered = await asyncio.to_thread(portmap.register, mappings)
                 self.portmap_mode = "system"
             except OSError as e:
@@ -201,6 +287,18 @@ class NfsServer:
             self.registered = []
         self.listener = self.pmap_listener = self.pmap_listener6 = None
         self.address = None
+
+
+def _keep_system_statd(mappings: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Drop NSM (100024) if the system portmapper already has a statd: never steal it."""
+    out = []
+    for prog, vers, port in mappings:
+        if prog == 100024 and portmap.getport(prog, vers):
+            log.warning("a system statd is registered: SM_NOTIFY from rebooting clients "
+                        "goes to it, not to storaged")
+            continue
+        out.append((prog, vers, port))
+    return out
 
 
 __all__ = ["MOUNT_PROGRAM", "MOUNT_V3", "NFS_PROGRAM", "NFS_V3", "NfsServer", "RpcProtocol"]

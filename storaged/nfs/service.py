@@ -16,8 +16,10 @@ from typing import Any
 import storaged.nas.ops  # noqa: F401 - registers the nfs_* config operations
 from storaged.nas.exports import Export, LiveExport, NfsSettings
 from storaged.nas.hostfs import HostFs
+from storaged.nfs.lockd import LockService
 from storaged.nfs.server import NfsServer
 from storaged.state import Store, split_portal
+from storaged.state.nsm import NsmStore
 
 log = logging.getLogger("storaged.nfs")
 
@@ -31,7 +33,7 @@ class NfsRuntime:
         self.filesystems: dict[str, tuple[str, HostFs]] = {}  # path -> (directory, fs)
         self.listen = ""
         self.portmap = ""
-        self.nlm: Any = None
+        self.nlm = LockService(self.server, NsmStore(store))  # NLM v4 + NSM on the listener
 
     async def reconcile(self) -> None:
         with self.store.read() as txn:
@@ -62,6 +64,7 @@ class NfsRuntime:
         self.server.exports.set(live)
         if (settings.listen, settings.portmap) != (self.listen, self.portmap):
             if self.server.address is not None:
+                await self.nlm.close_udp()
                 await self.server.stop()
             self.listen, self.portmap = settings.listen, settings.portmap
             if settings.listen:
@@ -71,15 +74,23 @@ class NfsRuntime:
                 except OSError as e:
                     log.error("NFS: cannot listen on %s: %s", settings.listen, e)
                     self.listen = ""
+                else:
+                    self.nlm.start(settings.grace)  # once per process: NSM state, grace
+                    builtin = self.server.portmap_mode == "builtin"
+                    await self.nlm.listen_udp(host, self.server.address[1],  # type: ignore
+                                              111 if builtin else None)
 
     def status(self) -> dict[str, Any]:
         addr = self.server.address
         return {"listen": f"{addr[0]}:{addr[1]}" if addr else None,
                 "portmap": self.server.portmap_mode,
                 "exports": sorted(self.server.exports.by_path),
-                "connections": len(self.server.protocols)}
+                "connections": len(self.server.protocols),
+                "nlm": {"nsm_state": self.nlm.nsm.state, "in_grace": self.nlm.nlm.in_grace,
+                        "lock_hosts": sorted(self.nlm.nlm.locks.hosts())}}
 
     async def shutdown(self) -> None:
+        await self.nlm.stop()
         await self.server.stop()
         for _d, fs in self.filesystems.values():
             fs.close()
