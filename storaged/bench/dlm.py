@@ -1,20 +1,24 @@
 """DLM benchmark: storaged lock+unlock pairs vs etcd 3.4 locks, side by side.
 
-``python -m storaged.bench dlm [--seconds S] [--etcd PATH]``
+``python -m storaged.bench dlm [--seconds S] [--runs N] [--etcd PATH]``
 
 storaged: this process runs cluster node 1 with its clients (asyncio tasks
 using the Lockspace API, the way an in-daemon user such as the cluster
-filesystem does); a second node runs in a child process on 127.0.0.2.
-*local-master* names are first used by node 1 (mastered there: no network
-round trip), *remote-master* names were first used by node 2 (every lock and
-unlock is a round trip over ZeroMQ).
+filesystem does, with the daemon's event loop: uvloop when installed); a
+second node runs in a child process on 127.0.0.2.  *local-master* names are
+first used by node 1 (mastered there: no network round trip),
+*remote-master* names were first used by node 2 (each lock is a round trip
+over ZeroMQ; the unlock is asynchronous and travels in the same frame as the
+next request).
 
 etcd: ``etcd`` (Debian etcd-server 3.4) on its own 127.0.0.1 ports; each
 client is a thread with a keep-alive HTTP connection to the v3 JSON gateway
 that grants a lease once, then loops ``/v3/lock/lock`` + ``/v3/lock/unlock``.
 
 Scenarios: 1 and 8 clients, uncontended (a name per client) and contended
-(one name).  Each row prints pairs/s and the p50/p99 latency of one
+(one name).  A round runs every storaged case, then every etcd case (both
+servers stay up); ``--runs`` rounds alternate and each figure is the median
+over them.  Each row prints pairs/s and the p50/p99 latency of one
 lock+unlock pair; the last line is ``min ratio storaged/etcd: X.XX``.
 """
 
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from storaged.cluster.config import ClusterConfig, NodeEntry
@@ -40,6 +45,26 @@ from storaged.cluster.fencing import TestFencer
 from storaged.cluster.node import ClusterNode
 
 CLIENTS = (1, 8)
+
+
+def _daemon_run(coro: Any) -> Any:
+    """Run ``coro`` with the daemon's runtime settings: uvloop when installed (as
+    ``storaged serve`` does, which now hosts the cluster node) and its GC tuning."""
+    import gc
+    gc.set_threshold(20000, 20, 20)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
 
 
 def _free_port(host: str) -> int:
@@ -79,7 +104,21 @@ async def _storaged_case(ls: Any, names: list[bytes], seconds: float) -> dict[st
     return _stats(lat, time.perf_counter() - t0)
 
 
-async def _storaged(seconds: float) -> dict[tuple[str, int, str], dict[str, float]]:
+def _median(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric median over runs."""
+    out = {}
+    for k in samples[0]:
+        vals = sorted(x[k] for x in samples)
+        out[k] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1]
+                                                            + vals[len(vals) // 2]) / 2
+    return out
+
+
+async def _storaged(seconds: float, wheres: tuple[str, ...] = ("local", "remote"),
+                    runs: int = 1, between: Callable[[], None] | None = None,
+                    ) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Every storaged case ``runs`` times; ``between`` (the etcd cases) runs in a thread
+    after each round, while both nodes keep heartbeating.  Medians over the rounds."""
     cfg = ClusterConfig(name="bench", nodes={
         1: NodeEntry(f"127.0.0.1:{_free_port('127.0.0.1')}"),
         2: NodeEntry(f"127.0.0.2:{_free_port('127.0.0.2')}")}, fencer="test")
@@ -91,24 +130,29 @@ async def _storaged(seconds: float) -> dict[tuple[str, int, str], dict[str, floa
                              cfg_path, *remote_names], stdout=subprocess.PIPE, text=True)
     node = ClusterNode(cfg, 1, fencer=TestFencer())
     await node.start()
+    loop = asyncio.get_running_loop()
     try:
         await node.wait_ready(2, timeout=20)
-        line = await asyncio.get_running_loop().run_in_executor(None, peer.stdout.readline)
+        line = await loop.run_in_executor(None, peer.stdout.readline)
         assert line.strip() == "ready", line
         ls = node.lockspace()
-        out: dict[tuple[str, int, str], dict[str, float]] = {}
-        for where in ("local", "remote"):
-            for clients in CLIENTS:
-                for contention in ("uncontended", "contended"):
-                    if contention == "contended":
-                        names = [f"{where}-c".encode()] * clients
-                    else:
-                        names = [f"{where}-{i}".encode() for i in range(clients)]
-                    for n in set(names):  # warm up: master and directory entries
-                        await ls.unlock(await ls.lock(n, "EX"))
-                    out[(where, clients, contention)] = await _storaged_case(ls, names,
-                                                                             seconds)
-        return out
+        out: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        for _ in range(runs):
+            for where in wheres:
+                for clients in CLIENTS:
+                    for contention in ("uncontended", "contended"):
+                        if contention == "contended":
+                            names = [f"{where}-c".encode()] * clients
+                        else:
+                            names = [f"{where}-{i}".encode() for i in range(clients)]
+                        for n in set(names):  # warm up: master and directory entries
+                            await ls.unlock(await ls.lock(n, "EX"), wait=True)
+                        out.setdefault((where, clients, contention), []).append(
+                            await _storaged_case(ls, names, seconds))
+            if between is not None:
+                await loop.run_in_executor(None, between)
+        assert node.view is not None and len(node.view.members) == 2, "a node dropped out"
+        return {k: _median(v) for k, v in out.items()}
     finally:
         await node.stop()
         peer.terminate()
@@ -208,18 +252,13 @@ class Etcd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _etcd(binary: str, seconds: float) -> dict[tuple[int, str], dict[str, float]]:
-    server = Etcd(binary)
-    try:
-        out = {}
-        for clients in CLIENTS:
-            for contention in ("uncontended", "contended"):
-                names = (["etcd-c"] * clients if contention == "contended"
-                         else [f"etcd-{i}" for i in range(clients)])
-                out[(clients, contention)] = server.case(names, seconds)
-        return out
-    finally:
-        server.close()
+def _etcd_round(server: Etcd, seconds: float,
+                out: dict[tuple[int, str], list[dict[str, float]]]) -> None:
+    for clients in CLIENTS:
+        for contention in ("uncontended", "contended"):
+            names = (["etcd-c"] * clients if contention == "contended"
+                     else [f"etcd-{i}" for i in range(clients)])
+            out.setdefault((clients, contention), []).append(server.case(names, seconds))
 
 
 # ---------------------------------------------------------------------- main
@@ -228,20 +267,37 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m storaged.bench dlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=2.0, help="duration of each case")
+    p.add_argument("--runs", type=int, default=3,
+                   help="rounds (storaged cases, then etcd cases); medians are reported")
     p.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd",
                    help="etcd binary (Debian package etcd-server)")
+    p.add_argument("--storaged-only", choices=("all", "local", "remote"),
+                   help="development aid: run only storaged cases (no etcd, no ratio line)")
     p.add_argument("--serve-node", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_node:
-        asyncio.run(_serve_node(args.serve_node[0], args.serve_node[1:]))
+        _daemon_run(_serve_node(args.serve_node[0], args.serve_node[1:]))
+        return 0
+    if args.storaged_only:
+        wheres = ("local", "remote") if args.storaged_only == "all" else (args.storaged_only,)
+        for key, s in _daemon_run(_storaged(args.seconds, wheres, args.runs)).items():
+            print(*key, f"{s['rate']:.0f}/s p50 {s['p50']:.3f} p99 {s['p99']:.3f}")
         return 0
     if not os.path.exists(args.etcd):
         print(f"etcd not found at {args.etcd}: install the Debian package etcd-server",
               file=sys.stderr)
         return 2
-    print(f"DLM lock+unlock pairs, {args.seconds:g} s per case (latency per pair, ms)")
-    ours = asyncio.run(_storaged(args.seconds))
-    theirs = _etcd(args.etcd, args.seconds)
+    print(f"DLM lock+unlock pairs, {args.seconds:g} s per case, medians of {args.runs} "
+          f"alternating rounds (latency per pair, ms); storaged nodes on {_loop_name()}")
+    server = Etcd(args.etcd)
+    etcd_runs: dict[tuple[int, str], list[dict[str, float]]] = {}
+    try:
+        ours = _daemon_run(_storaged(args.seconds, runs=args.runs,
+                                     between=lambda: _etcd_round(server, args.seconds,
+                                                                 etcd_runs)))
+    finally:
+        server.close()
+    theirs = {k: _median(v) for k, v in etcd_runs.items()}
     head = (f"{'master':<7} {'clients':>7} {'names':<12} {'storaged/s':>11} {'p50':>7} "
             f"{'p99':>7} {'etcd/s':>8} {'p50':>7} {'p99':>7} {'ratio':>7}")
     print(head)

@@ -5,9 +5,11 @@ It owns:
 
 * a ZeroMQ ROUTER socket bound to the node's configured address (every
   message from peers arrives here) and one DEALER per peer for sending.
-  Messages are JSON objects with the sender's node id ``n`` and incarnation
-  ``i``; DLM messages carry their lockspace ``ls``.  Per-peer channels are
-  FIFO, which the DLM recovery barrier relies on;
+  Messages are JSON objects; what the node produces for one peer in one
+  event loop iteration travels as one batch frame stamped with the sender's
+  node id and incarnation (:mod:`storaged.cluster.wire`); DLM messages carry
+  their lockspace ``ls``.  Per-peer channels are FIFO, which the DLM relies
+  on (asynchronous unlock, recovery barrier);
 * the sans-IO :class:`~storaged.cluster.membership.Membership` core, ticked
   every few milliseconds, and the :class:`~storaged.cluster.fencing.Fencer`;
 * one :class:`~storaged.dlm.api.Lockspace` per configured lockspace;
@@ -42,6 +44,7 @@ from storaged.cluster.membership import (
     View,
     ViewInstalled,
 )
+from storaged.cluster.wire import decode, encode_batch
 from storaged.dlm.api import LockError, Lockspace
 from storaged.dlm.core import LockspaceCore, PLock
 from storaged.dlm.modes import Flag, Mode, Status
@@ -95,12 +98,15 @@ class ClusterNode:
         self._ticker: asyncio.Task | None = None
         self._view_changed = asyncio.Event()
         self.stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, list[dict[str, Any]]] = {}
+        self._flush_scheduled = False
 
     # -------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Bind sockets, connect to peers and start ticking."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
         host, port = self.config.address(self.node_id)
         r = self._ctx.socket(zmq.ROUTER)
@@ -115,6 +121,9 @@ class ClusterNode:
         if self.control_path:
             self._client = await asyncio.start_unix_server(self._on_client, self.control_path)
         self._ticker = loop.create_task(self._tick_loop())
+        if self._pending and not self._flush_scheduled:  # queued before start()
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         log.info("node %d (incarnation %d) of cluster %s on %s:%d", self.node_id, self.inc,
                  self.config.name, host, port)
 
@@ -142,6 +151,7 @@ class ClusterNode:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._flush()
         if self._router is not None and not self._router.closed:
             loop.remove_reader(self._router.getsockopt(zmq.FD))
             self._router.close(0)
@@ -211,21 +221,37 @@ class ClusterNode:
     # ---------------------------------------------------------------- sending
 
     def _send(self, dst: int, msg: dict[str, Any]) -> None:
-        if dst in self.drop:
+        """Queue ``msg`` for ``dst``; everything queued in one loop iteration goes as one
+        frame (:mod:`storaged.cluster.wire`), in order."""
+        if dst in self.drop or dst not in self._dealers:
             return
-        d = self._dealers.get(dst)
-        if d is None:
-            return
-        msg["n"] = self.node_id
-        msg["i"] = self.inc
-        try:
-            d.send(_DUMPS(msg).encode(), zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # peer not connected: it is down or not started yet
+        q = self._pending.get(dst)
+        if q is None:
+            self._pending[dst] = [msg]
+        else:
+            q.append(msg)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _send_many(self, out: list[tuple[int, dict[str, Any]]]) -> None:
         for dst, msg in out:
             self._send(dst, msg)
+
+    def _flush(self) -> None:
+        """Send the queued messages: one batch frame per peer."""
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for dst, msgs in pending.items():
+            d = self._dealers.get(dst)
+            if d is None:
+                continue
+            try:
+                d.send(encode_batch(self.node_id, self.inc, msgs), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # peer not connected: it is down or not started yet
 
     # -------------------------------------------------------------- receiving
 
@@ -233,8 +259,14 @@ class ClusterNode:
         r = self._router
         if r is None or r.closed:
             return
+        dirty: set[Lockspace] = set()
+        # The ZeroMQ FD is edge-triggered: drain everything that is queued now.  Asking
+        # EVENTS (which also re-arms the FD) is cheaper than ending on a zmq.Again.
+        get, pollin = r.getsockopt, zmq.POLLIN
         while True:
             try:
+                if not get(zmq.EVENTS) & pollin:
+                    break
                 frames = r.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
@@ -242,18 +274,24 @@ class ClusterNode:
                 return
             if len(frames) == 2:
                 try:
-                    self._on_message(frames[0], frames[1])
+                    self._on_frame(frames[0], frames[1], dirty)
                 except Exception:  # noqa: BLE001 - one bad peer message never kills the node
                     log.exception("bad message from a peer ignored")
+        for ls in dirty:
+            ls.pump()
         self._flush_membership()
+        self._flush()  # answers go out now, not one loop iteration later
 
-    def _on_message(self, ident: bytes, payload: bytes) -> None:
+    def _on_frame(self, ident: bytes, payload: bytes, dirty: set[Lockspace]) -> None:
         try:
-            msg = _LOADS(payload)
-            src = msg.get("n")
-            inc = msg.get("i")
-        except (ValueError, AttributeError):
+            src, inc, msgs = decode(payload)
+        except (ValueError, TypeError):
             return
+        for msg in msgs:
+            self._on_message(ident, src, inc, msg, dirty)
+
+    def _on_message(self, ident: bytes, src: int | None, inc: int | None,
+                    msg: dict[str, Any], dirty: set[Lockspace]) -> None:
         kind = msg.get("t")
         if kind == "cfgreq":
             self._answer_join(ident, msg)
@@ -268,7 +306,7 @@ class ClusterNode:
             ls = self.lockspaces.get(ls_name)
             if ls is not None:
                 ls.core.receive(src, msg)
-                ls.pump()
+                dirty.add(ls)
             return
         if kind == "fack":
             self.fencer.acknowledge(int(msg["node"]))
@@ -317,6 +355,7 @@ class ClusterNode:
             elif isinstance(ev, Reset):
                 log.warning("removed from the cluster: rejoining as incarnation %d "
                             "(every lock held here is lost)", ev.new_inc)
+                self._flush()  # what was queued is stamped with the old incarnation
                 self.inc = ev.new_inc
                 self.view = None
                 for ls in self.lockspaces.values():

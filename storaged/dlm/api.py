@@ -56,10 +56,12 @@ class Lockspace:
         for ev in events:
             kind, lk = ev[0], ev[1]
             if kind == "cast":
+                lk.status = ev[2]
                 fut = lk.ctx
-                lk.ctx = None
-                if fut is not None and not fut.done():
-                    fut.set_result(ev[2])
+                if fut is not None:
+                    lk.ctx = None
+                    if not fut.done():
+                        fut.set_result(ev[2])
             elif kind == "bast":
                 if lk.bast is not None:
                     loop = loop or asyncio.get_running_loop()
@@ -93,13 +95,26 @@ class Lockspace:
     async def lock(self, name: bytes | str, mode: Mode | str | int, *, flags: int = 0,
                    lvb: bytes | None = None, bast: Callable[[PLock, Mode], Any] | None = None,
                    timeout: float | None = None) -> PLock:
-        """Acquire a lock; returns the granted handle or raises LockError / TimeoutError."""
-        lk, fut = self.request(name, mode, flags=flags, lvb=lvb, bast=bast)
+        """Acquire a lock; returns the granted handle or raises LockError / TimeoutError.
+
+        A request a local master completes at once returns without suspending the
+        caller and without a future (the local-master fast path)."""
         try:
-            status = await self._wait(lk, fut, timeout)
-        except asyncio.CancelledError:
-            self._abandon(lk, fut)
-            raise
+            lk = self.core.lock(name, mode, flags, lvb)
+        except DlmError as e:
+            raise LockError(e.status, str(e)) from None
+        lk.bast = bast
+        self.pump()
+        if lk.op is None:  # completed synchronously: its cast was delivered by pump()
+            status = lk.status
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            lk.ctx = fut
+            try:
+                status = await self._wait(lk, fut, timeout)
+            except asyncio.CancelledError:
+                self._abandon(lk, fut)
+                raise
         if status != Status.OK:
             raise LockError(status)
         return lk
@@ -149,13 +164,28 @@ class Lockspace:
             raise LockError(status)
         return lk
 
-    async def unlock(self, lk: PLock, *, lvb: bytes | None = None, flags: int = 0) -> None:
-        """Release ``lk``; with VALBLK from PW/EX the LVB given (or the lock's) is written."""
-        fut = asyncio.get_running_loop().create_future()
+    async def unlock(self, lk: PLock, *, lvb: bytes | None = None, flags: int = 0,
+                     wait: bool = False) -> None:
+        """Release ``lk``; with VALBLK from PW/EX the LVB given (or the lock's) is written.
+
+        Asynchronous like ``dlm_unlock`` (whose completion comes by AST): this returns
+        once the unlock is on its way to the master, so a lock+unlock pair costs one
+        network round trip.  Ordering is kept because each node's channel to a master
+        is FIFO: a later request from this node reaches the master after the unlock, so
+        it never waits behind (or deadlocks with) the released lock; other nodes see the
+        release when the master processes it.  Until then the handle shows
+        ``op == "unlock"`` and recovery treats it as released (its LVB write is kept).
+        ``wait=True`` waits for the master's completion and raises its error, if any.
+        """
         try:
             self.core.unlock(lk, lvb, flags)
         except DlmError as e:
             raise LockError(e.status, str(e)) from None
+        if not wait:
+            lk.ctx = None
+            self.pump()
+            return
+        fut = asyncio.get_running_loop().create_future()
         lk.ctx = fut
         self.pump()
         status = await fut if not fut.done() else fut.result()
@@ -192,7 +222,8 @@ class SyncLockspace:
         return self._run(self.ls.convert(lk, mode, **kw))
 
     def unlock(self, lk: PLock, **kw: Any) -> None:
-        """Blocking :meth:`Lockspace.unlock`."""
+        """:meth:`Lockspace.unlock` from another thread (returns once it is dispatched,
+        or once the master completed it with ``wait=True``)."""
         return self._run(self.ls.unlock(lk, **kw))
 
     def cancel(self, lk: PLock) -> bool:

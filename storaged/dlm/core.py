@@ -45,6 +45,18 @@ from typing import Any
 from storaged.dlm.modes import Flag, Mode, Status, check_name
 from storaged.dlm.resource import Bast, Cast, Resource
 
+# Plain ints for the hot paths: enum member access and IntFlag arithmetic cost about a
+# microsecond each, several times per lock operation.
+_CONVERT = Flag.CONVERT.value
+_IVVALBLK = Flag.IVVALBLK.value
+_VALBLK = Flag.VALBLK.value
+_CR = Mode.CR.value
+_IV = Mode.IV.value
+_PW = Mode.PW.value
+_S_EUNLOCK = Status.EUNLOCK.value
+_S_OK = Status.OK.value
+_STATUS = {s.value: s for s in Status}
+
 ViewId = tuple[int, int]
 
 NEW, RUNNING, RECOVERY, FROZEN, STOPPED = "new", "running", "recovery", "frozen", "stopped"
@@ -64,12 +76,12 @@ class PLock:
     """Process copy of a lock owned by this node."""
 
     __slots__ = ("lkid", "name", "grmode", "rqmode", "flags", "lvb", "lvb_valid", "lvbseq",
-                 "op", "cancel", "sent", "rc_unlocked", "demoted", "ctx", "bast")
+                 "op", "cancel", "sent", "rc_unlocked", "demoted", "ctx", "bast", "status")
 
     def __init__(self, lkid: int, name: bytes, mode: int, flags: int, lvb: bytes | None) -> None:
         self.lkid = lkid
         self.name = name
-        self.grmode = Mode.IV.value
+        self.grmode = _IV
         self.rqmode = int(mode)
         self.flags = int(flags)
         self.lvb = lvb
@@ -82,6 +94,7 @@ class PLock:
         self.demoted = False
         self.ctx: Any = None
         self.bast: Any = None
+        self.status: Status | None = None  #: status of the last completion (set by the API)
 
     @property
     def mode(self) -> Mode:
@@ -164,7 +177,7 @@ class LockspaceCore:
         mode = Mode.parse(mode)
         if self.state == STOPPED:
             raise DlmError(Status.ENOLCK, f"lockspace {self.name} is stopped (no quorum)")
-        lk = PLock(self._next, raw, mode, int(flags) & ~Flag.CONVERT, self._lvb(lvb))
+        lk = PLock(self._next, raw, mode, int(flags) & ~_CONVERT, self._lvb(lvb))
         self._next += 1
         self.locks[lk.lkid] = lk
         if self.state == RUNNING:
@@ -179,7 +192,7 @@ class LockspaceCore:
         self._check_idle(lk, "convert")
         lk.op = "convert"
         lk.rqmode = int(mode)
-        lk.flags = int(flags) | Flag.CONVERT
+        lk.flags = int(flags) | _CONVERT
         if lvb is not None:
             lk.lvb = self._lvb(lvb)
         if self.state == RUNNING:
@@ -193,8 +206,8 @@ class LockspaceCore:
         lk.op = "unlock"
         if lvb is not None:
             lk.lvb = self._lvb(lvb)
-        lk.flags = (lk.flags & ~(Flag.VALBLK | Flag.IVVALBLK)) | (
-            int(flags) & (Flag.VALBLK | Flag.IVVALBLK)) if flags else lk.flags
+        lk.flags = (lk.flags & ~(_VALBLK | _IVVALBLK)) | (
+            int(flags) & (_VALBLK | _IVVALBLK)) if flags else lk.flags
         if self.state == RUNNING:
             self._dispatch(lk)
         else:
@@ -224,8 +237,8 @@ class LockspaceCore:
     def _local_cancel(self, lk: PLock) -> None:
         lk.cancel = False
         lk.op = None
-        lk.rqmode = Mode.IV.value
-        if lk.grmode == Mode.IV:
+        lk.rqmode = _IV
+        if lk.grmode == _IV:
             self.locks.pop(lk.lkid, None)
         self.events.append(("cast", lk, Status.ECANCEL))
 
@@ -234,7 +247,7 @@ class LockspaceCore:
             raise DlmError(Status.ENOENT, f"{what}: no such lock")
         if self.state == STOPPED:
             raise DlmError(Status.ENOLCK, f"lockspace {self.name} is stopped (no quorum)")
-        if lk.op is not None or lk.grmode == Mode.IV:
+        if lk.op is not None or lk.grmode == _IV:
             raise DlmError(Status.EBUSY, f"{what}: the lock has an operation in progress")
 
     def _lvb(self, lvb: bytes | None) -> bytes | None:
@@ -350,9 +363,9 @@ class LockspaceCore:
         if lk is None:
             return
         lk.sent = None
-        if status == Status.OK:
+        if status == _S_OK:
             lk.grmode = mode
-            lk.rqmode = Mode.IV.value
+            lk.rqmode = _IV
             lk.op = None
             lk.cancel = False
             lk.demoted = demoted
@@ -360,22 +373,22 @@ class LockspaceCore:
                 lk.lvb = lvb
                 lk.lvbseq = lvbseq
             lk.lvb_valid = valid
-        elif status == Status.EUNLOCK:
-            lk.grmode = Mode.IV.value
+        elif status == _S_EUNLOCK:
+            lk.grmode = _IV
             lk.op = None
             del self.locks[lkid]
         else:
             lk.grmode = mode
-            lk.rqmode = Mode.IV.value
+            lk.rqmode = _IV
             lk.op = None
             lk.cancel = False
-            if mode == Mode.IV:
+            if mode == _IV:
                 del self.locks[lkid]
-        self.events.append(("cast", lk, Status(status)))
+        self.events.append(("cast", lk, _STATUS.get(status) or Status(status)))
 
     def _apply_bast(self, lkid: int, mode: int) -> None:
         lk = self.locks.get(lkid)
-        if lk is not None and lk.grmode != Mode.IV:
+        if lk is not None and lk.grmode != _IV:
             self.events.append(("bast", lk, Mode(mode)))
 
     # ---------------------------------------------------------------- network
@@ -491,11 +504,11 @@ class LockspaceCore:
 
     def _drop_all(self) -> None:
         for lk in list(self.locks.values()):
-            if lk.op is not None and lk.grmode == Mode.IV:
+            if lk.op is not None and lk.grmode == _IV:
                 self.events.append(("cast", lk, Status.ENOLCK))
             else:
                 self.events.append(("lost", lk))
-            lk.grmode = Mode.IV.value
+            lk.grmode = _IV
             lk.op = None
         self.locks.clear()
         self.queued.clear()
@@ -554,16 +567,16 @@ class LockspaceCore:
     def _send_batches(self, rc: _Round) -> None:
         batches: dict[int, dict[str, list]] = {n: {"locks": [], "lvbs": []} for n in rc.members}
         for lk in self.locks.values():
-            if lk.grmode == Mode.IV:
+            if lk.grmode == _IV:
                 continue
             unlocking = lk.op == "unlock"
             lk.rc_unlocked = unlocking
             batches[self.dir_node(lk.name, rc.members)]["locks"].append(
-                [_b(lk.name), lk.lkid, lk.grmode, lk.flags & ~Flag.CONVERT,
+                [_b(lk.name), lk.lkid, lk.grmode, lk.flags & ~_CONVERT,
                  None if lk.lvb is None else _b(lk.lvb), lk.lvbseq, unlocking])
         keep = set(rc.members)
         for name, r in self.rsbs.items():
-            dead_pw = any(lk.owner not in keep and lk.grmode >= Mode.PW
+            dead_pw = any(lk.owner not in keep and lk.grmode >= _PW
                           for lk in r.locks.values())
             batches[self.dir_node(name, rc.members)]["lvbs"].append(
                 [_b(name), None if r.lvb is None else _b(r.lvb), r.lvbseq, not r.valnotvalid,
@@ -608,10 +621,10 @@ class LockspaceCore:
         for name, entry in unlocks:
             r = staging[name]
             grmode, flags = int(entry[2]), int(entry[3])
-            if grmode >= Mode.PW:
-                if flags & Flag.IVVALBLK:
+            if grmode >= _PW:
+                if flags & _IVVALBLK:
                     r.valnotvalid = True
-                elif flags & Flag.VALBLK and entry[4] is not None:
+                elif flags & _VALBLK and entry[4] is not None:
                     r.lvb = _u(entry[4])
                     r.lvbseq += 1
                     r.valnotvalid = False
@@ -622,7 +635,7 @@ class LockspaceCore:
         # other name goes through a lookup, so the directory stays the single authority.
         self.masters = {}
         for lk in self.locks.values():
-            if lk.grmode != Mode.IV:
+            if lk.grmode != _IV:
                 self.masters[lk.name] = self.dir_node(lk.name, rc.members)
 
     @staticmethod
@@ -631,9 +644,9 @@ class LockspaceCore:
         big = None
         high = None
         for lk in r.granted:
-            if not lk.flags & Flag.VALBLK or lk.lvb is None:
+            if not lk.flags & _VALBLK or lk.lvb is None:
                 continue
-            if lk.grmode > Mode.CR:
+            if lk.grmode > _CR:
                 big = lk
                 break
             if high is None or lk.lvbseq >= high.lvbseq:
@@ -661,7 +674,7 @@ class LockspaceCore:
             if lk.op == "unlock" and lk.rc_unlocked:
                 lk.rc_unlocked = False
                 lk.op = None
-                lk.grmode = Mode.IV.value
+                lk.grmode = _IV
                 del self.locks[lk.lkid]
                 self.events.append(("cast", lk, Status.EUNLOCK))
             elif lk.cancel:

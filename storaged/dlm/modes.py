@@ -25,6 +25,12 @@ class Mode(enum.IntEnum):
     @classmethod
     def parse(cls, value: str | int | Mode) -> Mode:
         """``Mode`` from a name (``"ex"``, ``"PR"``) or number; ValueError otherwise."""
+        try:
+            mode = _PARSE.get(value)  # fast path: every valid spelling is in the table
+        except TypeError:  # unhashable
+            mode = None
+        if mode is not None:
+            return mode
         if isinstance(value, Mode):
             return value
         if isinstance(value, str):
@@ -38,6 +44,11 @@ class Mode(enum.IntEnum):
             raise ValueError("IV is not a requestable lock mode")
         return mode
 
+
+_PARSE: dict[object, Mode] = {}
+for _m in Mode:
+    if _m is not Mode.IV:
+        _PARSE.update({_m.value: _m, _m.name: _m, _m.name.lower(): _m})
 
 #: COMPAT[granted][requested] for NL..EX (the standard VMS/Linux matrix).
 COMPAT: tuple[tuple[bool, ...], ...] = (

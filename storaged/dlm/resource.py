@@ -17,6 +17,28 @@ from dataclasses import dataclass
 
 from storaged.dlm.modes import COMPAT, Flag, Mode, Status, lvb_op
 
+# Plain ints for the hot paths: enum member access and IntFlag arithmetic cost about a
+# microsecond each, several times per lock operation.
+_CONVDEADLK = Flag.CONVDEADLK.value
+_IVVALBLK = Flag.IVVALBLK.value
+_NOQUEUE = Flag.NOQUEUE.value
+_QUECVT = Flag.QUECVT.value
+_VALBLK = Flag.VALBLK.value
+_CW = Mode.CW.value
+_EX = Mode.EX.value
+_IV = Mode.IV.value
+_NL = Mode.NL.value
+_PR = Mode.PR.value
+_PW = Mode.PW.value
+_S_EAGAIN = Status.EAGAIN.value
+_S_EBUSY = Status.EBUSY.value
+_S_ECANCEL = Status.ECANCEL.value
+_S_EDEADLK = Status.EDEADLK.value
+_S_EINVAL = Status.EINVAL.value
+_S_ENOENT = Status.ENOENT.value
+_S_EUNLOCK = Status.EUNLOCK.value
+_S_OK = Status.OK.value
+
 GRANTED, CONVERT, WAITING = 1, 2, 3
 
 # QUECVT is only valid for these conversions (__quecvt_compat_matrix).
@@ -39,7 +61,7 @@ class MLock:
                  lvb: bytes | None = None) -> None:
         self.owner = owner
         self.lkid = lkid
-        self.grmode = Mode.IV.value
+        self.grmode = _IV
         self.rqmode = rqmode
         self.flags = flags
         self.lvb = lvb
@@ -112,11 +134,11 @@ class Resource:
         return False
 
     def _can_be_granted_raw(self, lk: MLock, now: bool) -> bool:
-        conv = lk.grmode != Mode.IV
+        conv = lk.grmode != _IV
         if self._conflicts(self.granted, lk) or self._conflicts(self.converting, lk):
             return False
         if now and conv:
-            if not lk.flags & Flag.QUECVT:
+            if not lk.flags & _QUECVT:
                 return True
             return not self.converting
         if not now and conv:
@@ -143,10 +165,10 @@ class Resource:
         """(grantable, deadlock, demoted): ``can_be_granted`` with CONVDEADLK handling."""
         if self._can_be_granted_raw(lk, now):
             return True, False, False
-        conv = lk.grmode != Mode.IV
-        if conv and not lk.flags & Flag.NOQUEUE and self._deadlock(lk):
-            if lk.flags & Flag.CONVDEADLK:
-                lk.grmode = Mode.NL.value
+        conv = lk.grmode != _IV
+        if conv and not lk.flags & _NOQUEUE and self._deadlock(lk):
+            if lk.flags & _CONVDEADLK:
+                lk.grmode = _NL
                 lk.demoted = True
                 return False, False, True
             return False, True, False
@@ -159,14 +181,14 @@ class Resource:
         b = lvb_op(lk.grmode, lk.rqmode)
         out: bytes | None = None
         if b == 1:
-            if lk.flags & Flag.VALBLK:
+            if lk.flags & _VALBLK:
                 out = self.lvb if self.lvb is not None else bytes(self.lvb_len)
                 lk.lvb = out
                 lk.lvbseq = self.lvbseq
         elif b == 0:
-            if lk.flags & Flag.IVVALBLK:
+            if lk.flags & _IVVALBLK:
                 self.valnotvalid = True
-            elif lk.flags & Flag.VALBLK and lk.lvb is not None:
+            elif lk.flags & _VALBLK and lk.lvb is not None:
                 self.lvb = lk.lvb
                 self.lvbseq += 1
                 lk.lvbseq = self.lvbseq
@@ -174,12 +196,12 @@ class Resource:
         return out, not self.valnotvalid
 
     def _set_lvb_unlock(self, lk: MLock) -> None:
-        if lk.grmode < Mode.PW:
+        if lk.grmode < _PW:
             return
-        if lk.flags & Flag.IVVALBLK:
+        if lk.flags & _IVVALBLK:
             self.valnotvalid = True
             return
-        if lk.flags & Flag.VALBLK and lk.lvb is not None:
+        if lk.flags & _VALBLK and lk.lvb is not None:
             self.lvb = lk.lvb
             self.lvbseq += 1
             self.valnotvalid = False
@@ -197,13 +219,13 @@ class Resource:
         lvb, valid = self._set_lvb_lock(lk)
         demoted, lk.demoted = lk.demoted, False
         lk.grmode = lk.rqmode
-        lk.rqmode = Mode.IV.value
+        lk.rqmode = _IV
         lk.highbast = 0
         if lk.queue != GRANTED:
             self._dequeue(lk)
             self.granted.append(lk)
             lk.queue = GRANTED
-        out.append(Cast(lk.owner, lk.lkid, Status.OK, lk.grmode, lvb, valid, demoted, op,
+        out.append(Cast(lk.owner, lk.lkid, _S_OK, lk.grmode, lvb, valid, demoted, op,
                         lk.lvbseq))
 
     # ------------------------------------------------------------- operations
@@ -217,8 +239,8 @@ class Resource:
             self.locks[lk.key] = lk
             self._grant(lk, out, "request")
             return lk
-        if flags & Flag.NOQUEUE:
-            out.append(Cast(owner, lkid, Status.EAGAIN, Mode.IV, None, True, False, "request"))
+        if flags & _NOQUEUE:
+            out.append(Cast(owner, lkid, _S_EAGAIN, _IV, None, True, False, "request"))
             return None
         self.locks[lk.key] = lk
         self.waiting.append(lk)
@@ -231,13 +253,13 @@ class Resource:
         """Convert a granted lock to ``mode`` (do_convert)."""
         lk = self.locks.get((owner, lkid))
         if lk is None:
-            out.append(Cast(owner, lkid, Status.ENOENT, Mode.IV, None, True, False, "convert"))
+            out.append(Cast(owner, lkid, _S_ENOENT, _IV, None, True, False, "convert"))
             return
-        if lk.queue != GRANTED or lk.rqmode != Mode.IV:
-            out.append(Cast(owner, lkid, Status.EBUSY, lk.grmode, None, True, False, "convert"))
+        if lk.queue != GRANTED or lk.rqmode != _IV:
+            out.append(Cast(owner, lkid, _S_EBUSY, lk.grmode, None, True, False, "convert"))
             return
-        if flags & Flag.QUECVT and (lk.grmode, int(mode)) not in _QUECVT_OK:
-            out.append(Cast(owner, lkid, Status.EINVAL, lk.grmode, None, True, False, "convert"))
+        if flags & _QUECVT and (lk.grmode, int(mode)) not in _QUECVT_OK:
+            out.append(Cast(owner, lkid, _S_EINVAL, lk.grmode, None, True, False, "convert"))
             return
         lk.rqmode = int(mode)
         lk.flags = int(flags)
@@ -249,8 +271,8 @@ class Resource:
             self._grant_pending(out)
             return
         if deadlk:
-            lk.rqmode = Mode.IV.value
-            out.append(Cast(owner, lkid, Status.EDEADLK, lk.grmode, None, True, False,
+            lk.rqmode = _IV
+            out.append(Cast(owner, lkid, _S_EDEADLK, lk.grmode, None, True, False,
                             "convert"))
             return
         if demoted:
@@ -259,10 +281,10 @@ class Resource:
                 self._grant(lk, out, "convert")
                 self._grant_pending(out)
                 return
-        if flags & Flag.NOQUEUE:
-            lk.rqmode = Mode.IV.value
+        if flags & _NOQUEUE:
+            lk.rqmode = _IV
             lk.demoted = False
-            out.append(Cast(owner, lkid, Status.EAGAIN, lk.grmode, None, True, demoted,
+            out.append(Cast(owner, lkid, _S_EAGAIN, lk.grmode, None, True, demoted,
                             "convert"))
             return
         self._dequeue(lk)
@@ -277,20 +299,20 @@ class Resource:
         """Release a granted lock (do_unlock), then grant what became grantable."""
         lk = self.locks.get((owner, lkid))
         if lk is None:
-            out.append(Cast(owner, lkid, Status.ENOENT, Mode.IV, None, True, False, "unlock"))
+            out.append(Cast(owner, lkid, _S_ENOENT, _IV, None, True, False, "unlock"))
             return
         if lk.queue != GRANTED:
-            out.append(Cast(owner, lkid, Status.EBUSY, lk.grmode, None, True, False, "unlock"))
+            out.append(Cast(owner, lkid, _S_EBUSY, lk.grmode, None, True, False, "unlock"))
             return
         if lvb is not None:
             lk.lvb = lvb
-        if flags & (Flag.VALBLK | Flag.IVVALBLK):
-            lk.flags = (lk.flags & ~(Flag.VALBLK | Flag.IVVALBLK)) | (
-                flags & (Flag.VALBLK | Flag.IVVALBLK))
+        if flags & (_VALBLK | _IVVALBLK):
+            lk.flags = (lk.flags & ~(_VALBLK | _IVVALBLK)) | (
+                flags & (_VALBLK | _IVVALBLK))
         self._set_lvb_unlock(lk)
         self._dequeue(lk)
         del self.locks[lk.key]
-        out.append(Cast(owner, lkid, Status.EUNLOCK, Mode.IV, None, True, False, "unlock"))
+        out.append(Cast(owner, lkid, _S_EUNLOCK, _IV, None, True, False, "unlock"))
         self._grant_pending(out)
 
     def cancel(self, owner: int, lkid: int, out: list) -> bool:
@@ -301,13 +323,13 @@ class Resource:
         if lk.queue == WAITING:
             self._dequeue(lk)
             del self.locks[lk.key]
-            out.append(Cast(owner, lkid, Status.ECANCEL, Mode.IV, None, True, False, "cancel"))
+            out.append(Cast(owner, lkid, _S_ECANCEL, _IV, None, True, False, "cancel"))
         else:
             self._dequeue(lk)
-            lk.rqmode = Mode.IV.value
+            lk.rqmode = _IV
             self.granted.append(lk)
             lk.queue = GRANTED
-            out.append(Cast(owner, lkid, Status.ECANCEL, lk.grmode, None, True, False,
+            out.append(Cast(owner, lkid, _S_ECANCEL, lk.grmode, None, True, False,
                             "cancel"))
         self._grant_pending(out)
         return True
@@ -321,7 +343,7 @@ class Resource:
         pw = False
         for key, lk in list(self.locks.items()):
             if lk.owner not in keep:
-                if lk.grmode >= Mode.PW:
+                if lk.grmode >= _PW:
                     pw = True
                 self._dequeue(lk)
                 del self.locks[key]
@@ -333,7 +355,7 @@ class Resource:
         quit_ = False
         while True:
             grant_restart = demote_restart = False
-            hi = Mode.IV.value
+            hi = _IV
             cw = False
             for lk in list(self.converting):
                 was_demoted = lk.demoted
@@ -346,7 +368,7 @@ class Resource:
                     demote_restart = True
                     continue
                 hi = max(hi, lk.rqmode)
-                if lk.rqmode == Mode.CW:
+                if lk.rqmode == _CW:
                     cw = True
             if grant_restart:
                 continue
@@ -366,13 +388,13 @@ class Resource:
                 self._grant(lk, out, "request")
             else:
                 high = max(high, lk.rqmode)
-                if lk.rqmode == Mode.CW:
+                if lk.rqmode == _CW:
                     cw = True
-        if high == Mode.IV:
+        if high == _IV:
             return
         for lk in self.granted:
             if self._requires_bast(lk, high, cw):
-                mode = Mode.CW.value if cw and high == Mode.PR and lk.grmode == Mode.PR \
+                mode = _CW if cw and high == _PR and lk.grmode == _PR \
                     else high
                 out.append(Bast(lk.owner, lk.lkid, mode))
                 lk.highbast = high
@@ -381,8 +403,8 @@ class Resource:
     def _requires_bast(gr: MLock, high: int, cw: bool) -> bool:
         """lock_requires_bast from fs/dlm/lock.c."""
         gmode = gr.grmode
-        if gmode == Mode.PR and cw:
-            return gr.highbast < Mode.EX
+        if gmode == _PR and cw:
+            return gr.highbast < _EX
         if gr.highbast < high and not COMPAT[gmode][high]:
             return True
         return False
@@ -392,8 +414,8 @@ class Resource:
             if gr is rq:
                 continue
             g, r = gr.grmode, rq.rqmode
-            if (g == Mode.PR and r == Mode.CW) or (g == Mode.CW and r == Mode.PR):
-                if gr.highbast < Mode.EX:
+            if (g == _PR and r == _CW) or (g == _CW and r == _PR):
+                if gr.highbast < _EX:
                     out.append(Bast(gr.owner, gr.lkid, r))
                     gr.highbast = r
                 continue
@@ -406,7 +428,7 @@ class Resource:
     def add_recovered(self, owner: int, lkid: int, grmode: int, flags: int,
                       lvb: bytes | None, lvbseq: int) -> None:
         """Rebuild: put a survivor's granted lock back (recovery on a new master)."""
-        lk = MLock(owner, lkid, Mode.IV.value, flags, lvb)
+        lk = MLock(owner, lkid, _IV, flags, lvb)
         lk.grmode = grmode
         lk.lvbseq = lvbseq
         lk.queue = GRANTED
