@@ -12,10 +12,10 @@ warm), then for every row alternates runs against the two targets:
 * ``iscsi-perf`` 4 KiB random reads at QD32;
 * every row with header digests off and on (CRC32C; libiscsi, and so QEMU,
   supports HeaderDigest only, not DataDigest);
-* the qemu-img rows again with O_DIRECT backing (tgt ``--bsoflags direct``).
-  storaged has no O_DIRECT backstore option yet; those rows show tgt only,
-  with ratio ``n/a``.  If ``storaged backstore create`` ever grows a
-  ``--direct`` flag the bench uses it automatically.
+* the qemu-img rows again with O_DIRECT backing: a third 1 GiB file per
+  target, ``storaged backstore create --direct`` against tgt's
+  ``--bsoflags direct`` LUN (a storaged without ``--direct`` shows those
+  rows for tgt only, ratio ``n/a``).
 
 Each row reports the median of ``--runs`` runs (default 3).  A calibration
 run on each target first sizes the qemu-img request count so a run lasts

@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from storaged.fastio import crc32c, decode_bhs
+from storaged.fastio import crc32c, decode_bhs, encode_bhs
 from storaged.iscsi import text
 from storaged.iscsi.chap import ChapError, ChapTarget
 from storaged.iscsi.params import NegotiationError, Negotiator
-from storaged.iscsi.pdu import BHS_LEN, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
+from storaged.iscsi.pdu import BHS_LEN, PADS, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.scsi import sense
 from storaged.scsi.types import (
@@ -64,8 +64,14 @@ STAGE_OPERATIONAL = 1
 STAGE_FULL = 3
 
 LOGIN_MRDSL = 8192  # login PDUs use the default segment size (§13.12)
-_RBUF_SIZE = 1 << 20  # receive buffer; grows for larger PDUs
-_MIN_READ = 64 << 10  # free space offered to each socket read
+# Receive buffer: starts small so idle sessions cost little memory (a zeroed
+# 1 MiB bytearray per connection was 1 MiB of RSS per idle session), doubles
+# up to _RBUF_BUSY while socket reads fill all the space offered (a busy
+# connection reads big chunks: fewer syscalls, bigger batches), and grows
+# beyond that only for a PDU larger than the buffer.
+_RBUF_START = 16 << 10
+_RBUF_BUSY = 1 << 20
+_MIN_READ = 4 << 10  # least free space offered to a socket read
 
 
 def _sn_lt(a: int, b: int) -> bool:
@@ -96,6 +102,20 @@ class ProtocolError(Exception):
     """The peer broke the protocol badly enough that the connection drops."""
 
 
+_LUN_NUMBERS: dict[int, int] = {}
+
+
+def _lun_number(lun_raw: int) -> int:
+    """``decode_lun`` of a raw 64-bit LUN field, memoized (a session uses a
+    handful of LUN values; decoding one per command showed in profiles)."""
+    n = _LUN_NUMBERS.get(lun_raw)
+    if n is None:
+        n = decode_lun(lun_raw.to_bytes(8, "big"))
+        if len(_LUN_NUMBERS) < 4096:
+            _LUN_NUMBERS[lun_raw] = n
+    return n
+
+
 class Task:
     """One SCSI command from arrival to status."""
 
@@ -108,7 +128,7 @@ class Task:
                  write: bool, attr: int, immediate: bool) -> None:
         self.itt = itt
         self.lun_raw = lun_raw
-        self.lun = decode_lun(lun_raw.to_bytes(8, "big"))
+        self.lun = _lun_number(lun_raw)
         self.cdb = cdb
         self.cmdsn = cmdsn
         self.edtl = edtl
@@ -145,7 +165,9 @@ class Connection:
         self.registry = registry
         self.local = local
         self.peer = peer
-        self._rbuf = bytearray(_RBUF_SIZE)  # receive buffer: [_rstart, _rend) unparsed
+        self._rbuf = bytearray(_RBUF_START)  # receive buffer: [_rstart, _rend) unparsed
+        self._rwant = _RBUF_START  # buffer size to offer next (see _RBUF_BUSY)
+        self._offered = 0
         self._rstart = 0
         self._rend = 0
         self._out: list[bytes | memoryview] = []
@@ -204,12 +226,19 @@ class Connection:
     def get_buffer(self, sizehint: int = 0) -> memoryview:
         """Writable space where the next socket read should land (the asyncio
         BufferedProtocol path: bytes go from the kernel into our buffer)."""
-        if len(self._rbuf) - self._rend < _MIN_READ:
-            self._compact(max(sizehint, _MIN_READ))
-        return memoryview(self._rbuf)[self._rend:]
+        size = len(self._rbuf)
+        if size - self._rend < _MIN_READ or size < self._rwant:
+            self._compact(max(sizehint, _MIN_READ,
+                              self._rwant - (self._rend - self._rstart)))
+        view = memoryview(self._rbuf)[self._rend:]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last ``get_buffer``: handle them."""
+        if nbytes >= self._offered and self._rwant < _RBUF_BUSY:
+            # The read filled everything offered: the socket has more, offer more.
+            self._rwant = min(2 * max(self._rwant, len(self._rbuf)), _RBUF_BUSY)
         self._rend += nbytes
         self._parse()
 
@@ -790,6 +819,13 @@ class Connection:
             return
         if send:
             self._data_in(task, data, send, None, 0, 0)  # type: ignore
+        if not result.sense and not self.hd:
+            # The common case (a WRITE's GOOD status): one header, no data segment.
+            self._out.append(encode_bhs(
+                Op.SCSI_RSP, False, 0x80 | resid_flags, 0, status, 0, 0, 0, task.itt,
+                0, self._next_statsn(), self.expcmdsn, self.maxcmdsn,
+                task.datasn if task.read else task.r2tsn, 0, resid))
+            return
         payload = b""
         if result.sense:
             payload = len(result.sense).to_bytes(2, "big") + result.sense
@@ -801,12 +837,31 @@ class Connection:
 
     def _data_in(self, task: Task, data: bytes | memoryview, length: int,
                  status: int | None, resid_flags: int, resid: int) -> None:
-        mv = memoryview(data)
         seg = self.max_send
         burst = self.max_burst
-        off = 0
         hd, dd = self.hd, self.dd
         out = self._out
+        if length <= seg and length <= burst and not dd:
+            # One PDU carries it all (every 4 KiB read): header (with the
+            # phase-collapsed status, §11.7.4) and data, no framing list.
+            if status is not None:
+                flags, b3, statsn, w44 = 0x81 | resid_flags, status, self._next_statsn(), resid
+            else:
+                flags, b3, statsn, w44 = 0x80, 0, 0, 0
+            hdr = encode_bhs(Op.DATA_IN, False, flags, 0, b3, 0, length, task.lun_raw,
+                             task.itt, RESERVED_TAG, statsn, self.expcmdsn, self.maxcmdsn,
+                             task.datasn, 0, w44)
+            task.datasn += 1
+            out.append(hdr)
+            if hd:
+                out.append(crc32c(hdr).to_bytes(4, "little"))
+            out.append(data if len(data) == length else memoryview(data)[:length])
+            pad = PADS[length & 3]
+            if pad:
+                out.append(pad)
+            return
+        mv = memoryview(data)
+        off = 0
         while off < length:
             n = min(seg, length - off, burst - off % burst)
             last = off + n >= length
