@@ -18,11 +18,10 @@ from typing import Any, NoReturn
 import click
 
 from storaged import __version__
-from storaged.control.client import call, daemon_running
-from storaged.control.ops import ConfigError, apply, format_size
-from storaged.control.render import backstore_label, config_tree, render_plain
-from storaged.state import StateError, Store, ValidationError
-from storaged.state.config import load_config_file, write_json_atomic
+from storaged.cli_lazy import LazyGroup
+
+# The control/state modules are imported inside the commands that use them and the
+# subcommand groups lazily (LazyGroup): ``storaged lock run`` starts without loading them.
 
 DEFAULT_DIR = "/var/lib/storaged"
 DEMO_DIR = "./storaged-demo"
@@ -41,6 +40,10 @@ def _fail(message: str) -> NoReturn:
 
 def run_op(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> Any:
     """Run ``op`` live through the daemon if it is running, else on the store directly."""
+    from storaged.control.client import call, daemon_running
+    from storaged.control.ops import ConfigError, apply
+    from storaged.state import StateError, Store
+
     directory = ctx.find_root().obj["dir"]
     sock = socket_path(directory)
     try:
@@ -50,6 +53,13 @@ def run_op(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> A
             return apply(store, op, args or {})
     except (ConfigError, StateError) as e:
         _fail(str(e))
+
+
+def backstore_label(b: dict[str, Any]) -> str:
+    """One-line backstore description (storaged.control.render, imported on use)."""
+    from storaged.control.render import backstore_label as label
+
+    return label(b)
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -62,7 +72,7 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dir", "directory", envvar="STORAGED_DIR", default=DEFAULT_DIR,
               show_default=True, metavar="DIR",
               help="State directory (LMDB store and control socket). Env: STORAGED_DIR.")
@@ -89,13 +99,19 @@ def backstore() -> None:
 @click.option("--read-only", is_flag=True, help="Export read-only.")
 @click.option("--no-write-cache", is_flag=True,
               help="Write-through: every write is durable before it is acknowledged.")
+@click.option("--direct", is_flag=True,
+              help="O_DIRECT: bypass the host page cache (the filesystem must support it).")
 @click.pass_context
 def backstore_create(ctx: click.Context, name: str, path: str, size: str | None,
-                     block_size: str, read_only: bool, no_write_cache: bool) -> None:
+                     block_size: str, read_only: bool, no_write_cache: bool,
+                     direct: bool) -> None:
     """Register PATH (file or block device) as backstore NAME; creates a missing file."""
     b = run_op(ctx, "backstore_create", {
         "name": name, "path": os.path.abspath(path), "size": size,
-        "block_size": int(block_size), "read_only": read_only, "wce": not no_write_cache})
+        "block_size": int(block_size), "read_only": read_only, "wce": not no_write_cache,
+        "direct": direct})
+    from storaged.control.ops import format_size
+
     size_text = format_size(b["size"]) if b["size"] else "whole device"
     click.echo(f"Created backstore {b['name']} ({b['kind']} {b['path']}, {size_text}).")
 
@@ -116,12 +132,15 @@ def backstore_delete(ctx: click.Context, name: str) -> None:
               help="Offline LUNs answer NOT READY to media access.")
 @click.option("--write-cache/--no-write-cache", "wce", default=None,
               help="Acknowledge writes from the page cache (WCE=1) or only once durable.")
+@click.option("--direct", type=click.Choice(["on", "off"]), default=None,
+              help="O_DIRECT on or off: bypass the host page cache.")
 @click.pass_context
 def backstore_set(ctx: click.Context, name: str, read_only: bool | None, online: bool | None,
-                  wce: bool | None) -> None:
+                  wce: bool | None, direct: str | None) -> None:
     """Change flags of backstore NAME (live when the daemon runs)."""
     b = run_op(ctx, "backstore_set", {"name": name, "read_only": read_only, "online": online,
-                                      "wce": wce})
+                                      "wce": wce,
+                                      "direct": None if direct is None else direct == "on"})
     click.echo(backstore_label(b))
 
 
@@ -193,7 +212,7 @@ def target_close(ctx: click.Context, iqn: str) -> None:
 @click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
 @click.pass_context
 def target_set(ctx: click.Context, iqn: str, pairs: tuple[str, ...]) -> None:
-    """Set iSCSI parameters (e.g. MaxBurstLength=1048576) or queue_depth; KEY= resets."""
+    """Set iSCSI parameters (e.g. MaxBurstLength=1048576), queue_depth or tpgt; KEY= resets."""
     params = _pairs(pairs)
     t = run_op(ctx, "params_set", {"iqn": iqn, "params": params})
     shown = ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults"
@@ -429,6 +448,8 @@ def pr_clear(ctx: click.Context, backstore_name: str) -> None:
 @click.pass_context
 def ls(ctx: click.Context, as_json: bool) -> None:
     """Show the whole configuration tree (secrets are never shown)."""
+    from storaged.control.render import config_tree, render_plain
+
     desc = run_op(ctx, "describe")
     if as_json:
         click.echo(json.dumps(desc, indent=2))
@@ -462,6 +483,8 @@ def config() -> None:
 @click.pass_context
 def config_save(ctx: click.Context, file: str) -> None:
     """Write the configuration (including CHAP secrets) to FILE, mode 0600."""
+    from storaged.state.config import write_json_atomic
+
     data = run_op(ctx, "export_config")
     try:
         write_json_atomic(file, data)
@@ -476,6 +499,9 @@ def config_save(ctx: click.Context, file: str) -> None:
 @click.pass_context
 def config_restore(ctx: click.Context, file: str) -> None:
     """Replace the configuration with FILE; on any error nothing is changed."""
+    from storaged.state import ValidationError
+    from storaged.state.config import load_config_file
+
     try:
         data = load_config_file(file)
     except ValidationError as e:
@@ -528,19 +554,11 @@ def demo(ctx: click.Context, demo_dir: str | None, iscsi: str | None,
     daemon.demo(directory, iscsi=iscsi or "127.0.0.1:3260", metrics=metrics, **extra)
 
 
-from storaged.nfs.cli import nfs as _nfs  # noqa: E402 - needs run_op defined above
-
-cli.add_command(_nfs)
-
-from storaged.raid.cli import raid as _raid  # noqa: E402
-
-cli.add_command(_raid)
-
-from storaged.cluster.cli import cluster as _cluster  # noqa: E402
-from storaged.cluster.cli import lock as _lock  # noqa: E402
-
-cli.add_command(_cluster)
-cli.add_command(_lock)
+cli.add_lazy("nfs", "storaged.nfs.cli:nfs")
+cli.add_lazy("raid", "storaged.raid.cli:raid")
+cli.add_lazy("cluster", "storaged.cluster.cli:cluster")
+cli.add_lazy("lock", "storaged.cluster.lockcli:lock")
+cli.add_lazy("alua", "storaged.cli_alua:alua")
 
 
 def main() -> None:

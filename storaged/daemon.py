@@ -25,6 +25,7 @@ from storaged.iscsi.chap import Credentials
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.raid.service import RaidService
+from storaged.scsi.alua import Alua
 from storaged.scsi.atomic import attach_journal
 from storaged.scsi.lu import LogicalUnit
 from storaged.scsi.target import ScsiTarget
@@ -59,6 +60,7 @@ class Runtime:
         self.registry = Registry()
         self.raid = RaidService(store)  # RAID arrays; Backstore kind 'raid' opens one
         self.devices: dict[str, _Device] = {}
+        self.alua = Alua()  # target port groups shared by every LU (storaged.scsi.alua)
         self.meters: dict[tuple[str, int], metrics.LunMeter] = {}
         with store.read() as txn:
             settings = txn.settings()
@@ -102,7 +104,8 @@ class Runtime:
     def _open_device(self, b: Backstore) -> _Device | None:
         try:
             dev = self.raid.lun_device(b.path, b.size) if b.kind == "raid" else \
-                FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only)
+                FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only,
+                                direct=b.direct)
         except OSError as e:
             log.error("backstore %s: cannot open %s: %s", b.name, b.path, e.strerror)
             return None
@@ -115,6 +118,7 @@ class Runtime:
                          read_only=b.read_only, online=b.online, wce=b.wce,
                          physical_block_size=b.block_size,
                          pr_store=StatePrStore(self.store, b.name, b.wwn))
+        self.alua.attach(lu)
         try:
             # WRITE ATOMIC(16) needs a write-ahead slot; replays one a crash left.
             attach_journal(lu, os.path.join(self.store.directory, "atomic", f"{b.name}.journal"))
@@ -137,6 +141,11 @@ class Runtime:
                 cur.lu.read_only = b.read_only
                 cur.lu.online = b.online
                 cur.lu.wce = b.wce
+                if b.kind != "raid" and cur.device.direct != b.direct:
+                    try:
+                        cur.device.set_direct(b.direct)
+                    except OSError as e:
+                        log.error("backstore %s: cannot switch O_DIRECT: %s", name, e)
                 if cur.device.refresh_size() != cur.lu.num_blocks * cur.lu.block_size:
                     cur.lu.resize()
                 cur.record = b
@@ -181,8 +190,26 @@ class Runtime:
                 self.registry.targets.pop(name)
                 for conn in self.registry.connections(name):
                     conn.drop("target deleted")
+        self._reconcile_alua(targets)
         await self.server.set_portals(wanted)
         await self.nfs.reconcile()
+
+    def _reconcile_alua(self, targets: list[Target]) -> None:
+        """Target port groups from the store; unchanged groups keep live state."""
+        from storaged.control.alua_ops import stored_groups
+        from storaged.scsi.alua import STATE_CODES, GroupConfig
+        from storaged.state.alua import split_port
+
+        with self.store.read() as txn:
+            records = stored_groups(txn)
+        self.alua.set_local_ports((t.iqn, t.tpgt) for t in targets)
+        self.alua.configure(GroupConfig(
+            g.id, STATE_CODES[g.state], g.preferred, [split_port(p) for p in g.ports],
+            g.remote, g.explicit, g.transition_time, g.revision) for g in records)
+
+    def alua_ls(self, args: dict) -> dict:
+        """Live target port groups and states (``storaged alua ls``)."""
+        return {"live": True, "groups": self.alua.describe()}
 
     def _pr_devices(self, args: dict) -> list[tuple[str, _Device]]:
         from storaged.control.ops import ConfigError
@@ -277,11 +304,15 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         metrics.serve_metrics(host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
     await runtime.reconcile()
+    from storaged.cluster.service import start_cluster_node, stop_cluster_node
+
+    cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
     sock_path = os.path.join(directory, "control.sock")
     control = await start_control_server(sock_path, store, runtime.reconcile,
                                          extra_ops={"status": lambda *_a, **_k: runtime.status(),
                                                     "pr_ls": runtime.pr_ls,
                                                     "pr_clear": runtime.pr_clear,
+                                                    "alua_ls": runtime.alua_ls,
                                                     **runtime.raid.control_ops()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -300,6 +331,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         log.info("shutting down")
         _notify("STOPPING=1")
         await stop_control_server(control, sock_path)
+        if cluster_node is not None:
+            await stop_cluster_node(directory, cluster_node)
         await runtime.server.shutdown()
         await runtime.nfs.shutdown()
         for d in runtime.devices.values():

@@ -21,6 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 from storaged.block import FileBlockDevice
+from storaged.block.file import probe_direct
 from storaged.state import (
     MAX_LUN,
     Acl,
@@ -131,6 +132,16 @@ def _device_size(path: str, block_size: int) -> int:
         dev.close()
 
 
+def _check_direct(path: str, block_size: int) -> None:
+    """ConfigError unless PATH takes O_DIRECT I/O (tmpfs before Linux 6.6, ramfs,
+    some FUSE/network filesystems refuse it; 4Kn disks refuse 512-byte blocks)."""
+    try:
+        probe_direct(path, block_size)
+    except OSError as e:
+        raise ConfigError(f"cannot use O_DIRECT (--direct) on {path}: "
+                          f"{e.strerror or e}") from None
+
+
 def _target(txn: Txn, iqn: str) -> Target:
     iqn = normalize_iscsi_name(iqn)
     target = txn.get(Target, iqn)
@@ -188,10 +199,16 @@ def describe_txn(txn: Txn) -> dict[str, Any]:
     for t in targets:
         for lun, name in sorted(t.luns.items()):
             users.setdefault(name, []).append((t.iqn, lun))
+    from storaged.control.alua_ops import describe_group, stored_groups
+    from storaged.nas.exports import Export, NfsSettings
+
+    nfs = txn.get(NfsSettings, NfsSettings.KEY) or NfsSettings()
     return {
         "settings": txn.settings().to_dict(),
         "backstores": [describe_backstore(b, users.get(n, [])) for n, b in backstores.items()],
         "targets": [describe_target(t, backstores) for t in targets],
+        "nfs": {"settings": nfs.to_dict(), "exports": [e.describe() for e in txn.list(Export)]},
+        "alua": [describe_group(g) for g in stored_groups(txn)],
     }
 
 
@@ -237,13 +254,14 @@ def _detect(path: str) -> tuple[str | None, os.stat_result | None]:
 @_op()
 def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = None,
                      kind: str | None = None, block_size: int = 512, read_only: bool = False,
-                     wce: bool = True) -> dict[str, Any]:
+                     wce: bool = True, direct: bool = False) -> dict[str, Any]:
     """Register a file or block device as a backstore.
 
     Files: an existing file is used at its size (``size``, if given, must
     match); a missing file is created sparse (mode 0600) and needs ``size``.
     Block devices: ``size`` 0/None means the whole device.  ``kind`` is
-    detected from the path when not given.
+    detected from the path when not given.  ``direct`` opens it O_DIRECT
+    (checked here: a filesystem that refuses O_DIRECT is a ConfigError).
     """
     name = normalize_name(name, "backstore name")
     if txn.get(Backstore, name) is not None:
@@ -252,6 +270,7 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
         raise ConfigError(f"block size must be 512 or 4096, got {block_size!r}")
     check_bool(read_only, "read_only")
     check_bool(wce, "wce")
+    check_bool(direct, "direct")
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ConfigError(f"backstore path must be absolute, got {path!r}")
     path = os.path.normpath(path)
@@ -292,7 +311,7 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
         raise ConfigError(f"size {final} of {path} is not a multiple of the block size "
                           f"{block_size}")
     record = Backstore(name=name, kind=kind, path=path, size=final, block_size=block_size,
-                       read_only=read_only, wce=wce)
+                       read_only=read_only, wce=wce, direct=direct)
     record.validate()
     if create:
         try:
@@ -303,6 +322,13 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
                 os.close(fd)
         except OSError as e:
             raise ConfigError(f"cannot create {path}: {e.strerror}") from None
+    if direct:
+        try:
+            _check_direct(path, block_size)
+        except ConfigError:
+            if create:
+                os.unlink(path)
+            raise
     txn.put(record)
     return describe_backstore(record, [])
 
@@ -322,15 +348,22 @@ def backstore_delete(txn: Txn, name: str) -> dict[str, Any]:
 
 @_op()
 def backstore_set(txn: Txn, name: str, read_only: bool | None = None,
-                  online: bool | None = None, wce: bool | None = None) -> dict[str, Any]:
-    """Change a backstore's flags: write protection, online state, write cache."""
+                  online: bool | None = None, wce: bool | None = None,
+                  direct: bool | None = None) -> dict[str, Any]:
+    """Change a backstore's flags: write protection, online state, write cache,
+    O_DIRECT (switched on the open file, LUNs stay up)."""
     b = txn.get(Backstore, name)
     if b is None:
         raise ConfigError(f"backstore {name!r} does not exist")
-    for value, what in ((read_only, "read_only"), (online, "online"), (wce, "wce")):
+    for value, what in ((read_only, "read_only"), (online, "online"), (wce, "wce"),
+                        (direct, "direct")):
         if value is not None:
             check_bool(value, what)
             setattr(b, what, value)
+    if direct:
+        if b.kind == "raid":
+            raise ConfigError("direct (O_DIRECT) applies to file and block backstores, not raid")
+        _check_direct(b.path, b.block_size)
     txn.put(b)
     return describe_backstore(b, _lun_users(txn, name))
 
@@ -405,6 +438,13 @@ def _set_one(target: Target, key: str, value: str | int | None) -> None:
         if isinstance(value, bool) or not text.isdigit():
             raise ConfigError(f"queue_depth must be an integer 1..1024, got {value!r}")
         target.queue_depth = check_int(int(text), "queue_depth", 1, 1024)
+        return
+    if isinstance(key, str) and key.lower() == "tpgt":
+        # Target portal group tag = relative target port id (ALUA, docs/alua.md).
+        text = "1" if value is None or value == "" else str(value).strip()
+        if isinstance(value, bool) or not text.isdigit():
+            raise ConfigError(f"tpgt must be an integer 1..65535, got {value!r}")
+        target.tpgt = check_int(int(text), "tpgt", 1, 65535)
         return
     if value is None or value == "":
         target.params.pop(param_key(key), None)

@@ -30,6 +30,8 @@ def backstore_label(b: dict[str, Any]) -> str:
     """``disk0  file /srv/d.img  1.0GiB  bs=512  write-back [lun0 of iqn...]``."""
     size = format_size(b["size"]) if b["size"] else "whole device"
     flags = [f"bs={b['block_size']}", "write-back" if b["wce"] else "write-through"]
+    if b.get("direct"):
+        flags.append("O_DIRECT")
     if b["read_only"]:
         flags.append("read-only")
     if not b["online"]:
@@ -74,6 +76,23 @@ def config_tree(desc: dict[str, Any], title: str = "storaged") -> Node:
     targets = root.add(f"targets ({len(desc['targets'])})")
     for t in desc["targets"]:
         targets.children.append(target_node(t))
+    nfs = desc.get("nfs")
+    if nfs is not None:
+        ns = nfs["settings"]
+        node = root.add(f"nfs exports ({len(nfs['exports'])}): listen={ns['listen'] or 'off'} "
+                        f"portmap={ns['portmap']} grace={ns['grace']}s")
+        for e in nfs["exports"]:
+            node.add(f"{e['path']} -> {e['directory']}  {' '.join(e['clients'])}  "
+                     f"({e['options']})")
+    groups = desc.get("alua") or []
+    if groups:
+        node = root.add(f"alua target port groups ({len(groups)})")
+        for g in groups:
+            flags = [f for f in ("preferred", "remote") if g[f]]
+            rest = "every other local port" if g["id"] == 1 else "no ports"
+            ports = ", ".join(g["ports"]) or rest
+            node.add(f"{g['id']}: {g['state']}{' ' + ' '.join(flags) if flags else ''}  "
+                     f"[{ports}]")
     return root
 
 

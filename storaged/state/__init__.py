@@ -4,6 +4,7 @@ See ``storaged.state.store`` for the on-disk layout, ``records`` for the
 record types and ``config`` for whole-config JSON export/import.
 """
 
+from storaged.state.alua import AluaGroup
 from storaged.state.config import (
     check_references,
     export_config,
@@ -33,7 +34,8 @@ from storaged.state.store import SCHEMA_VERSION, Store, Txn
 from storaged.state.validate import normalize_iscsi_name, normalize_portal, split_portal
 
 __all__ = [
-    "ISCSI_PARAMS", "MAX_LUN", "SCHEMA_VERSION", "Acl", "Backstore", "Chap", "ParamSpec",
+    "ISCSI_PARAMS", "MAX_LUN", "SCHEMA_VERSION", "Acl", "AluaGroup", "Backstore", "Chap",
+    "ParamSpec",
     "PrRecord", "PrRegistration", "StatePrStore",
     "Record", "Settings", "StateError", "Store", "Target", "Txn", "ValidationError",
     "check_references", "effective_chap", "effective_param", "export_config",

@@ -9,7 +9,13 @@ PR registrations) are not config and are left alone.
 File format::
 
     {"format": "storaged-config", "version": 1,
-     "settings": {...}, "backstores": [{...}, ...], "targets": [{...}, ...]}
+     "settings": {...}, "backstores": [{...}, ...], "targets": [{...}, ...],
+     "alua_groups": [{...}, ...],          # only when ALUA groups are configured
+     "raid_arrays": [{...}, ...]}          # only when RAID arrays are recorded
+
+RAID array records (kind ``raid``, defined by ``storaged.raid.service``) are
+found through the record registry, so this module does not import the
+storage layer.  A config without ``raid_arrays`` leaves them alone.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ import os
 import tempfile
 from typing import Any
 
+from storaged.state.alua import AluaGroup
 from storaged.state.errors import ValidationError
-from storaged.state.records import Backstore, Settings, Target
+from storaged.state.records import Backstore, Record, Settings, Target, record_types
 from storaged.state.store import Store, Txn
 
 CONFIG_FORMAT = "storaged-config"
 CONFIG_VERSION = 1
-_TOP_KEYS = {"format", "version", "settings", "backstores", "targets"}
+_TOP_KEYS = {"format", "version", "settings", "backstores", "targets", "alua_groups",
+             "raid_arrays"}
 
 
 def export_txn(txn: Txn) -> dict[str, Any]:
@@ -36,7 +44,59 @@ def export_txn(txn: Txn) -> dict[str, Any]:
         "settings": txn.settings().to_dict(),
         "backstores": [b.to_dict() for b in txn.list(Backstore)],
         "targets": [t.to_dict() for t in txn.list(Target)],
+        **_export_alua(txn),
+        **_export_raid(txn),
     }
+
+
+def _export_raid(txn: Txn) -> dict[str, Any]:
+    cls = record_types().get("raid")
+    arrays = txn.list(cls) if cls is not None else []
+    return {"raid_arrays": [a.to_dict() for a in arrays]} if arrays else {}
+
+
+def _parse_raid(data: dict[str, Any]) -> tuple[list[Record] | None, list[str]]:
+    """RAID array records of a config (None: the config has none to restore)."""
+    items = data.get("raid_arrays")
+    if items is None:
+        return None, []
+    cls = record_types().get("raid")
+    if cls is None:
+        return None, ["raid_arrays: RAID support is not loaded"]
+    if not isinstance(items, list):
+        return None, ["raid_arrays must be a list"]
+    out: list[Record] = []
+    errors: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(cls.from_dict(item))
+        except ValidationError as e:
+            errors += [f"raid array #{i + 1}: {m}" for m in e.errors]
+    return out, errors
+
+
+def _export_alua(txn: Txn) -> dict[str, Any]:
+    groups = txn.list(AluaGroup)
+    return {"alua_groups": [g.to_dict() for g in groups]} if groups else {}
+
+
+def _parse_alua(data: dict[str, Any]) -> tuple[list[AluaGroup], list[str]]:
+    """ALUA target port group records of a config (docs/alua.md)."""
+    items = data.get("alua_groups", [])
+    if not isinstance(items, list):
+        return [], ["alua_groups must be a list"]
+    out: list[AluaGroup] = []
+    errors: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            g = AluaGroup.from_dict(item)
+        except ValidationError as e:
+            errors += [f"alua group #{i + 1}: {m}" for m in e.errors]
+            continue
+        if any(o.id == g.id for o in out):
+            errors.append(f"alua group {g.id} is defined twice")
+        out.append(g)
+    return out, errors
 
 
 def export_config(store: Store) -> dict[str, Any]:
@@ -122,6 +182,8 @@ def parse_config(data: Any) -> tuple[Settings, list[Backstore], list[Target], li
                 if kind == "target":
                     bad_targets.append((_label(kind, i, item, key), item))
     errors += check_references(backstores, targets, invalid)
+    errors += _parse_alua(data)[1]
+    errors += _parse_raid(data)[1]
     # Targets that failed validation still get their LUN references checked.
     known = {b.name for b in backstores} | invalid
     for label, item in bad_targets:
@@ -140,9 +202,15 @@ def import_txn(txn: Txn, data: Any) -> list[str]:
         return errors
     txn.clear(Target)
     txn.clear(Backstore)
+    txn.clear(AluaGroup)
     txn.put(settings)
-    for record in [*backstores, *targets]:
+    for record in [*backstores, *targets, *_parse_alua(data)[0]]:
         txn.put(record)
+    arrays = _parse_raid(data)[0]
+    if arrays is not None:
+        txn.clear(type(arrays[0]) if arrays else record_types()["raid"])
+        for record in arrays:
+            txn.put(record)
     return []
 
 

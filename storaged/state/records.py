@@ -233,6 +233,7 @@ class Backstore(Record):
     serial: str = field(default_factory=new_serial)
     wwn: str = field(default_factory=new_wwn)
     online: bool = True
+    direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
 
     @property
     def key(self) -> str:
@@ -257,8 +258,10 @@ class Backstore(Record):
                 errors.append("size of a file backstore must be > 0")
             elif size % self.block_size:
                 errors.append(f"size {size} is not a multiple of block_size {self.block_size}")
-        for name in ("read_only", "wce", "online"):
+        for name in ("read_only", "wce", "online", "direct"):
             _collect(errors, check_bool, getattr(self, name), name)
+        if self.direct is True and self.kind == "raid":
+            errors.append("direct (O_DIRECT) applies to file and block backstores, not raid")
         if not isinstance(self.serial, str) or not _SERIAL_RE.match(self.serial):
             errors.append(f"serial must be 1-64 characters [0-9A-Za-z._-], got {self.serial!r}")
         if isinstance(self.wwn, str):
