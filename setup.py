@@ -91,6 +91,7 @@ def _extensions() -> list:
             ["_fastio/_crc.pyx", "_fastio/src/crc32c_impl.c"],
             **{**common, "depends": [*common["depends"], "_fastio/src/crc32c_impl.h"]},
         ),
+        Extension("_fastio._aio", ["_fastio/_aio.pyx"], **common),
         Extension("_fastio._bhs", ["_fastio/_bhs.pyx"], **common),
         Extension("_fastio._cdb", ["_fastio/_cdb.pyx"], **common),
         Extension(

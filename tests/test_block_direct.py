@@ -263,19 +263,24 @@ def test_qemu_convert_compare_on_direct_backstore(tmp_path):
         assert b"Traceback" not in f.read()
 
 
-def test_prefetch_serves_each_range_once_and_writes_drop_it(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
+def test_prefetched_data_is_served_once_to_its_thread_and_writes_drop_it(tmp_path):
+    import threading
     path = str(tmp_path / "p.img")
     dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
-    pool = ThreadPoolExecutor(4)
     try:
         dev.write(0, b"A" * 8192)
         dev.write(65536, b"B" * 4096)
-        dev.prefetch([(0, 4096), (65536, 4096), (4096, 4096)], pool)
-        assert len(dev._prefetched) == 3
+        ranges = [(0, 4096), (65536, 4096), (4096, 4096)]
+        dev.use_prefetched({r: dev.read(*r) for r in ranges})
         # Overwrite the file behind the device's back: a hit must come from the prefetch...
         with open(path, "r+b") as f:
             f.write(b"Z" * 4096)
+        # ...for the installing thread only (a pool command reads the file)...
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(dev.read(0, 4096)))
+        t.start()
+        t.join()
+        assert seen == [b"Z" * 4096]
         assert dev.read(0, 4096) == b"A" * 4096
         # ...once: the next read goes to the file again.
         assert dev.read(0, 4096) == b"Z" * 4096
@@ -284,29 +289,31 @@ def test_prefetch_serves_each_range_once_and_writes_drop_it(tmp_path):
         assert out == b"B" * 4096
         # A write through the device drops what is left (no stale data).
         dev.write(4096, b"C" * 4096)
-        assert not dev._prefetched
         assert dev.read(4096, 4096) == b"C" * 4096
-        dev.prefetch([(0, 512), (512, 512)], pool)
+        dev.use_prefetched({(0, 512): b"q" * 512})
         dev.drop_prefetched()
-        assert not dev._prefetched
-        dev.prefetch([(0, 512)], pool)          # a single range: nothing to overlap
-        assert not dev._prefetched
+        assert dev.read(0, 512) == b"Z" * 512
     finally:
-        pool.shutdown()
         dev.close()
 
 
 def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
     import threading
-    from concurrent.futures import ThreadPoolExecutor
     path = str(tmp_path / "w.img")
     dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
-    pool = ThreadPoolExecutor(4)
 
     def on_disk(off: int, n: int) -> bytes:
         with open(path, "rb") as f:
             f.seek(off)
             return f.read(n)
+
+    def write_all() -> None:
+        pending = dev.take_deferred()
+        try:
+            for p in pending:
+                dev.write_pending(p)
+        finally:
+            dev.release_pending(pending)
 
     try:
         dev.defer_writes()
@@ -321,7 +328,7 @@ def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
         t.join()
         assert on_disk(16384, 512) == b"3" * 512
         dev.write(20480, b"4" * 4096)
-        dev.write_deferred(pool)
+        write_all()
         assert on_disk(0, 4096) == b"1" * 4096
         assert on_disk(8192, 4096) == b"2" * 4096
         assert on_disk(20480, 4096) == b"4" * 4096
@@ -332,13 +339,54 @@ def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
         assert on_disk(4096, 4096) == b"5" * 4096
         dev.write(4096, b"6" * 4096, fua=True)   # FUA writes are never queued
         assert on_disk(4096, 4096) == b"6" * 4096
-        dev.write_deferred(pool)
+        assert dev.take_deferred() == []
         # Deferring is a no-op without O_DIRECT.
         dev.set_direct(False)
         dev.defer_writes()
         dev.write(0, b"7" * 512)
         assert on_disk(0, 512) == b"7" * 512
-        dev.write_deferred(pool)
+        assert dev.take_deferred() == []
     finally:
-        pool.shutdown()
+        dev.close()
+
+
+def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):
+    import errno
+    path = str(tmp_path / "a.img")
+    dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
+
+    def on_disk(off: int, n: int) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(off)
+            return f.read(n)
+
+    try:
+        # Results as the AIO context reports them: done, short, failed.
+        ops = dev.aio_reads([(0, 4096), (8192, 4096), (16384, 4096)])
+        for i, op in enumerate(ops):
+            op[3][:] = bytes([0x41 + i]) * 4096
+        data = dev.aio_read_data(ops, [4096, 1024, -errno.EIO])
+        assert data == {(0, 4096): b"A" * 4096,
+                        (8192, 4096): b"B" * 1024 + bytes(3072)}   # the failed one left out
+        for op in ops:                      # the views are released, the buffers pooled
+            with pytest.raises(ValueError):
+                op[3].nbytes  # noqa: B018
+        # A failed or short write is written again in full by the device...
+        dev.defer_writes()
+        dev.write(0, b"1" * 4096)
+        dev.write(4096, b"2" * 4096)
+        pending = dev.take_deferred()
+        ops = dev.aio_writes(pending)
+        assert dev.aio_writes_done(pending, ops, [-errno.EIO, 512]) is None
+        assert on_disk(0, 8192) == b"1" * 4096 + b"2" * 4096
+        # ...and an error is returned (not raised) when that fails too.
+        dev.defer_writes()
+        dev.write(0, b"3" * 4096)
+        pending = dev.take_deferred()
+        ops = dev.aio_writes(pending)
+        os.close(dev.fd)
+        dev.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        err = dev.aio_writes_done(pending, ops, [-errno.EIO])
+        assert err is not None and err.errno == errno.EBADF
+    finally:
         dev.close()

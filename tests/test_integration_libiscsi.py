@@ -57,9 +57,10 @@ def feature_skips(output: str) -> list[str]:
     return sorted({s for s in skips if not any(a in s for a in ALLOWED_SKIPS)})
 
 
-@pytest.mark.parametrize("backing", ["file", "raid5"])
+@pytest.mark.parametrize("backing", ["file", "raid5", "direct"])
 def test_iscsi_test_cu_all(tmp_path, backing):
-    """The whole suite against the demo target, on both demo backings.
+    """The whole suite against the demo target, on both demo backings and on
+    the plain file switched to O_DIRECT (storaged.iscsi.direct).
 
     Sanitize.Reset sleeps 60 s twice without answering NOP-In pings; the
     default nop_timeout (30 s) would rightly drop that session, so the run
@@ -69,7 +70,9 @@ def test_iscsi_test_cu_all(tmp_path, backing):
     args = ["--dataloss", "--allow-sanitize", "--test=ALL"]
     directory = str(tmp_path / "demo")
     storaged("settings", "set", "nop_timeout=90", directory=directory)
-    with running(directory, plain=backing == "file") as d:
+    with running(directory, plain=backing != "raid5") as d:
+        if backing == "direct":
+            storaged("backstore", "set", "demo", "--direct", "on", directory=directory)
         proc = subprocess.run([tool, *args, d.url], capture_output=True, text=True,
                               timeout=900)
         out = proc.stdout + proc.stderr
@@ -79,6 +82,6 @@ def test_iscsi_test_cu_all(tmp_path, backing):
     assert summary["failed"] == 0, f"failed: {failed_tests(out)}"
     assert summary["passed"] >= FLOOR_PASSED, summary
     skips = feature_skips(out)
-    if backing == "file":
+    if backing != "raid5":
         assert not skips, f"features reported missing: {skips}"
     assert "Traceback" not in daemon_log, daemon_log[-5000:]

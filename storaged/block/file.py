@@ -8,8 +8,9 @@ import mmap
 import os
 import stat
 import threading
-from concurrent.futures import Executor
 
+from storaged.block.aio import READ as AIO_READ
+from storaged.block.aio import WRITE as AIO_WRITE
 from storaged.block.base import BlockDeviceError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -43,35 +44,38 @@ class AlignedBuffers:
     alignment, so every direct transfer goes through an anonymous ``mmap``
     (page aligned by construction).  Buffers are kept per size class (page
     multiples) so the hot path does not mmap/munmap and fault pages in on every
-    command.  ``take``/``give`` are safe from several threads (a thread-pool
-    worker takes its own buffer; list pop/append run under a lock).
+    command: enough of them for a deep queue of small transfers (a batch of
+    32 4 KiB READs takes 32 at once).  ``take``/``give`` are safe from several
+    threads without a lock: ``list.pop``/``append`` are atomic under the GIL,
+    and a race on the length check only keeps one buffer more or less.
     """
 
-    KEEP = 8                 # free buffers kept per size class
+    KEEP_BYTES = 4 << 20     # free bytes kept per size class (at least KEEP_MIN buffers)
+    KEEP_MIN = 8
     MAX_POOLED = 1 << 20     # bigger transfers get a fresh mapping each time
 
     def __init__(self) -> None:
         self._free: dict[int, list[mmap.mmap]] = {}
-        self._lock = threading.Lock()
 
     def take(self, length: int) -> mmap.mmap:
         """A page-aligned buffer of at least ``length`` bytes."""
         size = max(mmap.PAGESIZE, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
-        with self._lock:
-            free = self._free.get(size)
-            if free:
+        free = self._free.get(size)
+        if free:
+            try:
                 return free.pop()
+            except IndexError:      # another thread took the last one
+                pass
         return mmap.mmap(-1, size)
 
     def give(self, buf: mmap.mmap) -> None:
         """Return a buffer from ``take`` (no views of it may remain)."""
         size = len(buf)
         if size <= self.MAX_POOLED:
-            with self._lock:
-                free = self._free.setdefault(size, [])
-                if len(free) < self.KEEP:
-                    free.append(buf)
-                    return
+            free = self._free.setdefault(size, [])
+            if len(free) < max(self.KEEP_MIN, self.KEEP_BYTES // size):
+                free.append(buf)
+                return
         buf.close()
 
 
@@ -110,12 +114,12 @@ class FileBlockDevice:
 
     With ``direct`` the file is opened O_DIRECT: reads and writes bypass the
     page cache and go through page-aligned scratch buffers
-    (:class:`AlignedBuffers`).  Each transfer then waits for the disk; the
-    iSCSI shell still runs O_DIRECT READ/WRITE inline on its event loop, like
-    page-cache I/O: measured side by side with tgt (docs/benchmarks.md), the
-    thread-pool hop cost more than the disk wait it overlaps on this VM
-    (4 KiB QD32 reads 5.2k IOPS through the pool, 7.4k inline).  Flushes and
-    FUA writes still go to the pool (``LogicalUnit.may_block``).
+    (:class:`AlignedBuffers`).  Each transfer then waits for the disk, so the
+    iSCSI shell submits the disk accesses of concurrent READs and WRITEs as
+    asynchronous I/O (storaged.block.aio; ``aio_reads``/``use_prefetched``,
+    ``defer_writes``/``take_deferred``/``aio_writes``; storaged.iscsi.direct)
+    while the SCSI commands themselves still run on its event loop.  Flushes
+    and FUA writes go to the executor (``LogicalUnit.may_block``).
     """
 
     def __init__(self, path: str, block_size: int = 512, read_only: bool = False,
@@ -127,6 +131,7 @@ class FileBlockDevice:
         """O_DIRECT: no page cache; every transfer blocks on the disk."""
         self._aligned = AlignedBuffers()
         self._prefetched: dict[tuple[int, int], bytes] = {}
+        self._prefetch_thread = 0
         self._deferred: list[tuple[int, mmap.mmap, int]] | None = None
         self._defer_thread = 0
         self._defer_error: OSError | None = None
@@ -219,79 +224,119 @@ class FileBlockDevice:
         finally:
             self._aligned.give(buf)
 
-    def prefetch(self, ranges: list[tuple[int, int]], pool: Executor) -> None:
-        """Read several O_DIRECT ranges at once, for the ``read`` calls that follow.
+    def aio_reads(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int, int, memoryview]]:
+        """Operations for storaged.block.aio that read ``(offset, length)``
+        ranges into aligned buffers; ``aio_read_data`` turns their results
+        into data for ``use_prefetched`` (and gives the buffers back)."""
+        return [(AIO_READ, self.fd, off, memoryview(self._aligned.take(n))[:n])
+                for off, n in ranges]
 
-        The reads run in ``pool`` (the calling thread waits, so there is no
-        GIL contention: workers only start and finish their ``preadv``) and
-        the disk sees them all together instead of one after another.  What
-        was read is handed out once by ``read``/``readinto`` of the same
-        (offset, length); ``write``/``discard`` and ``drop_prefetched`` drop
-        it, so it never outlives the batch of commands it was read for.  A
-        failed read is not kept: the real read repeats it and reports it.
-        """
-        if not self.direct or len(ranges) < 2:
-            return
-        futures = [(r, pool.submit(self._read_direct, r[0], r[1], None)) for r in ranges]
-        got = self._prefetched
-        for r, fut in futures:
-            try:
-                got[r] = fut.result()
-            except OSError:
-                pass
+    def aio_read_data(self, ops: list[tuple[int, int, int, memoryview]],
+                      results: list[int]) -> dict[tuple[int, int], bytes]:
+        """``(offset, length) -> data`` of the reads that worked (short reads
+        at the end of the file padded with zeros); the others are left out,
+        so their commands read again and report the error."""
+        out: dict[tuple[int, int], bytes] = {}
+        for (_op, _fd, off, view), res in zip(ops, results, strict=True):
+            n = view.nbytes
+            if res >= 0:
+                out[(off, n)] = bytes(view[:res]) + bytes(n - res) if res < n else bytes(view)
+            buf = view.obj
+            view.release()
+            self._aligned.give(buf)  # type: ignore[arg-type]
+        return out
+
+    def aio_writes(self, pending: list[tuple[int, mmap.mmap, int]]
+                   ) -> list[tuple[int, int, int, memoryview]]:
+        """Operations for storaged.block.aio that write ``take_deferred``
+        entries; then ``aio_writes_done``."""
+        return [(AIO_WRITE, self.fd, off, memoryview(buf)[:n]) for off, buf, n in pending]
+
+    def aio_writes_done(self, pending: list[tuple[int, mmap.mmap, int]],
+                        ops: list[tuple[int, int, int, memoryview]],
+                        results: list[int]) -> BlockDeviceError | None:
+        """Finish ``aio_writes``: a failed or short write is retried here,
+        once, in full; the error if that fails too (the batch must then not
+        be acknowledged).  The buffers go back to the pool."""
+        error = None
+        try:
+            for entry, op, res in zip(pending, ops, results, strict=True):
+                op[3].release()
+                if res != entry[2] and error is None:
+                    try:
+                        self.write_pending(entry)
+                    except BlockDeviceError as e:
+                        error = e
+        finally:
+            self.release_pending(pending)
+        return error
+
+    def use_prefetched(self, data: dict[tuple[int, int], bytes]) -> None:
+        """Hand out ``data`` (``(offset, length) -> bytes`` from
+        ``aio_read_data``) to the ``read``/``readinto`` calls of this thread
+        until ``drop_prefetched``: each range once, so it never outlives the
+        batch of commands it was read for.  ``write``/``discard`` drop it.
+        Only the installing thread sees it (pool commands such as COMPARE AND
+        WRITE read the file).  A range missing from ``data`` (a failed read)
+        is read again by the command, which then reports the error."""
+        self._prefetched = data
+        self._prefetch_thread = threading.get_ident()
 
     def drop_prefetched(self) -> None:
-        """Forget data from ``prefetch`` that no command took."""
-        self._prefetched.clear()
+        """Forget data from ``use_prefetched`` that no command took."""
+        if self._prefetched:
+            self._prefetched = {}
+
+    def _take_prefetched(self, key: tuple[int, int]) -> bytes | None:
+        if threading.get_ident() != self._prefetch_thread:
+            return None
+        return self._prefetched.pop(key, None)
 
     def defer_writes(self) -> None:
-        """Until ``write_deferred``, O_DIRECT writes from this thread are
+        """Until ``take_deferred``, O_DIRECT writes from this thread are
         copied to aligned buffers and queued instead of written one by one.
 
-        The caller (the iSCSI shell, for a batch of WRITEs that arrived
-        together) must call ``write_deferred`` before it lets any status of
-        those commands go out, so nothing is acknowledged before it is written.
-        Reads, discards and flushes from this thread write the queue first, so
-        the commands of the batch still see each other's data in order.
-        Other threads (pool commands such as FUA writes) are not affected.
+        The caller (the iSCSI shell, for a batch of WRITEs) writes the queue
+        (``write_pending``, from worker threads) before it lets any status of
+        those commands go out, so nothing is acknowledged before it is
+        written.  Reads, discards and flushes from this thread write the queue
+        first, so the commands of the batch still see each other's data in
+        order.  Other threads (pool commands such as FUA writes) are not
+        affected.
         """
         if self.direct and self._deferred is None:
             self._deferred = []
             self._defer_thread = threading.get_ident()
 
-    def write_deferred(self, pool: Executor) -> None:
-        """Write what ``defer_writes`` queued, all at once (in ``pool``), and
-        stop deferring.  An error is retried once inline, then raised as
-        BlockDeviceError: the caller must then not acknowledge the batch."""
-        pending = self._deferred
+    def take_deferred(self) -> list[tuple[int, mmap.mmap, int]]:
+        """Stop deferring and return the queue: ``(offset, buffer, length)``
+        entries for ``write_pending``, each to be given back with
+        ``release_pending``.  Raises BlockDeviceError when a drain of the
+        queue during the batch failed: the batch must then not be
+        acknowledged."""
+        pending = self._deferred or []
         self._deferred = None
         error, self._defer_error = self._defer_error, None
         if error is not None:
-            # An earlier drain (a read in the batch) failed to write some of it.
-            for _off, buf, _n in pending or ():
-                self._aligned.give(buf)
+            self.release_pending(pending)
             raise BlockDeviceError(error.errno, f"write {self.path}: {error.strerror}")
-        if not pending:
-            return
+        return pending
+
+    def write_pending(self, entry: tuple[int, mmap.mmap, int]) -> None:
+        """Write one ``take_deferred`` entry now, retrying once; raises
+        BlockDeviceError."""
         try:
-            if len(pending) == 1:
-                self._write_aligned(*pending[0])
-                return
-            futures = [(p, pool.submit(self._write_aligned, *p)) for p in pending]
-            failed = []
-            for p, fut in futures:
-                try:
-                    fut.result()
-                except OSError:
-                    failed.append(p)
-            for p in failed:
-                try:
-                    self._write_aligned(*p)
-                except OSError as e:
-                    raise BlockDeviceError(e.errno, f"write {self.path}: {e.strerror}") from e
-        finally:
-            for _off, buf, _n in pending:
-                self._aligned.give(buf)
+            self._write_aligned(*entry)
+        except OSError:
+            try:
+                self._write_aligned(*entry)
+            except OSError as e:
+                raise BlockDeviceError(e.errno, f"write {self.path}: {e.strerror}") from e
+
+    def release_pending(self, pending: list[tuple[int, mmap.mmap, int]]) -> None:
+        """Give the buffers of ``take_deferred`` entries back to the pool."""
+        for _off, buf, _n in pending:
+            self._aligned.give(buf)
 
     def _write_aligned(self, offset: int, buf: mmap.mmap, length: int) -> None:
         with memoryview(buf) as whole:
@@ -323,7 +368,7 @@ class FileBlockDevice:
                 if self._deferred:
                     self._drain_deferred()
                 if self._prefetched:
-                    data = self._prefetched.pop((offset, length), None)
+                    data = self._take_prefetched((offset, length))
                     if data is not None:
                         return data
                 return self._read_direct(offset, length, None)
@@ -339,7 +384,7 @@ class FileBlockDevice:
             if self.direct:
                 if self._deferred:
                     self._drain_deferred()
-                data = self._prefetched.pop((offset, len(buf)), None)
+                data = self._take_prefetched((offset, len(buf))) if self._prefetched else None
                 if data is not None:
                     buf[:] = data
                 else:

@@ -4,7 +4,8 @@ It moves bytes between the socket and the core, runs SCSI commands the core
 hands out, and drives timers.  Page-cache reads and writes run inline on the
 event loop (cheaper than a thread hop); commands that wait for the disk
 (SYNCHRONIZE CACHE, FUA writes) run in a worker thread so one initiator's
-flush never stalls another's I/O.
+flush never stalls another's I/O; concurrent READs and WRITEs of O_DIRECT LUs
+have their disk accesses done by a thread pool (storaged.iscsi.direct).
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
+from storaged.block.base import BlockDeviceError
+from storaged.block.file import FileBlockDevice
 from storaged.fastio import scsi_rw_decode
 from storaged.iscsi.connection import Close, Connection, Execute, Task
+from storaged.iscsi.direct import READ_OPS, WRITE_OPS, DirectIO
 from storaged.iscsi.target import Registry
 from storaged.scsi import sense
 from storaged.scsi.types import ScsiResult
-
-# READ(10)/READ(16) and WRITE(10)/WRITE(16): what initiators send for data.
-_READ_OPS = frozenset((0x28, 0x88))
-_WRITE_OPS = frozenset((0x2A, 0x8A))
 
 log = logging.getLogger("storaged.iscsi")
 
@@ -77,6 +77,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if conn is None or transport is None:
             return
+        direct = self.server.direct
         while True:
             events = conn.next_events()
             out = conn.data_to_send()
@@ -84,95 +85,40 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 transport.writelines(out)
             if not events:
                 break
-            batched = self._batch_io(events) if len(events) > 1 else None
-            try:
-                for ev in events:
-                    if isinstance(ev, Execute):
-                        self._execute(ev.task)
-                    elif isinstance(ev, Close):
-                        out = conn.data_to_send()
-                        if out and not transport.is_closing():
-                            transport.writelines(out)
-                        transport.close()
-                        return
-            finally:
-                if batched:
-                    self._finish_batch(batched)
+            if len(events) > 1 or direct.busy or direct.waiting:
+                if self._run_planned(events):
+                    return
+                continue
+            ev = events[0]
+            if isinstance(ev, Execute):
+                self._execute(ev.task)
+            elif isinstance(ev, Close):
+                self._close()
+                return
 
-    def _finish_batch(self, devices: list) -> None:
-        """Write the batch's deferred O_DIRECT writes, drop unused prefetches.
-
-        Runs before the loop sends the statuses the batch queued; if a write
-        fails, those statuses are thrown away and the connection is dropped
-        (at ERL 0 the initiator retries on a new session), so no write is
-        acknowledged that did not reach the file."""
-        failed = None
-        pool = self.server.read_pool()
-        for dev in devices:
-            try:
-                dev.write_deferred(pool)
-            except OSError as e:
-                failed = e
-            dev.drop_prefetched()
-        if failed is not None and self.conn is not None:
-            log.error("O_DIRECT write failed: %s; dropping the connection", failed)
-            self.conn.data_to_send()
-            if self.transport is not None:
-                self.transport.abort()
-            self.conn.drop(f"write error: {failed}")
-
-    def _batch_io(self, events: list) -> list | None:
-        """Overlap the disk accesses of a batch of O_DIRECT READs and WRITEs.
-
-        O_DIRECT commands run inline (a thread hop per command cost more than
-        it saved, docs/benchmarks.md), which alone would keep one request at
-        the disk.  When one socket read brought several READs for an O_DIRECT
-        LU, their reads are issued at once (``FileBlockDevice.prefetch``) and
-        the commands then take their data from the device; several WRITEs
-        (no FUA) are queued by the device (``defer_writes``) and written
-        together by ``_finish_batch`` before any of their statuses is sent.
-        The SCSI layer runs every command as usual (checks, ordering).
-        """
+    def _close(self) -> None:
         conn = self.conn
-        target = conn.target if conn is not None else None
-        if target is None:
-            return None
-        luns = target.scsi.luns
-        ranges: dict[object, list[tuple[int, int]]] = {}
-        writes: dict[object, int] = {}
-        for ev in events:
-            cmd = ev.task.command if isinstance(ev, Execute) else None
-            if cmd is None or not cmd.cdb:
-                continue
-            op = cmd.cdb[0]
-            if op not in _READ_OPS and op not in _WRITE_OPS:
-                continue
-            lu = luns.get(cmd.lun)
-            dev = lu.device if lu is not None else None
-            if not getattr(dev, "direct", False) or not hasattr(dev, "prefetch"):
-                continue
-            try:
-                lba, blocks, flags = scsi_rw_decode(cmd.cdb)
-            except ValueError:
-                continue
-            if op in _WRITE_OPS:
-                if not flags & 0x08:  # FUA writes are written (and flushed) on their own
-                    writes[dev] = writes.get(dev, 0) + 1
-                continue
-            bs = lu.block_size
-            if blocks and (lba + blocks) * bs <= dev.size:
-                ranges.setdefault(dev, []).append((lba * bs, blocks * bs))
-        done = []
-        for dev, rs in ranges.items():
-            if len(rs) > 1:
-                dev.prefetch(rs, self.server.read_pool())
-                done.append(dev)
-        for dev, n in writes.items():
-            if n > 1:
-                dev.defer_writes()
-                if dev not in done:
-                    done.append(dev)
-        return done
+        transport = self.transport
+        assert conn is not None and transport is not None
+        out = conn.data_to_send()
+        if out and not transport.is_closing():
+            transport.writelines(out)
+        transport.close()
+
+    def _run_planned(self, events: list) -> bool:
+        """Act on several events, or on any while O_DIRECT I/O is in flight
+        (storaged.iscsi.direct); True once the connection is closed."""
+        plan = _Plan(self, events)
+        try:
+            for ev in events:
+                if isinstance(ev, Execute):
+                    plan.execute(ev.task)
+                elif isinstance(ev, Close):
+                    self._close()
+                    return True
+            return False
+        finally:
+            plan.submit()
 
     def _execute(self, task: Task) -> None:
         cmd = task.command
@@ -189,6 +135,53 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         result = self.server.run_command(target.scsi, cmd, target.name)
         self.conn.complete(task, result)
+
+    def _resume(self, task: Task) -> None:
+        """Run a command held back while its LU had O_DIRECT I/O in flight."""
+        if self.conn is None or self.conn.closed or task.aborted:
+            return
+        self._execute(task)
+        self.pump()
+
+    def _reads_done(self, dev: FileBlockDevice, data: dict[tuple[int, int], bytes],
+                    tasks: list[Task]) -> None:
+        """Run the READs of a batch now that their data has been read."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        target = conn.target
+        if target is None:
+            return
+        run = self.server.run_command
+        dev.use_prefetched(data)
+        try:
+            for task in tasks:     # plain READs: never for the executor (see _Plan)
+                if not task.aborted:
+                    conn.complete(task, run(target.scsi, task.command, target.name))
+        finally:
+            dev.drop_prefetched()
+        self.pump()
+
+    def _writes_done(self, items: list[tuple[Task, ScsiResult]],
+                     failed: BlockDeviceError | None) -> None:
+        """Send the statuses of a batch of WRITEs whose data is in the file.
+
+        If a write failed, none is acknowledged: the connection is dropped
+        (at ERL 0 the initiator retries on a new session), so no write is
+        acknowledged that did not reach the file."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        if failed is not None:
+            log.error("O_DIRECT write failed: %s; dropping the connection", failed)
+            conn.data_to_send()
+            if self.transport is not None:
+                self.transport.abort()
+            conn.drop(f"write error: {failed}")
+            return
+        for task, result in items:
+            conn.complete(task, result)
+        self.pump()
 
     def _done(self, task: Task, fut: asyncio.Future) -> None:
         self.inflight -= 1
@@ -224,6 +217,129 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.pump()
 
 
+class _Plan:
+    """How one batch of events meets the O_DIRECT LUs (storaged.iscsi.direct).
+
+    Per command for an LU on an O_DIRECT file: held back while the LU has
+    commands held or disk accesses in flight, unless it is a plain READ/WRITE
+    (10/16, no FUA, write cache on) that can join; such READ/WRITEs are
+    claimed when the batch has several of them for the device or the device
+    is busy anyway, and their disk accesses are submitted as AIO at ``submit``.
+    Anything else runs as usual.
+    """
+
+    __slots__ = ("proto", "direct", "scsi", "active", "routes", "counts", "reads", "writes")
+
+    def __init__(self, proto: IscsiProtocol, events: list) -> None:
+        self.proto = proto
+        self.direct = proto.server.direct
+        conn = proto.conn
+        target = conn.target if conn is not None else None
+        self.scsi = target.scsi if target is not None else None
+        self.routes: dict[int, tuple[FileBlockDevice, bool]] = {}
+        """id(task) -> (its O_DIRECT device, may it join a batch), for
+        commands of O_DIRECT LUs."""
+        self.counts: dict[FileBlockDevice, int] = {}
+        self.reads: dict[FileBlockDevice, list[tuple[Task, tuple[int, int] | None]]] = {}
+        self.writes: dict[FileBlockDevice, list[tuple[Task, ScsiResult]]] = {}
+        # Page-cache targets (the default) skip the per-command routing.
+        self.active = self.scsi is not None and any(
+            getattr(lu.device, "direct", False) for lu in self.scsi.luns.values())
+        if not self.active:
+            return
+        counts = self.counts
+        routes = self.routes
+        for ev in events:
+            if isinstance(ev, Execute):
+                dev, joins = self._route(ev.task)
+                if dev is not None:
+                    routes[id(ev.task)] = (dev, joins)
+                    if joins:
+                        counts[dev] = counts.get(dev, 0) + 1
+
+    def _route(self, task: Task) -> tuple[FileBlockDevice | None, bool]:
+        """The command's O_DIRECT device (or None) and whether it may join a batch."""
+        cmd = task.command
+        if cmd is None or not cmd.cdb or self.scsi is None:
+            return None, False
+        lu = self.scsi.luns.get(cmd.lun)
+        dev = lu.device if lu is not None else None
+        if not getattr(dev, "direct", False) or not isinstance(dev, FileBlockDevice):
+            return None, False
+        op = cmd.cdb[0]
+        joins = (op in READ_OPS or op in WRITE_OPS) and not self.scsi.may_block(cmd)
+        return dev, joins
+
+    def execute(self, task: Task) -> None:
+        proto = self.proto
+        route = self.routes.get(id(task)) if self.active else None
+        if route is None:
+            proto._execute(task)
+            return
+        dev, joins = route
+        direct = self.direct
+        if dev in direct.waiting:
+            direct.hold(dev, partial(proto._resume, task))
+            return
+        claimed = dev in self.reads or dev in self.writes
+        if joins and (claimed or self.counts.get(dev, 0) > 1 or dev in direct.busy):
+            self._claim(dev, task)
+        elif claimed or dev in direct.busy:
+            direct.hold(dev, partial(proto._resume, task))
+        else:
+            proto._execute(task)
+
+    def _claim(self, dev: FileBlockDevice, task: Task) -> None:
+        cmd = task.command
+        assert cmd is not None and self.scsi is not None
+        if cmd.cdb[0] in READ_OPS:
+            rng = None
+            try:
+                lba, blocks, _flags = scsi_rw_decode(cmd.cdb)
+            except ValueError:
+                pass
+            else:
+                bs = dev.block_size
+                if blocks and (lba + blocks) * bs <= dev.size:
+                    rng = (lba * bs, blocks * bs)
+            self.reads.setdefault(dev, []).append((task, rng))
+            return
+        items = self.writes.get(dev)
+        if items is None:
+            items = self.writes[dev] = []
+            dev.defer_writes()
+        target = self.proto.conn.target  # type: ignore[union-attr]
+        items.append((task, self.proto.server.run_command(self.scsi, cmd, target.name)))
+
+    def submit(self) -> None:
+        """Start the claimed commands' disk accesses."""
+        proto = self.proto
+        direct = self.direct
+        for dev, items in self.writes.items():
+            failed: BlockDeviceError | None = None
+            try:
+                pending = dev.take_deferred()
+            except BlockDeviceError as e:
+                pending, failed = [], e
+            ops = dev.aio_writes(pending)
+
+            def written(results: list[int], dev: FileBlockDevice = dev, pending: list = pending,
+                        ops: list = ops, items: list = items,
+                        failed: BlockDeviceError | None = failed) -> None:
+                error = dev.aio_writes_done(pending, ops, results)
+                proto._writes_done(items, failed or error)
+
+            direct.submit(dev, ops, written)
+        for dev, reads in self.reads.items():
+            ops = dev.aio_reads([r for _t, r in reads if r is not None])
+
+            def read(results: list[int], dev: FileBlockDevice = dev, ops: list = ops,
+                     tasks: list = [t for t, _r in reads]) -> None:  # noqa: B006
+                proto._reads_done(dev, dev.aio_read_data(ops, results), tasks)
+
+            direct.submit(dev, ops, read)
+
+
 class IscsiServer:
     """All listening portals of the daemon and their connections."""
 
@@ -239,14 +355,7 @@ class IscsiServer:
         self.listeners: dict[tuple[str, int], asyncio.AbstractServer] = {}
         self.protocols: set[IscsiProtocol] = set()
         self._ticker: asyncio.Task | None = None
-        self._read_pool: ThreadPoolExecutor | None = None
-
-    def read_pool(self) -> ThreadPoolExecutor:
-        """Threads for batched O_DIRECT reads and writes (as many as tgt's rdwr
-        backing store uses, 16: enough for a queue depth of 16-32 at the disk)."""
-        if self._read_pool is None:
-            self._read_pool = ThreadPoolExecutor(16, thread_name_prefix="direct-read")
-        return self._read_pool
+        self.direct = DirectIO()
 
     async def set_portals(self, portals: set[tuple[str, int]]) -> None:
         """Listen on exactly these portals (start new ones, stop removed ones)."""
@@ -289,7 +398,5 @@ class IscsiServer:
                 proto.transport.abort()
         if self._ticker is not None:
             self._ticker.cancel()
-        if self._read_pool is not None:
-            self._read_pool.shutdown(wait=False)
-            self._read_pool = None
+        self.direct.shutdown()
         self.listeners.clear()
