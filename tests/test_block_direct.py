@@ -13,7 +13,7 @@ from storaged.block.file import AlignedBuffers, FileBlockDevice
 from storaged.cli import cli
 from storaged.state import Backstore, Store
 from storaged.state.errors import ValidationError
-from tests.support import free_port, require_tool, storaged, wait_port
+from tests.support import free_port, require_tool, running, storaged
 
 IQN = "iqn.2026-11.org.storaged:direct"
 
@@ -215,12 +215,9 @@ def test_qemu_convert_compare_on_direct_backstore(tmp_path):
     storaged("target", "create", IQN, "--portal", f"127.0.0.1:{port}", directory=state)
     storaged("lun", "add", IQN, "d0", "--lun", "0", directory=state)
     storaged("target", "open", IQN, directory=state)
-    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "storaged", "--dir", state, "serve"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, STORAGED_LOG="WARNING"))
-    try:
-        wait_port(port, proc)
+    with running(state, port, demo=False) as d:
+        proc = d.proc
+        assert proc is not None
         assert _fd_flags(proc.pid, backing) & os.O_DIRECT
         opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{port},target={IQN},lun=0")
         image = f"driver=raw,file.filename={src}"
@@ -251,16 +248,7 @@ def test_qemu_convert_compare_on_direct_backstore(tmp_path):
             f.write(bytes([old[0] ^ 0x5A]))
         r = qemu("compare", "--image-opts", image, opts)
         assert r.returncode == 1, r.stdout + r.stderr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-    with open(tmp_path / "daemon.log", "rb") as f:
-        assert b"Traceback" not in f.read()
+    assert "Traceback" not in d.output()
 
 
 def test_prefetched_data_is_served_once_to_its_thread_and_writes_drop_it(tmp_path):
