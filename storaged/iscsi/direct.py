@@ -37,10 +37,6 @@ from storaged.block import aio
 
 log = logging.getLogger("storaged.iscsi")
 
-# READ(10)/READ(16) and WRITE(10)/WRITE(16): what initiators send for data.
-READ_OPS = frozenset((0x28, 0x88))
-WRITE_OPS = frozenset((0x2A, 0x8A))
-
 IoOp = tuple[int, int, int, Any]
 """(storaged.block.aio.READ or WRITE, fd, offset, buffer)"""
 

@@ -18,11 +18,11 @@ from functools import partial
 
 from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
-from storaged.fastio import scsi_rw_decode
 from storaged.iscsi.connection import Close, Connection, Execute, Task
-from storaged.iscsi.direct import READ_OPS, WRITE_OPS, DirectIO
+from storaged.iscsi.direct import DirectIO
 from storaged.iscsi.target import Registry
 from storaged.scsi import sense
+from storaged.scsi.target import DIRECT_OTHER, DIRECT_READ
 from storaged.scsi.types import ScsiResult
 
 log = logging.getLogger("storaged.iscsi")
@@ -35,7 +35,6 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
         self.paused = False
-        self.inflight = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -127,7 +126,6 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if target is None:
             return
         if target.scsi.may_block(cmd):
-            self.inflight += 1
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(None, self.server.run_command, target.scsi, cmd,
                                        target.name)
@@ -184,7 +182,6 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.pump()
 
     def _done(self, task: Task, fut: asyncio.Future) -> None:
-        self.inflight -= 1
         if self.conn is None:
             return
         try:
@@ -220,15 +217,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 class _Plan:
     """How one batch of events meets the O_DIRECT LUs (storaged.iscsi.direct).
 
-    Per command for an LU on an O_DIRECT file: held back while the LU has
-    commands held or disk accesses in flight, unless it is a plain READ/WRITE
-    (10/16, no FUA, write cache on) that can join; such READ/WRITEs are
+    Per command for an LU on an O_DIRECT device (``ScsiTarget.direct_io``):
+    held back while the device has commands held or disk accesses in flight,
+    unless it is a plain READ/WRITE that can join; such READ/WRITEs are
     claimed when the batch has several of them for the device or the device
-    is busy anyway, and their disk accesses are submitted as AIO at ``submit``.
-    Anything else runs as usual.
+    is busy anyway, and their disk accesses are submitted as AIO at
+    ``submit``.  Anything else runs as usual.
     """
 
-    __slots__ = ("proto", "direct", "scsi", "active", "routes", "counts", "reads", "writes")
+    __slots__ = ("proto", "direct", "scsi", "routes", "counts", "reads", "writes")
 
     def __init__(self, proto: IscsiProtocol, events: list) -> None:
         self.proto = proto
@@ -236,80 +233,55 @@ class _Plan:
         conn = proto.conn
         target = conn.target if conn is not None else None
         self.scsi = target.scsi if target is not None else None
-        self.routes: dict[int, tuple[FileBlockDevice, bool]] = {}
-        """id(task) -> (its O_DIRECT device, may it join a batch), for
-        commands of O_DIRECT LUs."""
+        self.routes: dict[int, tuple[FileBlockDevice, int, tuple[int, int] | None]] = {}
+        """id(task) -> ``ScsiTarget.direct_io`` of its command."""
         self.counts: dict[FileBlockDevice, int] = {}
         self.reads: dict[FileBlockDevice, list[tuple[Task, tuple[int, int] | None]]] = {}
         self.writes: dict[FileBlockDevice, list[tuple[Task, ScsiResult]]] = {}
+        scsi = self.scsi
         # Page-cache targets (the default) skip the per-command routing.
-        self.active = self.scsi is not None and any(
-            getattr(lu.device, "direct", False) for lu in self.scsi.luns.values())
-        if not self.active:
+        if scsi is None or not any(getattr(lu.device, "direct", False)
+                                   for lu in scsi.luns.values()):
             return
-        counts = self.counts
-        routes = self.routes
         for ev in events:
-            if isinstance(ev, Execute):
-                dev, joins = self._route(ev.task)
-                if dev is not None:
-                    routes[id(ev.task)] = (dev, joins)
-                    if joins:
-                        counts[dev] = counts.get(dev, 0) + 1
-
-    def _route(self, task: Task) -> tuple[FileBlockDevice | None, bool]:
-        """The command's O_DIRECT device (or None) and whether it may join a batch."""
-        cmd = task.command
-        if cmd is None or not cmd.cdb or self.scsi is None:
-            return None, False
-        lu = self.scsi.luns.get(cmd.lun)
-        dev = lu.device if lu is not None else None
-        if not getattr(dev, "direct", False) or not isinstance(dev, FileBlockDevice):
-            return None, False
-        op = cmd.cdb[0]
-        joins = (op in READ_OPS or op in WRITE_OPS) and not self.scsi.may_block(cmd)
-        return dev, joins
+            if isinstance(ev, Execute) and ev.task.command is not None:
+                route = scsi.direct_io(ev.task.command)
+                if route is not None:
+                    self.routes[id(ev.task)] = route
+                    if route[1] != DIRECT_OTHER:
+                        self.counts[route[0]] = self.counts.get(route[0], 0) + 1
 
     def execute(self, task: Task) -> None:
         proto = self.proto
-        route = self.routes.get(id(task)) if self.active else None
+        route = self.routes.get(id(task))
         if route is None:
             proto._execute(task)
             return
-        dev, joins = route
+        dev, kind, rng = route
         direct = self.direct
         if dev in direct.waiting:
             direct.hold(dev, partial(proto._resume, task))
             return
         claimed = dev in self.reads or dev in self.writes
-        if joins and (claimed or self.counts.get(dev, 0) > 1 or dev in direct.busy):
-            self._claim(dev, task)
+        if kind != DIRECT_OTHER and (claimed or self.counts[dev] > 1 or dev in direct.busy):
+            if kind == DIRECT_READ:
+                self.reads.setdefault(dev, []).append((task, rng))
+            else:
+                self._claim_write(dev, task)
         elif claimed or dev in direct.busy:
             direct.hold(dev, partial(proto._resume, task))
         else:
             proto._execute(task)
 
-    def _claim(self, dev: FileBlockDevice, task: Task) -> None:
-        cmd = task.command
-        assert cmd is not None and self.scsi is not None
-        if cmd.cdb[0] in READ_OPS:
-            rng = None
-            try:
-                lba, blocks, _flags = scsi_rw_decode(cmd.cdb)
-            except ValueError:
-                pass
-            else:
-                bs = dev.block_size
-                if blocks and (lba + blocks) * bs <= dev.size:
-                    rng = (lba * bs, blocks * bs)
-            self.reads.setdefault(dev, []).append((task, rng))
-            return
+    def _claim_write(self, dev: FileBlockDevice, task: Task) -> None:
+        """Run the WRITE now with its data queued by the device (written at ``submit``)."""
         items = self.writes.get(dev)
         if items is None:
             items = self.writes[dev] = []
             dev.defer_writes()
         target = self.proto.conn.target  # type: ignore[union-attr]
-        items.append((task, self.proto.server.run_command(self.scsi, cmd, target.name)))
+        items.append((task, self.proto.server.run_command(self.scsi, task.command,
+                                                          target.name)))
 
     def submit(self) -> None:
         """Start the claimed commands' disk accesses."""

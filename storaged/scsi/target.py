@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from storaged.fastio import scsi_rw_decode
 from storaged.scsi import sense, spc
 from storaged.scsi.lu import UA_BUS_DEVICE_RESET, UA_POWER_ON, LogicalUnit
 from storaged.scsi.sense import Key
@@ -18,6 +20,13 @@ from storaged.scsi.types import (
 )
 
 log = logging.getLogger("storaged.scsi")
+
+# READ(10)/READ(16) and WRITE(10)/WRITE(16): what initiators send for data.
+_READ_OPS = frozenset((0x28, 0x88))
+_WRITE_OPS = frozenset((0x2A, 0x8A))
+
+DIRECT_OTHER, DIRECT_READ, DIRECT_WRITE = -1, 0, 1
+"""Kinds of ``ScsiTarget.direct_io``."""
 
 INQUIRY = 0x12
 REQUEST_SENSE = 0x03
@@ -83,6 +92,35 @@ class ScsiTarget:
         """Should the transport run this command off its event loop?"""
         lu = self.luns.get(cmd.lun)
         return lu is not None and lu.may_block(cmd)
+
+    def direct_io(self, cmd: ScsiCommand) -> tuple[Any, int, tuple[int, int] | None] | None:
+        """How a transport may overlap this command's disk access, for LUs on
+        an O_DIRECT device (None for every other LU).
+
+        ``(device, kind, byte_range)``: ``kind`` is DIRECT_READ or
+        DIRECT_WRITE for a plain READ/WRITE(10/16) that runs without blocking
+        (no FUA, write cache on), whose data may be read ahead
+        (``byte_range``, when it lies inside the device) or queued by the
+        device; DIRECT_OTHER for any other command, which must not run while
+        the device has such accesses in flight (storaged.iscsi.direct)."""
+        lu = self.luns.get(cmd.lun)
+        dev = lu.device if lu is not None else None
+        if not getattr(dev, "direct", False) or not hasattr(dev, "aio_reads"):
+            return None
+        cdb = cmd.cdb
+        op = cdb[0] if cdb else -1
+        if op not in _READ_OPS and op not in _WRITE_OPS or lu.may_block(cmd):  # type: ignore[union-attr]
+            return dev, DIRECT_OTHER, None
+        if op in _WRITE_OPS:
+            return dev, DIRECT_WRITE, None
+        try:
+            lba, blocks, _flags = scsi_rw_decode(cdb)
+        except ValueError:
+            return dev, DIRECT_READ, None
+        bs = lu.block_size  # type: ignore[union-attr]
+        if blocks and (lba + blocks) * bs <= dev.size:
+            return dev, DIRECT_READ, (lba * bs, blocks * bs)
+        return dev, DIRECT_READ, None
 
     def _target_command(self, cmd: ScsiCommand, lu: LogicalUnit | None) -> ScsiResult:
         cdb = cmd.cdb
