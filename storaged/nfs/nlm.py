@@ -206,6 +206,19 @@ class Nlm:
             return NLM4_ROFS, None
         return NLM4_GRANTED, (export.export_id, inode)
 
+    def _range(self, call: Call, alock: dict[str, Any],
+               write: bool) -> tuple[int, Any, int, int]:
+        """``(NLM4_GRANTED, file key, start, end)`` for a lock's handle and byte
+        range, or ``(error status, None, 0, 0)`` (NLM4_FBIG past 2**64)."""
+        stat, file = self._file(call, alock["fh"], write)
+        if file is None:
+            return stat, None, 0, 0
+        try:
+            start, end = span(alock["l_offset"], alock["l_len"])
+        except ValueError:
+            return NLM4_FBIG, None, 0, 0
+        return stat, file, start, end
+
     @staticmethod
     def _owner(alock: dict[str, Any]) -> Owner:
         return Owner(host_name(alock["caller_name"]), alock["svid"], alock["oh"])
@@ -245,13 +258,9 @@ class Nlm:
         if self.in_grace:
             return {"cookie": cookie, "test_stat": (NLM4_DENIED_GRACE_PERIOD, None)}
         alock = a["alock"]
-        stat, file = self._file(call, alock["fh"], False)
+        stat, file, start, end = self._range(call, alock, False)
         if file is None:
             return {"cookie": cookie, "test_stat": (stat, None)}
-        try:
-            start, end = span(alock["l_offset"], alock["l_len"])
-        except ValueError:
-            return {"cookie": cookie, "test_stat": (NLM4_FBIG, None)}
         lk = self.locks.conflict(file, self._owner(alock), start, end, a["exclusive"])
         if lk is None:
             return {"cookie": cookie, "test_stat": (NLM4_GRANTED, None)}
@@ -265,13 +274,9 @@ class Nlm:
         if a["reclaim"] and not self.in_grace:
             return NLM4_DENIED_GRACE_PERIOD
         alock = a["alock"]
-        stat, file = self._file(call, alock["fh"], a["exclusive"])
+        stat, file, start, end = self._range(call, alock, a["exclusive"])
         if file is None:
             return stat
-        try:
-            start, end = span(alock["l_offset"], alock["l_len"])
-        except ValueError:
-            return NLM4_FBIG
         owner = self._owner(alock)
         block = a["block"] and monitored
         if monitored:
@@ -295,13 +300,9 @@ class Nlm:
         if self.in_grace:
             return {"cookie": cookie, "stat": NLM4_DENIED_GRACE_PERIOD}
         alock = a["alock"]
-        stat, file = self._file(call, alock["fh"], False)
+        stat, file, start, end = self._range(call, alock, False)
         if file is None:
             return {"cookie": cookie, "stat": stat}
-        try:
-            start, end = span(alock["l_offset"], alock["l_len"])
-        except ValueError:
-            return {"cookie": cookie, "stat": NLM4_FBIG}
         self.locks.cancel(file, self._owner(alock), start, end, a["exclusive"])
         return {"cookie": cookie, "stat": NLM4_GRANTED}  # like Linux: also when none waited
 
@@ -309,13 +310,9 @@ class Nlm:
         # Allowed during grace: releasing can only help others' reclaims.
         cookie = a["cookie"]
         alock = a["alock"]
-        stat, file = self._file(call, alock["fh"], False)
+        stat, file, start, end = self._range(call, alock, False)
         if file is None:
             return {"cookie": cookie, "stat": stat}
-        try:
-            start, end = span(alock["l_offset"], alock["l_len"])
-        except ValueError:
-            return {"cookie": cookie, "stat": NLM4_FBIG}
         self._granted(self.locks.unlock(file, self._owner(alock), start, end))
         return {"cookie": cookie, "stat": NLM4_GRANTED}
 
