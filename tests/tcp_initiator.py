@@ -117,9 +117,11 @@ class TcpInitiator:
         self.first_burst = int(fb) if fb.isdigit() else 0  # "Irrelevant" (§13.14)
         return keys
 
-    def command(self, cdb: bytes, read_len: int = 0, data: bytes = b"",
-                lun: int = 0) -> tuple[int, bytes, bytes]:
-        """Run one SCSI command; return (status, data-in, sense)."""
+    def start(self, cdb: bytes, read_len: int = 0, data: bytes = b"", lun: int = 0,
+              queue: list[bytes] | None = None) -> int:
+        """Send a SCSI Command PDU (with what fits as immediate data) and
+        return its ITT without waiting; with ``queue``, append its bytes there
+        instead, for one ``sendall`` of several pipelined commands."""
         itt = self.itt
         self.itt += 1
         write = bool(data)
@@ -129,7 +131,16 @@ class TcpInitiator:
                               itt=itt, w20=len(data) if write else read_len, w24=self.cmdsn))
         hdr[32:32 + len(cdb)] = cdb
         self.cmdsn += 1
-        self.send(bytes(hdr), imm)
+        if queue is None:
+            self.send(bytes(hdr), imm)
+        else:
+            queue.extend(bytes(b) for b in frame(bytes(hdr), imm, self.hd, self.dd))
+        return itt
+
+    def command(self, cdb: bytes, read_len: int = 0, data: bytes = b"",
+                lun: int = 0) -> tuple[int, bytes, bytes]:
+        """Run one SCSI command; return (status, data-in, sense)."""
+        itt = self.start(cdb, read_len, data, lun)
         got = bytearray()
         while True:
             pdu = self.recv()

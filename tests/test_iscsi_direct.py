@@ -22,7 +22,7 @@ import pytest
 from storaged.block import aio
 from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
-from storaged.iscsi.pdu import Op, build, frame
+from storaged.iscsi.pdu import Op
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.scsi.lu import LogicalUnit
@@ -53,21 +53,9 @@ def direct_daemon(tmp_path):
 
 def _send(ini: TcpInitiator, cdb: bytes, read_len: int = 0, data: bytes = b"",
           queue: list[bytes] | None = None) -> int:
-    """Send one command without waiting for it (immediate data only), or add
-    it to ``queue`` for one ``sendall`` with others; its ITT."""
-    itt = ini.itt
-    ini.itt += 1
-    flags = 0x80 | 0x01 | (0x40 if read_len else 0) | (0x20 if data else 0)
+    """A pipelined command: all its data must go as immediate data."""
     assert len(data) <= min(ini.first_burst, ini.mrdsl)
-    hdr = bytearray(build(Op.SCSI_CMD, flags=flags, data_len=len(data), itt=itt,
-                          w20=len(data) if data else read_len, w24=ini.cmdsn))
-    hdr[32:32 + len(cdb)] = cdb
-    ini.cmdsn += 1
-    if queue is None:
-        ini.send(bytes(hdr), data)
-    else:
-        queue.extend(bytes(b) for b in frame(bytes(hdr), data, ini.hd, ini.dd))
-    return itt
+    return ini.start(cdb, read_len, data, queue=queue)
 
 
 def _collect(ini: TcpInitiator, itts: list[int]) -> dict[int, tuple[int, bytes, bytes]]:

@@ -81,6 +81,20 @@ def _tree(root: str, files: int = 200) -> str:
     return d
 
 
+def _serve(tmp_path, files: int, **export: object):
+    """A ``_tree`` of ``files`` under tmp_path/export, served in memory:
+    (the listed directory, the NfsServer, a LocalClient)."""
+    root = tmp_path / "export"
+    root.mkdir()
+    d = _tree(str(root), files=files)
+    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16,
+                 **export)
+    rec.validate()
+    server = NfsServer(write_verifier=b"VERIFIER")
+    server.exports.set([LiveExport(rec, HostFs(str(root), fsid=rec.export_id))])
+    return d, server, LocalClient(server.service)
+
+
 def _cookies(data: bytes, n: int, plus: bool) -> list[int]:
     """The cookie of every entry in an encoded entry list."""
     out, off = [], 0
@@ -150,14 +164,7 @@ def test_errors_agree(compiled, tmp_path):
 @pytest.mark.parametrize("plus", [False, True])
 def test_fast_reply_equals_general_path(tmp_path, plus):
     """The whole RPC reply, fast path vs HostFs.readdir + the Python encoder."""
-    root = tmp_path / "export"
-    root.mkdir()
-    _tree(str(root), files=120)
-    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16)
-    rec.validate()
-    server = NfsServer(write_verifier=b"VERIFIER")
-    server.exports.set([LiveExport(rec, HostFs(str(root), fsid=rec.export_id))])
-    c = LocalClient(server.service)
+    _d, server, c = _serve(tmp_path, 120)
     rootfh = c.mnt("/export")
     dfh = c.lookup(rootfh, b"d")
     for fh in (rootfh, dfh):
@@ -213,16 +220,8 @@ def _plus_replies(c, fh, count, between=None):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
 def test_listing_cache_fresh_attributes_and_invalidation(tmp_path):
-    root = tmp_path / "export"
-    root.mkdir()
-    d = _tree(str(root), files=150)
-    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16,
-                 attr_timeout=0)  # attributes re-read for every reply
-    rec.validate()
-    server = NfsServer(write_verifier=b"VERIFIER")
-    server.exports.set([LiveExport(rec, HostFs(str(root), fsid=rec.export_id))])
+    d, server, c = _serve(tmp_path, 150, attr_timeout=0)  # attributes re-read for every reply
     nfs = server.nfs
-    c = LocalClient(server.service)
     dfh = c.lookup(c.mnt("/export"), b"d")
 
     def both():
@@ -280,17 +279,9 @@ def test_listing_cache_bounds():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
 def test_prefetched_attributes_are_retired_by_a_write(tmp_path):
-    root = tmp_path / "export"
-    root.mkdir()
-    d = _tree(str(root), files=150)
-    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16,
-                 squash="none", attr_timeout=0)
-    rec.validate()
-    server = NfsServer(write_verifier=b"VERIFIER")
-    server.exports.set([LiveExport(rec, HostFs(str(root), fsid=rec.export_id))])
+    d, server, c = _serve(tmp_path, 150, squash="none", attr_timeout=0)
     nfs = server.nfs
     nfs.listings.settle_ns = 0
-    c = LocalClient(server.service)
     dfh = c.lookup(c.mnt("/export"), b"d")
     args = {"dir": dfh, "cookie": 0, "cookieverf": bytes(8), "dircount": 1500,
             "maxcount": 1500}
@@ -338,18 +329,10 @@ def test_attr_timeout_reuses_attributes_and_every_change_voids_them(tmp_path):
     directory shows in the very next listing."""
     from tests.nfs_client import sattr
 
-    root = tmp_path / "export"
-    root.mkdir()
-    d = _tree(str(root), files=150)
-    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16,
-                 squash="none", attr_timeout=60)
-    rec.validate()
-    server = NfsServer(write_verifier=b"VERIFIER")
-    export = LiveExport(rec, HostFs(str(root), fsid=rec.export_id))
-    server.exports.set([export])
+    d, server, c = _serve(tmp_path, 150, squash="none", attr_timeout=60)
+    export, _path = server.exports.for_path("/export")  # type: ignore[misc]
     nfs = server.nfs
     nfs.listings.settle_ns = 0
-    c = LocalClient(server.service)
     dfh = c.lookup(c.mnt("/export"), b"d")
     sub = c.lookup(dfh, b"sub")
     first = _listing(c, dfh)
@@ -420,18 +403,10 @@ def test_attr_timeout_reuses_attributes_and_every_change_voids_them(tmp_path):
 def test_attr_timeout_zero_and_many_changes(tmp_path):
     """attr_timeout=0 re-reads every time; past MAX_CHANGED changed handles everything
     cached is voided (the changed-handle list stays bounded)."""
-    root = tmp_path / "export"
-    root.mkdir()
-    d = _tree(str(root), files=60)
-    rec = Export(path="/export", directory=str(root), export_id=0x1234, handle_key="11" * 16,
-                 squash="none", attr_timeout=0)
-    rec.validate()
-    server = NfsServer(write_verifier=b"VERIFIER")
-    export = LiveExport(rec, HostFs(str(root), fsid=rec.export_id))
-    server.exports.set([export])
+    d, server, c = _serve(tmp_path, 60, squash="none", attr_timeout=0)
+    export, _path = server.exports.for_path("/export")  # type: ignore[misc]
     nfs = server.nfs
     nfs.listings.settle_ns = 0
-    c = LocalClient(server.service)
     dfh = c.lookup(c.mnt("/export"), b"d")
     _listing(c, dfh)
     assert not next(iter(nfs.listings._snaps.values())).fresh
