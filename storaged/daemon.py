@@ -303,10 +303,12 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
             lambda: list(runtime.meters.values()), runtime.session_counts))
         metrics.serve_metrics(host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
-    await runtime.reconcile()
     from storaged.cluster.service import start_cluster_node, stop_cluster_node
 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
+    # Portals open here; the control socket follows at once, so a CLI call made as
+    # soon as the iSCSI port answers reaches the daemon (nothing slow in between).
+    await runtime.reconcile()
     sock_path = os.path.join(directory, "control.sock")
     control = await start_control_server(sock_path, store, runtime.reconcile,
                                          extra_ops={"status": lambda *_a, **_k: runtime.status(),

@@ -83,6 +83,13 @@ class Daemon:
         self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, env=env)
         wait_port(self.port, self.proc)
+        # Ready once the control socket exists too (the CLI goes live through it).
+        sock = os.path.join(self.directory, "control.sock")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"storaged exited with {self.proc.returncode}")
+            time.sleep(0.01)
         return self
 
     def kill(self) -> None:
