@@ -64,7 +64,7 @@ class Runtime:
         self.meters: dict[tuple[str, int], metrics.LunMeter] = {}
         with store.read() as txn:
             settings = txn.settings()
-        self.server = IscsiServer(self.registry, self.run_command,
+        self.server = IscsiServer(self.registry, self.run_command, quick=self.quick_command,
                                   nop_interval=settings.nop_interval,
                                   nop_timeout=settings.nop_timeout)
         from storaged.nfs.service import NfsRuntime
@@ -81,6 +81,24 @@ class Runtime:
         nread = len(result.data) if result.data is not None else 0
         nwritten = len(cmd.data_out) if cmd.data_out is not None else 0
         meter.record(cmd.cdb[0], elapsed, nread, nwritten, result.status)
+        return result
+
+    def quick_command(self, scsi: ScsiTarget, target: str, nexus_key: tuple[str, str],
+                      lun: int, cdb: bytes, expected: int,
+                      data: memoryview | None) -> bytes | None:
+        """``ScsiTarget.quick_rw`` with the same metrics as ``run_command``."""
+        started = time.perf_counter()
+        result = scsi.quick_rw(lun, nexus_key, cdb, expected, data)
+        if result is None:
+            return None
+        elapsed = time.perf_counter() - started
+        meter = self.meters.get((target, lun))
+        if meter is None:
+            meter = self.meters[(target, lun)] = metrics.LunMeter(target, lun)
+        if data is None:
+            meter.record(cdb[0], elapsed, expected, 0, 0)
+        else:
+            meter.record(cdb[0], elapsed, 0, expected, 0)
         return result
 
     def session_counts(self) -> dict[str, int]:

@@ -36,7 +36,10 @@ class BlockDevice(Protocol):
         ...
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; with ``fua`` it is durable on return."""
+        """Write ``data`` at ``offset``; with ``fua`` it is durable on return.
+
+        ``data`` may be a view of a transport's receive buffer that is
+        reused once this returns: keep a copy, never the view."""
         ...
 
     def flush(self) -> None:

@@ -14,8 +14,10 @@ connection and the session-wide sequence numbers (CmdSN window) live here.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from storaged.fastio import crc32c, decode_bhs, encode_bhs
 from storaged.iscsi import text
@@ -98,6 +100,15 @@ class Close:
     reason: str
 
 
+QuickCommand = Callable[..., "bytes | None"]
+"""``quick(scsi, target_name, nexus_key, lun, cdb, expected_length, data_out)``
+(``storaged.daemon.Runtime.quick_command``): run the command now and return
+its read data (b"" for a write) when it ends GOOD with exactly the expected
+length moved, or do nothing and return None so that it goes the general way."""
+
+_QUICK_FIELDS = struct.Struct(">QIII")   # LUN, ITT, EDTL, CmdSN: BHS bytes 8-27
+
+
 class ProtocolError(Exception):
     """The peer broke the protocol badly enough that the connection drops."""
 
@@ -161,8 +172,13 @@ class Connection:
 
     def __init__(self, registry: Registry, local: tuple[str, int], peer: tuple[str, int],
                  nop_interval: float = 15.0, nop_timeout: float = 30.0,
-                 login_timeout: float = 30.0, now: float = 0.0) -> None:
+                 login_timeout: float = 30.0, now: float = 0.0,
+                 quick: QuickCommand | None = None) -> None:
         self.registry = registry
+        self.quick = quick
+        """Runs a plain READ/WRITE(10/16) at once (see ``QuickCommand``); None:
+        every command goes out as an ``Execute`` event."""
+        self._quick: Callable[[int, bytes, int, memoryview | None], bytes | None] | None = None
         self.local = local
         self.peer = peer
         self._rbuf = bytearray(_RBUF_START)  # receive buffer: [_rstart, _rend) unparsed
@@ -270,6 +286,7 @@ class Connection:
         pos = self._rstart
         end = self._rend
         mv = memoryview(buf)
+        quick = self._quick if not self.dd else None
         try:
             while not self.closed:
                 if end - pos < BHS_LEN:
@@ -288,8 +305,12 @@ class Connection:
                     break
                 if self.hd:
                     self._check_hd(mv, pos, ahs)
-                header = bytes(mv[pos:pos + BHS_LEN + ahs])
                 dstart = pos + hlen
+                if quick is not None and buf[pos] == 0x01 and not ahs and \
+                        self._quick_command(quick, mv, pos, dstart, dlen):
+                    pos += total
+                    continue
+                header = bytes(mv[pos:pos + BHS_LEN + ahs])
                 payload = bytes(mv[dstart:dstart + dlen]) if dlen else b""
                 pos += total
                 if self.dd and dlen:
@@ -621,6 +642,9 @@ class Connection:
                 # §6.3.5 session reinstatement: the old session's tasks end now.
                 old.drop("session reinstated by a new login with the same ISID")
             self.registry.sessions[key] = self
+            if self.quick is not None and not self.discovery:
+                self._quick = partial(self.quick, t.scsi, t.name,
+                                      (self.nexus.initiator_port, self.nexus.target_port))
         log.info("login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
                  self.peer[0], self.peer[1],
                  "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
@@ -675,6 +699,55 @@ class Connection:
             self._drain_waiting()
         else:
             self.waiting[cmdsn] = task
+
+    def _quick_command(self, quick: Callable[[int, bytes, int, memoryview | None], bytes | None],
+                       mv: memoryview, pos: int, dstart: int, dlen: int) -> bool:
+        """A SCSI Command PDU (opcode byte 0x01: not immediate) that may
+        complete right here: in CmdSN order with nothing queued, SIMPLE or
+        untagged, READ with its data fitting one Data-In PDU or WRITE with all
+        its data immediate.  True once ``quick`` ran it and its status is
+        queued; False (nothing changed) sends it down the general path."""
+        b1 = mv[pos + 1]
+        if b1 & 0x87 > 0x81 or b1 & 0x80 == 0:   # F bit; ATTR 0 (untagged) or 1 (SIMPLE)
+            return False
+        lun_raw, itt, edtl, cmdsn = _QUICK_FIELDS.unpack_from(mv, pos + 8)
+        if cmdsn != self.expcmdsn or self.waiting or itt in self.tasks \
+                or itt == RESERVED_TAG or not edtl:
+            return False
+        rw = b1 & 0x60
+        if rw == 0x40:
+            if dlen or edtl > self.max_send or edtl > self.max_burst:
+                return False
+            data = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, None)
+            if data is None:
+                return False
+            self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+            # One Data-In with the phase-collapsed GOOD status (§11.7.4).
+            hdr = encode_bhs(Op.DATA_IN, False, 0x81, 0, 0, 0, edtl, lun_raw, itt,
+                             RESERVED_TAG, self._next_statsn(), self.expcmdsn,
+                             self.maxcmdsn, 0, 0, 0)
+            out = self._out
+            out.append(hdr)
+            if self.hd:
+                out.append(crc32c(hdr).to_bytes(4, "little"))
+            out.append(data)
+            pad = PADS[edtl & 3]
+            if pad:
+                out.append(pad)
+            return True
+        if rw != 0x20 or dlen != edtl or not self.immediate_data or dlen > self.first_burst:
+            return False
+        with mv[dstart:dstart + dlen] as payload:
+            done = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, payload)
+        if done is None:
+            return False
+        self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        hdr = encode_bhs(Op.SCSI_RSP, False, 0x80, 0, 0, 0, 0, 0, itt, 0,
+                         self._next_statsn(), self.expcmdsn, self.maxcmdsn, 0, 0, 0)
+        self._out.append(hdr)
+        if self.hd:
+            self._out.append(crc32c(hdr).to_bytes(4, "little"))
+        return True
 
     @staticmethod
     def _extended_cdb(pdu: Pdu) -> bytes | None:

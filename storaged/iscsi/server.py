@@ -18,7 +18,7 @@ from functools import partial
 
 from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
-from storaged.iscsi.connection import Close, Connection, Execute, Task
+from storaged.iscsi.connection import Close, Connection, Execute, QuickCommand, Task
 from storaged.iscsi.direct import DirectIO
 from storaged.iscsi.target import Registry
 from storaged.scsi import sense
@@ -49,7 +49,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")[:2]
         s = self.server
         self.conn = Connection(s.registry, local, peer, nop_interval=s.nop_interval,
-                               nop_timeout=s.nop_timeout, now=time.monotonic())
+                               nop_timeout=s.nop_timeout, now=time.monotonic(),
+                               quick=s.quick)
         self.conn.on_drop = self._on_drop
         transport.set_write_buffer_limits(high=8 << 20, low=1 << 20)
         s.protocols.add(self)
@@ -318,9 +319,12 @@ class IscsiServer:
     def __init__(self, registry: Registry,
                  run_command: Callable[..., ScsiResult],
                  nop_interval: float = 15.0, nop_timeout: float = 30.0,
-                 on_session_change: Callable[[], None] = lambda: None) -> None:
+                 on_session_change: Callable[[], None] = lambda: None,
+                 quick: QuickCommand | None = None) -> None:
         self.registry = registry
         self.run_command = run_command
+        self.quick = quick
+        """Runs plain READ/WRITEs inside the core's parse loop (``QuickCommand``)."""
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
         self.on_session_change = on_session_change

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from storaged.block.base import BlockDeviceError
 from storaged.scsi.commands import Access, register
 from storaged.scsi.sense import Key
 from storaged.scsi.types import ScsiCommand, ScsiResult
@@ -399,3 +400,54 @@ def read_defect_data12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     alloc = int.from_bytes(bytes(cdb[6:10]), "big")
     return ScsiResult(data=bytes((0, cdb[1] & 0x1F, 0, 0, 0, 0, 0, 0))[:alloc])
+
+
+# ---------------------------------------------------------------- quick path
+_QUICK_READ = {0x28: (_S10, 9), 0x88: (_S16, 15)}    # opcode -> (layout, CONTROL byte)
+_QUICK_WRITE = {0x2A: (_S10, 9), 0x8A: (_S16, 15)}
+
+
+def quick_rw(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryview,
+             expected: int, data: bytes | memoryview | None) -> bytes | None:
+    """READ/WRITE(10/16) in the one case that needs no decision beyond the
+    CDB: the read data (b"" for a write, whose data is then in the device),
+    or None when ``LogicalUnit.execute`` must run the command instead.
+
+    None, with nothing done, whenever the general path could answer
+    anything but GOOD with exactly ``expected`` bytes moved: a pending unit
+    attention for the nexus, a sanitize gate, a restrictive ALUA state, any
+    reservation, the LU offline, protection or NACA bits, FUA or write
+    cache off (the transport runs those off its loop: ``may_block``),
+    write protect, a zero, too long or out-of-range transfer, a length that
+    differs from the transport's expected length (residuals), an O_DIRECT
+    device (storaged.iscsi.direct schedules those), or a device error
+    (the general path retries it and reports the MEDIUM ERROR).  Otherwise
+    the effect is exactly that of ``execute`` (SBC-3 §5.15, §5.40)."""
+    if lu.gate is not None or lu.alua_check is not None or lu.access_check is not None \
+            or not lu._online:
+        return None
+    st = lu._nexus.get(nexus_key)
+    if st is None or st.ua:
+        return None
+    op = cdb[0]
+    spec = (_QUICK_WRITE if data is not None else _QUICK_READ).get(op)
+    if spec is None or cdb[1] & 0xE0 or cdb[spec[1]] & 0x04:
+        return None
+    lba, n = spec[0].unpack_from(cdb)
+    bs = lu.block_size
+    if not n or n > lu.max_transfer_blocks or lba + n > lu._nblocks or n * bs != expected:
+        return None
+    device = lu.device
+    if getattr(device, "direct", False):
+        return None
+    try:
+        if data is None:
+            with lu.medium_lock:
+                return device.read(lba * bs, expected)
+        if cdb[1] & 0x08 or not lu._wce or lu._wp or len(data) != expected:
+            return None
+        with lu.medium_lock:
+            device.write(lba * bs, data)
+        return b""
+    except BlockDeviceError:
+        return None
