@@ -28,6 +28,7 @@ from storaged.raid.service import RaidService
 from storaged.scsi.alua import Alua
 from storaged.scsi.atomic import attach_journal
 from storaged.scsi.lu import LogicalUnit
+from storaged.scsi.sbc import quick_rw
 from storaged.scsi.target import ScsiTarget
 from storaged.scsi.types import ScsiCommand, ScsiResult
 from storaged.state import Backstore, Chap, StatePrStore, Store, Target, split_portal
@@ -84,11 +85,21 @@ class Runtime:
         return result
 
     def quick_command(self, scsi: ScsiTarget, target: str, nexus_key: tuple[str, str],
-                      lun: int, cdb: bytes, expected: int,
-                      data: memoryview | None) -> bytes | None:
-        """``ScsiTarget.quick_rw`` with the same metrics as ``run_command``."""
+                      lun: int, cdb: bytes, expected: int, data: memoryview | None,
+                      alone: bool) -> bytes | None:
+        """``storaged.scsi.sbc.quick_rw`` with the same metrics as
+        ``run_command`` (the iSCSI core's QuickCommand).  On an O_DIRECT LU
+        only a command that arrived alone while the LU is idle runs so:
+        several go to the asynchronous path (storaged.iscsi.direct)."""
+        lu = scsi.luns.get(lun)
+        if lu is None:
+            return None
+        if getattr(lu.device, "direct", False):
+            direct = self.server.direct
+            if not alone or lu.device in direct.busy or lu.device in direct.waiting:
+                return None
         started = time.perf_counter()
-        result = scsi.quick_rw(lun, nexus_key, cdb, expected, data)
+        result = quick_rw(lu, nexus_key, cdb, expected, data)
         if result is None:
             return None
         elapsed = time.perf_counter() - started

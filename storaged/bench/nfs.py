@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="server-side attribute cache expiry for both servers: storaged's "
                    "export attr_timeout (default 1) and ganesha's Attr_Expiration_Time "
                    "(its own default is 60)")
+    p.add_argument("--cprofile", metavar="FILE", default=None,
+                   help="run storaged's server under cProfile, dump to FILE and list "
+                        "its top functions (slows it: use with --only storaged)")
     p.add_argument("--only", choices=["storaged", "ganesha"], default=None,
                    help="measure one server only (no ratios)")
     args = p.parse_args(argv)
@@ -252,8 +255,10 @@ def _bench(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     try:
         pm.start()
+        profile = ["-m", "cProfile", "-o", os.path.abspath(args.cprofile)] \
+            if args.cprofile else []
         st.proc = subprocess.Popen(
-            [sys.executable, "-m", "storaged.nfs", st.directory, "--listen",
+            [sys.executable, *profile, "-m", "storaged.nfs", st.directory, "--listen",
              f"127.0.0.1:{st.nfs_port}", "--portmap", "off",
              "--attr-timeout", str(args.attr_timeout)],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(top, "storaged.log"), "wb"))
@@ -352,6 +357,9 @@ def _bench(args: argparse.Namespace) -> int:
                     proc.kill()
                     proc.wait(5)
         pm.stop()
+        if args.cprofile and os.path.exists(args.cprofile):
+            from storaged.bench.iscsi import format_cprofile
+            print("\n" + format_cprofile(args.cprofile), file=sys.stderr)
         if args.keep:
             print(f"kept {top}", file=sys.stderr)
         else:

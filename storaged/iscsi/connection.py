@@ -101,10 +101,11 @@ class Close:
 
 
 QuickCommand = Callable[..., "bytes | None"]
-"""``quick(scsi, target_name, nexus_key, lun, cdb, expected_length, data_out)``
-(``storaged.daemon.Runtime.quick_command``): run the command now and return
-its read data (b"" for a write) when it ends GOOD with exactly the expected
-length moved, or do nothing and return None so that it goes the general way."""
+"""``quick(scsi, target_name, nexus_key, lun, cdb, expected_length, data_out,
+alone)`` (``storaged.daemon.Runtime.quick_command``): run the command now and
+return its read data (b"" for a write) when it ends GOOD with exactly the
+expected length moved, or do nothing and return None so that it goes the
+general way.  ``alone``: no other whole PDU follows it in the receive buffer."""
 
 _QUICK_FIELDS = struct.Struct(">QIII")   # LUN, ITT, EDTL, CmdSN: BHS bytes 8-27
 
@@ -178,7 +179,8 @@ class Connection:
         self.quick = quick
         """Runs a plain READ/WRITE(10/16) at once (see ``QuickCommand``); None:
         every command goes out as an ``Execute`` event."""
-        self._quick: Callable[[int, bytes, int, memoryview | None], bytes | None] | None = None
+        self._quick: Callable[[int, bytes, int, memoryview | None, bool], bytes | None] | None \
+            = None
         self.local = local
         self.peer = peer
         self._rbuf = bytearray(_RBUF_START)  # receive buffer: [_rstart, _rend) unparsed
@@ -307,7 +309,8 @@ class Connection:
                     self._check_hd(mv, pos, ahs)
                 dstart = pos + hlen
                 if quick is not None and buf[pos] == 0x01 and not ahs and \
-                        self._quick_command(quick, mv, pos, dstart, dlen):
+                        self._quick_command(quick, mv, pos, dstart, dlen,
+                                            end - pos - total < BHS_LEN):
                     pos += total
                     continue
                 header = bytes(mv[pos:pos + BHS_LEN + ahs])
@@ -700,8 +703,9 @@ class Connection:
         else:
             self.waiting[cmdsn] = task
 
-    def _quick_command(self, quick: Callable[[int, bytes, int, memoryview | None], bytes | None],
-                       mv: memoryview, pos: int, dstart: int, dlen: int) -> bool:
+    def _quick_command(self, quick: Callable[[int, bytes, int, memoryview | None, bool],
+                                             bytes | None],
+                       mv: memoryview, pos: int, dstart: int, dlen: int, alone: bool) -> bool:
         """A SCSI Command PDU (opcode byte 0x01: not immediate) that may
         complete right here: in CmdSN order with nothing queued, SIMPLE or
         untagged, READ with its data fitting one Data-In PDU or WRITE with all
@@ -718,7 +722,7 @@ class Connection:
         if rw == 0x40:
             if dlen or edtl > self.max_send or edtl > self.max_burst:
                 return False
-            data = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, None)
+            data = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, None, alone)
             if data is None:
                 return False
             self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
@@ -738,7 +742,8 @@ class Connection:
         if rw != 0x20 or dlen != edtl or not self.immediate_data or dlen > self.first_burst:
             return False
         with mv[dstart:dstart + dlen] as payload:
-            done = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, payload)
+            done = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, payload,
+                         alone)
         if done is None:
             return False
         self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF

@@ -419,10 +419,11 @@ def quick_rw(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryvie
     reservation, the LU offline, protection or NACA bits, FUA or write
     cache off (the transport runs those off its loop: ``may_block``),
     write protect, a zero, too long or out-of-range transfer, a length that
-    differs from the transport's expected length (residuals), an O_DIRECT
-    device (storaged.iscsi.direct schedules those), or a device error
-    (the general path retries it and reports the MEDIUM ERROR).  Otherwise
-    the effect is exactly that of ``execute`` (SBC-3 §5.15, §5.40)."""
+    differs from the transport's expected length (residuals), or a device
+    error (the general path retries it and reports the MEDIUM ERROR).
+    Otherwise the effect is exactly that of ``execute`` (SBC-3 §5.15,
+    §5.40).  Transports call it for the commands that carry nearly all the
+    data, to skip building a ScsiCommand and a ScsiResult for them."""
     if lu.gate is not None or lu.alua_check is not None or lu.access_check is not None \
             or not lu._online:
         return None
@@ -438,8 +439,6 @@ def quick_rw(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryvie
     if not n or n > lu.max_transfer_blocks or lba + n > lu._nblocks or n * bs != expected:
         return None
     device = lu.device
-    if getattr(device, "direct", False):
-        return None
     try:
         if data is None:
             with lu.medium_lock:

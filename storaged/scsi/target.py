@@ -10,7 +10,6 @@ from typing import Any
 from storaged.fastio import scsi_rw_decode
 from storaged.scsi import sense, spc
 from storaged.scsi.lu import UA_BUS_DEVICE_RESET, UA_POWER_ON, LogicalUnit
-from storaged.scsi.sbc import quick_rw
 from storaged.scsi.sense import Key
 from storaged.scsi.types import (
     Nexus,
@@ -88,18 +87,6 @@ class ScsiTarget:
         except Exception:  # noqa: BLE001 - never let a bug escape to the transport
             log.exception("%s: command %#04x to LUN %d raised", self.name, cdb[0], cmd.lun)
             return sense.check(Key.HARDWARE_ERROR, 0x44, 0x00)
-
-    def quick_rw(self, lun: int, nexus_key: tuple[str, str], cdb: bytes | memoryview,
-                 expected: int, data: bytes | memoryview | None) -> bytes | None:
-        """A plain READ/WRITE(10/16) run to completion with GOOD status, or
-        None when ``execute`` must run it (``storaged.scsi.sbc.quick_rw``).
-
-        For transports that can skip building a ScsiCommand and a
-        ScsiResult for the commands that carry nearly all the data."""
-        lu = self.luns.get(lun)
-        if lu is None:
-            return None
-        return quick_rw(lu, nexus_key, cdb, expected, data)
 
     def may_block(self, cmd: ScsiCommand) -> bool:
         """Should the transport run this command off its event loop?"""
