@@ -3,9 +3,12 @@
 
 The iSCSI shell submits the disk accesses of concurrent READs and WRITEs
 here and gets their completions through an eventfd registered in its event
-loop: no thread wakes up, nothing contends for the GIL, one system call
-submits a whole batch.  Same API and semantics as the thread-based reference
-``storaged.block.aio.ThreadAio`` (tests compare them).
+loop.  ``io_submit`` runs the filesystem's direct-I/O path (extent lookup,
+bio submission) in the caller, about 10 us per 4 KiB operation, so a
+submitter thread of plain C (it never takes the GIL) makes the system calls
+while the event loop goes on with the next commands: the loop thread only
+fills in the control blocks.  Same API and semantics as the thread-based
+reference ``storaged.block.aio.ThreadAio`` (tests compare them).
 
 Kernel AIO is asynchronous for O_DIRECT I/O on the common filesystems (ext4,
 XFS, block devices); elsewhere io_submit does the I/O before it returns,
@@ -68,6 +71,25 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_create(pthread_t *thread, const void *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *c)
+    int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_signal(pthread_cond_t *c)
+
+
 cdef extern from "<time.h>":
     cdef struct timespec:
         long tv_sec
@@ -83,6 +105,63 @@ cdef extern from "<sys/eventfd.h>":
 
 READ = 0
 WRITE = 1
+
+
+cdef struct SubmitQueue:
+    # Control blocks the loop thread filled in, waiting for the submitter
+    # thread; and slots whose io_submit failed, waiting for reap().  All
+    # fields but ctx/efd are guarded by lock.
+    pthread_mutex_t lock
+    pthread_cond_t cond
+    iocb **ring
+    int head
+    int count
+    int cap
+    int stop
+    aio_context_t ctx
+    int efd
+    int *failed_slot
+    long *failed_res
+    int nfailed
+    iocb **batch
+
+
+cdef void *_submitter(void *arg) noexcept nogil:
+    """The submitter thread: io_submit whatever the ring holds, in order."""
+    cdef SubmitQueue *q = <SubmitQueue *>arg
+    cdef int n, i, first, err
+    cdef long got
+    cdef uint64_t one = 1
+    while True:
+        pthread_mutex_lock(&q.lock)
+        while q.count == 0 and not q.stop:
+            pthread_cond_wait(&q.cond, &q.lock)
+        if q.count == 0:
+            pthread_mutex_unlock(&q.lock)
+            return NULL
+        n = q.count
+        for i in range(n):
+            q.batch[i] = q.ring[(q.head + i) % q.cap]
+        q.head = (q.head + n) % q.cap
+        q.count = 0
+        pthread_mutex_unlock(&q.lock)
+        first = 0
+        while first < n:
+            got = syscall(SYS_io_submit, q.ctx, <long>(n - first), q.batch + first)
+            if got < 0:
+                err = errno
+                if err == EINTR:
+                    continue
+                # Nothing of the rest was queued: each is reported as failed.
+                pthread_mutex_lock(&q.lock)
+                for i in range(first, n):
+                    q.failed_slot[q.nfailed] = <int>q.batch[i].aio_data
+                    q.failed_res[q.nfailed] = -err
+                    q.nfailed += 1
+                pthread_mutex_unlock(&q.lock)
+                write(q.efd, &one, 8)
+                break
+            first += got
 
 
 cdef class Aio:
@@ -107,10 +186,14 @@ cdef class Aio:
     cdef list free_slots
     cdef object waiting
     cdef list failed
+    cdef SubmitQueue q
+    cdef pthread_t thread
+    cdef bint threaded
 
     def __cinit__(self, int depth=256):
         self.ctx = 0
         self.efd = -1
+        self.threaded = False
         if depth < 1:
             raise ValueError(f"depth out of range: {depth!r}")
         self.depth = depth
@@ -129,6 +212,22 @@ cdef class Aio:
             raise OSError(errno, "eventfd failed")
         if syscall(SYS_io_setup, depth, &self.ctx) < 0:
             raise OSError(errno, "io_setup failed")
+        memset(&self.q, 0, sizeof(SubmitQueue))
+        self.q.cap = depth
+        self.q.ctx = self.ctx
+        self.q.efd = self.efd
+        self.q.ring = <iocb **>calloc(depth, sizeof(iocb *))
+        self.q.batch = <iocb **>calloc(depth, sizeof(iocb *))
+        self.q.failed_slot = <int *>calloc(depth, sizeof(int))
+        self.q.failed_res = <long *>calloc(depth, sizeof(long))
+        if self.q.ring == NULL or self.q.batch == NULL or self.q.failed_slot == NULL \
+                or self.q.failed_res == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self.q.lock, NULL)
+        pthread_cond_init(&self.q.cond, NULL)
+        if pthread_create(&self.thread, NULL, _submitter, &self.q) != 0:
+            raise OSError(errno, "cannot start the AIO submitter thread")
+        self.threaded = True
 
     def fileno(self):
         return self.efd
@@ -144,8 +243,7 @@ cdef class Aio:
 
     cdef void _start(self) except *:
         cdef int n = 0
-        cdef int slot, i, first, err
-        cdef long got
+        cdef int slot, i
         cdef iocb *cb
         cdef Py_buffer *view
         try:
@@ -173,21 +271,15 @@ cdef class Aio:
                 self.ptrs[n] = cb
                 n += 1
         finally:
-            # What was prepared before a bad entry is submitted all the same.
-            first = 0
-            while first < n:
-                with nogil:
-                    got = syscall(SYS_io_submit, self.ctx, <long>(n - first),
-                                  self.ptrs + first)
-                if got < 0:
-                    err = errno
-                    if err == EINTR:
-                        continue
-                    # Nothing of the rest was queued: report each as failed.
-                    for i in range(first, n):
-                        self._fail(<int>self.ptrs[i].aio_data, -err)
-                    break
-                first += got
+            # What was prepared before a bad entry is submitted all the same,
+            # by the submitter thread, in this order.
+            if n:
+                pthread_mutex_lock(&self.q.lock)
+                for i in range(n):
+                    self.q.ring[(self.q.head + self.q.count) % self.q.cap] = self.ptrs[i]
+                    self.q.count += 1
+                pthread_cond_signal(&self.q.cond)
+                pthread_mutex_unlock(&self.q.lock)
             if self.failed:
                 self._wake()
 
@@ -215,6 +307,12 @@ cdef class Aio:
         read(self.efd, &count, 8)          # reset the eventfd (EAGAIN when empty)
         out = self.failed
         self.failed = []
+        if self.q.nfailed:                 # io_submit refused these (submitter thread)
+            pthread_mutex_lock(&self.q.lock)
+            for i in range(self.q.nfailed):
+                out.append((self._release(self.q.failed_slot[i]), self.q.failed_res[i]))
+            self.q.nfailed = 0
+            pthread_mutex_unlock(&self.q.lock)
         while True:
             got = syscall(SYS_io_getevents, self.ctx, <long>0, <long>self.depth,
                           self.events, &zero)
@@ -233,9 +331,20 @@ cdef class Aio:
                 self.failed = []
         return out
 
+    cdef void _stop_thread(self) noexcept:
+        if self.threaded:
+            pthread_mutex_lock(&self.q.lock)
+            self.q.stop = 1
+            pthread_cond_signal(&self.q.cond)
+            pthread_mutex_unlock(&self.q.lock)
+            with nogil:
+                pthread_join(self.thread, NULL)    # after it submitted what it holds
+            self.threaded = False
+
     def close(self):
         """Wait for what is in flight (io_destroy does) and free the context."""
         cdef int slot
+        self._stop_thread()
         if self.ctx:
             syscall(SYS_io_destroy, self.ctx)
             self.ctx = 0
@@ -249,6 +358,7 @@ cdef class Aio:
 
     def __dealloc__(self):
         cdef int slot
+        self._stop_thread()
         if self.ctx:
             syscall(SYS_io_destroy, self.ctx)
             if self.views != NULL and self.tags is not None:
@@ -257,6 +367,12 @@ cdef class Aio:
                         PyBuffer_Release(&self.views[slot])
         if self.efd >= 0:
             close(self.efd)
+        pthread_mutex_destroy(&self.q.lock)
+        pthread_cond_destroy(&self.q.cond)
+        free(self.q.ring)
+        free(self.q.batch)
+        free(self.q.failed_slot)
+        free(self.q.failed_res)
         free(self.cbs)
         free(self.ptrs)
         free(self.events)

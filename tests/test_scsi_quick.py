@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storaged.iscsi.connection import Connection
-from storaged.iscsi.pdu import Op
+from storaged.iscsi.connection import QUEUED, Connection
+from storaged.iscsi.pdu import Op, build
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.scsi.sbc import quick_rw
 from storaged.scsi.target import ScsiTarget
@@ -146,7 +146,7 @@ def _session(tmp_path, name: str, with_quick: bool) -> Initiator:
     reg.targets[TARGET] = TargetContext(TARGET, scsi, portals=[LOCAL], open_access=True)
     calls: list[bytes] = []
 
-    def quick(scsi_target, _name, key, lun, cdb, expected, data, _alone):
+    def quick(scsi_target, _name, key, lun, cdb, expected, data, _alone, _defer):
         result = quick_rw(scsi_target.luns[lun], key, cdb, expected, data)
         if result is not None:
             calls.append(cdb)
@@ -220,3 +220,80 @@ def test_core_quick_path_waits_for_cmdsn_order(tmp_path):
     assert [p.itt for p in data_in] == [first, late]
     assert all(p.flags & 0x01 and len(p.data) == BS for p in data_in)
     assert ini.quick_calls == []     # type: ignore[attr-defined]  # a queue: general path
+
+
+class _Later:
+    """A QuickCommand that queues every command and finishes them on demand."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def __call__(self, scsi_target, _name, key, lun, cdb, expected, data, _alone, defer):
+        done = defer()
+        result = None if data is not None else bytes([0xA5]) * expected
+        self.pending.append((done, cdb, result if data is None else b""))
+        return QUEUED
+
+
+def _later_session(tmp_path, name: str) -> tuple[Initiator, _Later]:
+    later = _Later()
+    ini = _session(tmp_path, name, with_quick=False)
+    # Same session, now with a quick path that finishes commands later.
+    ini.conn._quick = lambda *a: later(ini.conn.target.scsi, "", None, *a)
+    for _ in range(6):
+        ini.scsi(bytes([0] * 6))
+        while ini.executed:
+            task = ini.executed.pop(0)
+            ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
+            ini.collect()
+    return ini, later
+
+
+def test_core_queued_quick_commands_finish_later_in_any_order(tmp_path):
+    ini, later = _later_session(tmp_path, "later")
+    outputs = []
+    ini.conn.on_output = lambda: outputs.append(1)
+    first, second = ini.itt, ini.itt + 1
+    assert ini.scsi(bytes(cdb10(0x28, 0, 1)), edtl=BS, read=True) == []
+    assert ini.scsi(bytes(cdb10(0x2A, 0, 1)), edtl=BS, write=True, data=bytes(BS)) == []
+    assert set(ini.conn.tasks) == {first, second}
+    (done1, _c1, r1), (done2, _c2, r2) = later.pending
+    done2(r2)
+    done1(r1)
+    pdus = ini.collect()
+    assert [(p.opcode, p.itt) for p in pdus] == [(Op.SCSI_RSP, second), (Op.DATA_IN, first)]
+    assert pdus[1].data == bytes([0xA5]) * BS and pdus[1].flags & 0x01
+    assert [p.w24 for p in pdus] == sorted(p.w24 for p in pdus)     # StatSN in send order
+    assert not ini.conn.tasks and len(outputs) == 2
+
+
+def test_core_queued_quick_command_aborted_sends_no_status(tmp_path):
+    ini, later = _later_session(tmp_path, "abort")
+    itt = ini.itt
+    ini.scsi(bytes(cdb10(0x28, 0, 1)), edtl=BS, read=True)
+    tmf = bytearray(build(Op.TMF_REQ, flags=0x80 | 1, itt=0x777, w20=itt,
+                          w24=ini.cmdsn, w28=0, w32=ini.cmdsn - 1))
+    tmf[0] |= 0x40                                      # immediate
+    rsp = ini.send(bytes(tmf))
+    assert rsp[0].opcode == Op.TMF_RSP and rsp[0].b2 == 0    # FUNCTION COMPLETE
+    done, _cdb, result = later.pending[0]
+    done(result)
+    assert ini.collect() == []
+
+
+def test_core_queued_quick_failures(tmp_path):
+    """A failed READ goes the general way; a failed WRITE drops the connection."""
+    ini, later = _later_session(tmp_path, "fail")
+    itt = ini.itt
+    ini.scsi(bytes(cdb10(0x28, 3, 1)), edtl=BS, read=True)
+    later.pending[0][0](None)
+    assert ini.collect() == []
+    assert [t.itt for t in ini.executed] == [itt]          # an Execute event now
+    task = ini.executed.pop(0)
+    ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
+    pdus = ini.collect()
+    assert pdus[0].opcode == Op.DATA_IN and pdus[0].itt == itt and len(pdus[0].data) == BS
+    ini.scsi(bytes(cdb10(0x2A, 0, 1)), edtl=BS, write=True, data=bytes(BS))
+    later.pending[1][0](None)
+    assert ini.conn.closed
+    assert all(p.opcode != Op.SCSI_RSP for p in ini.collect())

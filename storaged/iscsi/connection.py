@@ -100,12 +100,26 @@ class Close:
     reason: str
 
 
-QuickCommand = Callable[..., "bytes | None"]
+QuickCommand = Callable[..., "bytes | object | None"]
 """``quick(scsi, target_name, nexus_key, lun, cdb, expected_length, data_out,
-alone)`` (``storaged.daemon.Runtime.quick_command``): run the command now and
-return its read data (b"" for a write) when it ends GOOD with exactly the
-expected length moved, or do nothing and return None so that it goes the
-general way.  ``alone``: no other whole PDU follows it in the receive buffer."""
+alone, defer)`` (``storaged.daemon.Runtime.quick_command``) runs a plain
+READ/WRITE(10/16) that the core hands it straight from the receive buffer:
+
+* it returns the read data (b"" for a write) when the command ended GOOD with
+  exactly the expected length moved;
+* or it returns None, having done nothing: the command goes the general way
+  (``Execute``);
+* or it calls ``defer()`` once, returns ``QUEUED``, and later calls what
+  ``defer`` returned with the result: the data (b"" for a write), or None
+  when the disk access failed (a READ then goes the general way, which
+  reports the error; for a WRITE the connection is dropped, so nothing that
+  did not reach the medium is acknowledged).
+
+``alone``: no other whole PDU follows the command in the receive buffer.
+``data_out`` is a view of the receive buffer, valid only during the call."""
+
+QUEUED = object()
+"""What a QuickCommand returns for a command it finishes later."""
 
 _QUICK_FIELDS = struct.Struct(">QIII")   # LUN, ITT, EDTL, CmdSN: BHS bytes 8-27
 
@@ -179,8 +193,10 @@ class Connection:
         self.quick = quick
         """Runs a plain READ/WRITE(10/16) at once (see ``QuickCommand``); None:
         every command goes out as an ``Execute`` event."""
-        self._quick: Callable[[int, bytes, int, memoryview | None, bool], bytes | None] | None \
-            = None
+        self._quick: Callable[..., bytes | object | None] | None = None
+        self._quick_args: tuple = ()     # the command ``_quick_defer`` turns into a Task
+        self.on_output: Callable[[], None] = lambda: None
+        """Called when a queued quick command put its status out (the shell sends it)."""
         self.local = local
         self.peer = peer
         self._rbuf = bytearray(_RBUF_START)  # receive buffer: [_rstart, _rend) unparsed
@@ -703,56 +719,87 @@ class Connection:
         else:
             self.waiting[cmdsn] = task
 
-    def _quick_command(self, quick: Callable[[int, bytes, int, memoryview | None, bool],
-                                             bytes | None],
-                       mv: memoryview, pos: int, dstart: int, dlen: int, alone: bool) -> bool:
-        """A SCSI Command PDU (opcode byte 0x01: not immediate) that may
-        complete right here: in CmdSN order with nothing queued, SIMPLE or
-        untagged, READ with its data fitting one Data-In PDU or WRITE with all
-        its data immediate.  True once ``quick`` ran it and its status is
-        queued; False (nothing changed) sends it down the general path."""
+    def _quick_command(self, quick: Callable[..., bytes | object | None], mv: memoryview,
+                       pos: int, dstart: int, dlen: int, alone: bool) -> bool:
+        """A SCSI Command PDU (opcode byte 0x01: not immediate) that may go
+        to ``quick`` (QuickCommand): in CmdSN order with nothing queued ahead
+        of it, SIMPLE or untagged, READ with its data fitting one Data-In PDU
+        or WRITE with all its data immediate.  True once ``quick`` took it;
+        False (nothing changed) sends it down the general path."""
         b1 = mv[pos + 1]
         if b1 & 0x87 > 0x81 or b1 & 0x80 == 0:   # F bit; ATTR 0 (untagged) or 1 (SIMPLE)
             return False
         lun_raw, itt, edtl, cmdsn = _QUICK_FIELDS.unpack_from(mv, pos + 8)
-        if cmdsn != self.expcmdsn or self.waiting or itt in self.tasks \
+        # Commands parsed before it in this pass but not yet run (_events)
+        # keep their turn: it goes the general way behind them.
+        if cmdsn != self.expcmdsn or self.waiting or self._events or itt in self.tasks \
                 or itt == RESERVED_TAG or not edtl:
             return False
         rw = b1 & 0x60
+        cdb = bytes(mv[pos + 32:pos + 48])
         if rw == 0x40:
             if dlen or edtl > self.max_send or edtl > self.max_burst:
                 return False
-            data = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, None, alone)
-            if data is None:
+            self._quick_args = (itt, lun_raw, cdb, cmdsn, edtl, True, b1 & 7)
+            result = quick(_lun_number(lun_raw), cdb, edtl, None, alone, self._quick_defer)
+        else:
+            if rw != 0x20 or dlen != edtl or not self.immediate_data or dlen > self.first_burst:
                 return False
-            self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
-            # One Data-In with the phase-collapsed GOOD status (§11.7.4).
+            self._quick_args = (itt, lun_raw, cdb, cmdsn, edtl, False, b1 & 7)
+            with mv[dstart:dstart + dlen] as payload:
+                result = quick(_lun_number(lun_raw), cdb, edtl, payload, alone,
+                               self._quick_defer)
+        if result is None:
+            return False
+        self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        if result is not QUEUED:
+            self._quick_status(itt, lun_raw, edtl, result)  # type: ignore[arg-type]
+        return True
+
+    def _quick_status(self, itt: int, lun_raw: int, edtl: int, data: bytes) -> None:
+        """GOOD status of a quick command: for a READ one Data-In with the data
+        and the phase-collapsed status (§11.7.4), for a WRITE a SCSI Response."""
+        out = self._out
+        if data:
             hdr = encode_bhs(Op.DATA_IN, False, 0x81, 0, 0, 0, edtl, lun_raw, itt,
                              RESERVED_TAG, self._next_statsn(), self.expcmdsn,
                              self.maxcmdsn, 0, 0, 0)
-            out = self._out
-            out.append(hdr)
-            if self.hd:
-                out.append(crc32c(hdr).to_bytes(4, "little"))
+        else:
+            hdr = encode_bhs(Op.SCSI_RSP, False, 0x80, 0, 0, 0, 0, 0, itt, 0,
+                             self._next_statsn(), self.expcmdsn, self.maxcmdsn, 0, 0, 0)
+        out.append(hdr)
+        if self.hd:
+            out.append(crc32c(hdr).to_bytes(4, "little"))
+        if data:
             out.append(data)
             pad = PADS[edtl & 3]
             if pad:
                 out.append(pad)
-            return True
-        if rw != 0x20 or dlen != edtl or not self.immediate_data or dlen > self.first_burst:
-            return False
-        with mv[dstart:dstart + dlen] as payload:
-            done = quick(_lun_number(lun_raw), bytes(mv[pos + 32:pos + 48]), edtl, payload,
-                         alone)
-        if done is None:
-            return False
-        self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
-        hdr = encode_bhs(Op.SCSI_RSP, False, 0x80, 0, 0, 0, 0, 0, itt, 0,
-                         self._next_statsn(), self.expcmdsn, self.maxcmdsn, 0, 0, 0)
-        self._out.append(hdr)
-        if self.hd:
-            self._out.append(crc32c(hdr).to_bytes(4, "little"))
-        return True
+
+    def _quick_defer(self) -> Callable[[bytes | None], None]:
+        """The quick command being handed out will finish later: track it as
+        a Task (task management and a dropped connection see it) and return
+        its completion callback."""
+        itt, lun_raw, cdb, cmdsn, edtl, read, attr = self._quick_args
+        task = Task(itt, lun_raw, cdb, cmdsn, edtl, read, not read, attr, False)
+        task.delivered = task.executing = True
+        if not read:
+            task.received = edtl
+        self.tasks[itt] = task
+        return partial(self._quick_done, task)
+
+    def _quick_done(self, task: Task, result: bytes | None) -> None:
+        if task.aborted or self.closed:
+            return
+        if result is not None:
+            self.tasks.pop(task.itt, None)
+            self._quick_status(task.itt, task.lun_raw, task.edtl, result)
+        elif task.read:
+            task.executing = False
+            self._ready(task)        # the general path reads again and reports the error
+        else:
+            self.drop("write error: the data of a WRITE did not reach the medium")
+        self.on_output()
 
     @staticmethod
     def _extended_cdb(pdu: Pdu) -> bytes | None:

@@ -35,6 +35,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
         self.paused = False
+        self._flush_soon = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -52,6 +53,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                                nop_timeout=s.nop_timeout, now=time.monotonic(),
                                quick=s.quick)
         self.conn.on_drop = self._on_drop
+        self.conn.on_output = self._output_ready
         transport.set_write_buffer_limits(high=8 << 20, low=1 << 20)
         s.protocols.add(self)
 
@@ -59,6 +61,16 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         # Called from inside the core (also for other sessions' reinstatement):
         # flush on the next pump, then close.
         asyncio.get_running_loop().call_soon(self.pump)
+
+    def _output_ready(self) -> None:
+        # Queued quick commands finish in bursts (one AIO reap): one send for all.
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        self.pump()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         assert self.conn is not None

@@ -407,46 +407,55 @@ _QUICK_READ = {0x28: (_S10, 9), 0x88: (_S16, 15)}    # opcode -> (layout, CONTRO
 _QUICK_WRITE = {0x2A: (_S10, 9), 0x8A: (_S16, 15)}
 
 
-def quick_rw(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryview,
-             expected: int, data: bytes | memoryview | None) -> bytes | None:
-    """READ/WRITE(10/16) in the one case that needs no decision beyond the
-    CDB: the read data (b"" for a write, whose data is then in the device),
-    or None when ``LogicalUnit.execute`` must run the command instead.
+def quick_check(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryview,
+                expected: int, write: bool) -> int | None:
+    """The byte offset of a READ/WRITE(10/16) that needs no decision beyond
+    its CDB, or None when ``LogicalUnit.execute`` must run it.
 
-    None, with nothing done, whenever the general path could answer
-    anything but GOOD with exactly ``expected`` bytes moved: a pending unit
-    attention for the nexus, a sanitize gate, a restrictive ALUA state, any
-    reservation, the LU offline, protection or NACA bits, FUA or write
-    cache off (the transport runs those off its loop: ``may_block``),
-    write protect, a zero, too long or out-of-range transfer, a length that
-    differs from the transport's expected length (residuals), or a device
-    error (the general path retries it and reports the MEDIUM ERROR).
-    Otherwise the effect is exactly that of ``execute`` (SBC-3 §5.15,
-    §5.40).  Transports call it for the commands that carry nearly all the
-    data, to skip building a ScsiCommand and a ScsiResult for them."""
+    None whenever the general path could answer anything but GOOD with
+    exactly ``expected`` bytes moved: a pending unit attention for the
+    nexus, a sanitize gate, a restrictive ALUA state, any reservation, the
+    LU offline, protection or NACA bits, FUA or write cache off (the
+    transport runs those off its loop: ``may_block``), write protect, a
+    zero, too long or out-of-range transfer, or a length that differs from
+    the transport's expected length (residuals).  For transports that skip
+    building a ScsiCommand and a ScsiResult for the commands that carry
+    nearly all the data (SBC-3 §5.15, §5.40)."""
     if lu.gate is not None or lu.alua_check is not None or lu.access_check is not None \
             or not lu._online:
         return None
     st = lu._nexus.get(nexus_key)
     if st is None or st.ua:
         return None
-    op = cdb[0]
-    spec = (_QUICK_WRITE if data is not None else _QUICK_READ).get(op)
+    spec = (_QUICK_WRITE if write else _QUICK_READ).get(cdb[0])
     if spec is None or cdb[1] & 0xE0 or cdb[spec[1]] & 0x04:
+        return None
+    if write and (cdb[1] & 0x08 or not lu._wce or lu._wp):
         return None
     lba, n = spec[0].unpack_from(cdb)
     bs = lu.block_size
     if not n or n > lu.max_transfer_blocks or lba + n > lu._nblocks or n * bs != expected:
         return None
-    device = lu.device
+    return lba * bs
+
+
+def quick_rw(lu: LogicalUnit, nexus_key: tuple[str, str], cdb: bytes | memoryview,
+             expected: int, data: bytes | memoryview | None) -> bytes | None:
+    """Run a READ/WRITE(10/16) that ``quick_check`` admits, with exactly the
+    effect ``execute`` would have: the read data (b"" for a write, whose
+    ``data`` is then in the device), or None with nothing done (also for a
+    device error: the general path retries it and reports the MEDIUM ERROR)."""
+    offset = quick_check(lu, nexus_key, cdb, expected, data is not None)
+    if offset is None:
+        return None
     try:
         if data is None:
             with lu.medium_lock:
-                return device.read(lba * bs, expected)
-        if cdb[1] & 0x08 or not lu._wce or lu._wp or len(data) != expected:
+                return lu.device.read(offset, expected)
+        if len(data) != expected:
             return None
         with lu.medium_lock:
-            device.write(lba * bs, data)
+            lu.device.write(offset, data)
         return b""
     except BlockDeviceError:
         return None
