@@ -127,3 +127,45 @@ def test_reads_over_tcp_with_sendfile(tmp_path):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_inline_calls_keep_their_order_behind_queued_ones():
+    """With ``inline`` set, a call runs at once only when nothing is queued
+    ahead of it; a blocking one, and everything after it in the same read,
+    go out as events in order."""
+    from storaged.nfs.rpc import (
+        Call,
+        Procedure,
+        Program,
+        RpcConnection,
+        RpcService,
+        decode_reply,
+        encode_call,
+    )
+    from storaged.nfs.xdr import VOID
+
+    ran: list[int] = []
+
+    def handler(call: Call, _args) -> bytes:
+        ran.append(call.xid)
+        return call.xid.to_bytes(4, "big")
+
+    service = RpcService()
+    prog = Program(400001, 1)
+    prog.procs[1] = Procedure("FAST", VOID, VOID, handler)
+    prog.procs[2] = Procedure("SLOW", VOID, VOID, handler, blocking=True)
+    service.add(prog)
+    conn = RpcConnection(("127.0.0.1", 700))
+    conn.inline = service.run_inline
+    calls = [(1, 1), (2, 2), (3, 1), (4, 1)]
+    conn.receive_data(b"".join(record(encode_call(x, 400001, 1, p)) for x, p in calls[:1]))
+    assert ran == [1]
+    conn.receive_data(b"".join(record(encode_call(x, 400001, 1, p)) for x, p in calls[1:]))
+    assert ran == [1]                                   # 2 blocks: 3 and 4 queue behind it
+    assert [e.xid for e in conn.next_events()] == [2, 3, 4]
+    out = b"".join(bytes(p) for p in conn.data_to_send())
+    xid, _stat, body = decode_reply(out[4:])
+    assert xid == 1 and bytes(body) == (1).to_bytes(4, "big")
+    conn.receive_data(record(encode_call(9, 400002, 1, 0)))      # unknown program
+    assert ran == [1] and not conn.next_events()
+    assert decode_reply(b"".join(bytes(p) for p in conn.data_to_send())[4:])[0] == 9

@@ -7,6 +7,8 @@ definitions, field by field, so a table that drifts from the RFC fails here.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storaged.nas.fs import Attr, FileType
 from storaged.nfs import mount, nfs3, portmap, rpc
@@ -165,3 +167,40 @@ def test_call_header_fast_path_matches_table():
         fast = rpc.parse_call_header(memoryview(msg))
         assert fast == (2, 100005, 3, 1, 1, ref["cred"]["body"], 0, off)
         assert rpc.parse_call_header(memoryview(msg[:off - 1])) is None
+
+
+_FH = st.binary(min_size=0, max_size=72)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fh=_FH, offset=st.integers(0, 2**64 - 1), count=st.integers(0, 2**32 - 1),
+       stable=st.integers(-1, 3), data=st.binary(max_size=40),
+       cut=st.integers(0, 8), extra=st.binary(max_size=5))
+def test_fast_read_write_args_match_the_tables(fh, offset, count, stable, data, cut, extra):
+    """read3_args/write3_args decode exactly what READ3ARGS/WRITE3ARGS do, and
+    leave to the tables (None) everything the tables would refuse."""
+    def same(fast, table, raw: bytes) -> None:
+        buf = memoryview(raw)
+        got = fast(buf)
+        try:
+            want = table.decode(buf)
+        except XdrError:
+            assert got is None
+            return
+        if got is not None:
+            assert {k: bytes(v) if isinstance(v, memoryview) else v for k, v in got.items()} \
+                == {k: bytes(v) if isinstance(v, memoryview) else v for k, v in want.items()}
+
+    fh3 = len(fh).to_bytes(4, "big") + fh + bytes(-len(fh) & 3)
+    read = fh3 + offset.to_bytes(8, "big") + count.to_bytes(4, "big")
+    write = fh3 + offset.to_bytes(8, "big") + count.to_bytes(4, "big") + \
+        stable.to_bytes(4, "big", signed=True) + len(data).to_bytes(4, "big") + data + \
+        bytes(-len(data) & 3)
+    for raw in (read, read[:len(read) - cut], read + extra):
+        same(nfs3.read3_args, nfs3.READ3ARGS, raw)
+    for raw in (write, write[:len(write) - cut], write + extra):
+        same(nfs3.write3_args, nfs3.WRITE3ARGS, raw)
+    if len(fh) <= nfs3.NFS3_FHSIZE:       # well-formed: the fast decoders take them
+        assert nfs3.read3_args(memoryview(read)) is not None
+        if 0 <= stable <= 2:
+            assert nfs3.write3_args(memoryview(write)) is not None

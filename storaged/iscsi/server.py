@@ -1,8 +1,11 @@
 """asyncio shell around the sans-IO iSCSI Connection.
 
 It moves bytes between the socket and the core, runs SCSI commands the core
-hands out, and drives timers.  Page-cache reads and writes run inline on the
-event loop (cheaper than a thread hop); commands that wait for the disk
+hands out, and drives timers.  Plain READ/WRITE(10/16) commands, nearly all
+the data, never become events: the core hands them from its receive buffer
+to ``quick`` (the daemon's ``Runtime.quick_command``) while it parses.
+Page-cache reads and writes run inline on the event loop (cheaper than a
+thread hop); commands that wait for the disk
 (SYNCHRONIZE CACHE, FUA writes) run in a worker thread so one initiator's
 flush never stalls another's I/O; concurrent READs and WRITEs of O_DIRECT LUs
 have their disk accesses done by a thread pool (storaged.iscsi.direct).

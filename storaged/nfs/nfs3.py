@@ -257,6 +257,45 @@ READ3RES = _result(
 
 WRITE3ARGS = _s("WRITE3args", ("file", NFS_FH3), ("offset", UINT64), ("count", UINT32),
                 ("stable", STABLE_HOW), ("data", Opaque()))
+_U32 = struct.Struct(">I")
+_OFFSET_COUNT = struct.Struct(">QI")
+_OFFSET_COUNT_STABLE_LEN = struct.Struct(">QIiI")
+
+
+def _fh_end(buf: memoryview) -> int:
+    """Offset just past the nfs_fh3 that starts ``buf``, or -1 if it is not one."""
+    if len(buf) < 4:
+        return -1
+    n = _U32.unpack_from(buf)[0]
+    end = 4 + ((n + 3) & ~3)
+    return end if n <= NFS3_FHSIZE and end <= len(buf) else -1
+
+
+def read3_args(buf: memoryview) -> dict[str, Any] | None:
+    """READ3args straight from the bytes (the hot path); None: let the
+    READ3ARGS table decode it (and report what is wrong with it)."""
+    end = _fh_end(buf)
+    if end < 0 or len(buf) != end + 12:
+        return None
+    offset, count = _OFFSET_COUNT.unpack_from(buf, end)
+    return {"file": bytes(buf[4:4 + _U32.unpack_from(buf)[0]]), "offset": offset,
+            "count": count}
+
+
+def write3_args(buf: memoryview) -> dict[str, Any] | None:
+    """WRITE3args straight from the bytes; ``data`` is a view of ``buf``.
+    None: let the WRITE3ARGS table decode it."""
+    end = _fh_end(buf)
+    if end < 0 or len(buf) < end + 20:
+        return None
+    offset, count, stable, n = _OFFSET_COUNT_STABLE_LEN.unpack_from(buf, end)
+    start = end + 20
+    if stable not in (UNSTABLE, DATA_SYNC, FILE_SYNC) or len(buf) != start + ((n + 3) & ~3):
+        return None
+    return {"file": bytes(buf[4:4 + _U32.unpack_from(buf)[0]]), "offset": offset,
+            "count": count, "stable": stable, "data": buf[start:start + n]}
+
+
 WRITE3RES = _result(
     "WRITE3res", _s("WRITE3resok", ("file_wcc", WCC_DATA), ("count", UINT32),
                     ("committed", STABLE_HOW), ("verf", WRITEVERF3)),
@@ -398,6 +437,11 @@ _Q = struct.Struct(">Q")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # by length & 3
 
 
+_FAST_ARGS = {6: read3_args, 7: write3_args}
+"""Hand-written argument decoders of the hot procedures (tests compare them
+with the tables)."""
+
+
 class Nfs3:
     """The NFSv3 program over an ``ExportTable``."""
 
@@ -425,7 +469,8 @@ class Nfs3:
         for num, (name, args, res) in PROCEDURES.items():
             fn = getattr(self, name.lower())
             prog.procs[num] = Procedure(name, args, res, self._wrap(num, fn),
-                                        blocking=(name == "COMMIT"))
+                                        blocking=(name == "COMMIT"),
+                                        fast_args=_FAST_ARGS.get(num))
         return prog
 
     def _wrap(self, num: int, fn: Callable[[Call, Any], Any]) -> Callable[[Call, Any], Any]:

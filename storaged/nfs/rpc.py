@@ -381,6 +381,9 @@ class RpcConnection:
         self.closed = False
         #: set by a transport that can send FileRange parts (Call.zero_copy)
         self.zero_copy = False
+        #: set by the shell: runs a call at once, returning its reply, or None to
+        #: have it go out as an event (``RpcService.run_inline``)
+        self.inline: Callable[[Call], list[bytes | bytearray | memoryview] | None] | None = None
 
     # -- input
     def get_buffer(self, sizehint: int = 0) -> memoryview:
@@ -451,8 +454,15 @@ class RpcConnection:
         if verf_flavor not in (AUTH_NONE, AUTH_SYS):
             self._denied(xid, AUTH_ERROR, AUTH_BADVERF)
             return
-        self._events.append(Call(xid, prog, vers, proc, cred, buf[off:], self.peer,
-                                 self.zero_copy))
+        call = Call(xid, prog, vers, proc, cred, buf[off:], self.peer, self.zero_copy)
+        inline = self.inline
+        if inline is not None and not self._events:
+            # Nothing queued ahead of it: its reply keeps its place in order.
+            parts = inline(call)
+            if parts is not None:
+                self.send(parts)
+                return
+        self._events.append(call)
 
     # -- output
     def _accepted(self, xid: int, stat: int) -> None:
@@ -499,6 +509,9 @@ class Procedure:
     res: XdrType
     handler: Handler
     blocking: bool = False
+    fast_args: Callable[[memoryview], Any] | None = None
+    """Decodes the arguments like ``args`` does, without the table walk, or
+    returns None to leave it to ``args`` (hot procedures: READ, WRITE)."""
 
 
 @dataclass
@@ -535,7 +548,10 @@ class RpcService:
     def run(self, call: Call, proc: Procedure) -> list[bytes | bytearray | memoryview]:
         """Decode args, run the handler; the framed reply (safe to call from a thread)."""
         try:
-            args = proc.args.decode(call.args)
+            fast = proc.fast_args
+            args = fast(call.args) if fast is not None else None
+            if args is None:
+                args = proc.args.decode(call.args)
         except XdrError as e:
             log.debug("%s: garbage args from %s: %s", proc.name, call.peer, e)
             return reply_accept(call.xid, GARBAGE_ARGS)
@@ -559,6 +575,16 @@ class RpcService:
             log.exception("%s: cannot encode result", proc.name)
             return reply_accept(call.xid, SYSTEM_ERR)
         return reply_success(call.xid, [out])
+
+    def run_inline(self, call: Call) -> list[bytes | bytearray | memoryview] | None:
+        """The reply to ``call`` if it can run now on the caller's thread (a
+        non-blocking procedure, or an RPC error), else None."""
+        proc = self.lookup(call)
+        if isinstance(proc, tuple):
+            return reply_accept(call.xid, *proc)
+        if proc.blocking:
+            return None
+        return self.run(call, proc)
 
     def dispatch(self, conn: RpcConnection, call: Call) -> None:
         """Look up and run ``call`` inline, queueing the reply on ``conn``."""

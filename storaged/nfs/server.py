@@ -54,6 +54,7 @@ class RpcProtocol(asyncio.BufferedProtocol):
         self.conn = RpcConnection((peer[0], peer[1]))
         self.sock_fd = sock.fileno() if sock is not None else None
         self.conn.zero_copy = self.sock_fd is not None
+        self.conn.inline = self.server.service.run_inline
         transport.set_write_buffer_limits(high=16 << 20, low=4 << 20)  # type: ignore[attr-defined]
         self.server.protocols.add(self)
 
