@@ -116,45 +116,31 @@ class Runtime:
     def _quick_aio(self, lu: LogicalUnit, target: str, nexus_key: tuple[str, str], lun: int,
                    cdb: bytes, expected: int, data: memoryview | None,
                    defer: Callable[[], Callable[[bytes | None], None]]) -> object | None:
-        """Submit the disk access of a quick command on an O_DIRECT LU."""
-        dev = lu.device
+        """Start the disk access of a quick command on an O_DIRECT LU."""
         offset = quick_check(lu, nexus_key, cdb, expected, data is not None)
         if offset is None or (data is not None and len(data) != expected):
             return None
         started = time.perf_counter()
         meter = self._meter(target, lun)
+
+        def finished(result: bytes | None) -> None:
+            # Runs from the event loop once the disk access is over, always
+            # after ``done`` below is bound.
+            if result is not None:
+                meter.record(cdb[0], time.perf_counter() - started,
+                             expected if data is None else 0,
+                             0 if data is None else expected, 0)
+            done(result)
+
         if data is None:
-            ops = dev.aio_reads([(offset, expected)])
-            done = defer()
-
-            def read(results: list[int]) -> None:
-                got = dev.aio_read_data(ops, results).get((offset, expected))
-                if got is not None:
-                    meter.record(cdb[0], time.perf_counter() - started, expected, 0, 0)
-                done(got)
-
-            self.server.direct.submit(dev, ops, read)
-            return QUEUED
-        dev.defer_writes()                  # copies the data out of the receive buffer
-        try:
+            self.server.direct.read(lu.device, offset, expected, finished)
+        else:
             try:
-                dev.write(offset, data)
-            finally:
-                pending = dev.take_deferred()
-        except BlockDeviceError:
-            return None
-        ops = dev.aio_writes(pending)
+                self.server.direct.write(lu.device, offset, data,
+                                         lambda ok: finished(b"" if ok else None))
+            except BlockDeviceError:
+                return None
         done = defer()
-
-        def written(results: list[int]) -> None:
-            error = dev.aio_writes_done(pending, ops, results)
-            if error is None:
-                meter.record(cdb[0], time.perf_counter() - started, 0, expected, 0)
-            else:
-                log.error("O_DIRECT write failed: %s; dropping the connection", error)
-            done(None if error is not None else b"")
-
-        self.server.direct.submit(dev, ops, written)
         return QUEUED
 
     def _meter(self, target: str, lun: int) -> metrics.LunMeter:

@@ -159,21 +159,32 @@ def _session(tmp_path, name: str, with_quick: bool) -> Initiator:
     return ini
 
 
+def _run_executed(ini: Initiator) -> list:
+    """Run the commands the core handed out as Execute events; the PDUs sent."""
+    pdus = []
+    while ini.executed:
+        task = ini.executed.pop(0)
+        ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
+        pdus += ini.collect()
+    return pdus
+
+
+def _clear_power_on_ua(ini: Initiator) -> list:
+    pdus = []
+    for _ in range(6):
+        pdus += ini.scsi(bytes([0] * 6)) + _run_executed(ini)
+    return pdus
+
+
 def _drive(ini: Initiator) -> list[tuple]:
     """A mix of commands; every PDU the target sends, as comparable fields."""
     out = []
 
     def settle(pdus):
-        pdus = list(pdus)
-        while ini.executed:
-            task = ini.executed.pop(0)
-            ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
-            pdus += ini.collect()
         out.extend((p.opcode, p.flags, p.b3, p.itt, p.w24, p.w28, p.w32, p.w36, p.w44,
-                    bytes(p.data)) for p in pdus)
+                    bytes(p.data)) for p in list(pdus) + _run_executed(ini))
 
-    for _ in range(6):                                       # clear the power-on UA
-        settle(ini.scsi(bytes([0] * 6)))
+    settle(_clear_power_on_ua(ini))
     payload = bytes((7 * i) & 0xFF for i in range(8 * BS))
     settle(ini.scsi(bytes(cdb10(0x2A, 16, 8)), edtl=8 * BS, write=True, data=payload))
     settle(ini.scsi(bytes(cdb10(0x28, 16, 8)), edtl=8 * BS, read=True))
@@ -199,23 +210,14 @@ def test_core_quick_path_sends_what_the_general_path_sends(tmp_path):
 def test_core_quick_path_waits_for_cmdsn_order(tmp_path):
     """A READ that arrives ahead of its CmdSN is not run early."""
     ini = _session(tmp_path, "order", with_quick=True)
-    for _ in range(6):
-        ini.scsi(bytes([0] * 6))
-        while ini.executed:
-            task = ini.executed.pop(0)
-            ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
-            ini.collect()
+    _clear_power_on_ua(ini)
     ini.cmdsn += 1                                  # leave a gap
     late = ini.itt
     assert ini.scsi(bytes(cdb10(0x28, 0, 1)), edtl=BS, read=True) == []
     assert ini.quick_calls == []                    # type: ignore[attr-defined]
     ini.cmdsn -= 2
     first = ini.itt
-    pdus = ini.scsi(bytes(cdb10(0x28, 1, 1)), edtl=BS, read=True)
-    while ini.executed:
-        task = ini.executed.pop(0)
-        ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
-        pdus += ini.collect()
+    pdus = ini.scsi(bytes(cdb10(0x28, 1, 1)), edtl=BS, read=True) + _run_executed(ini)
     data_in = [p for p in pdus if p.opcode == Op.DATA_IN]
     assert [p.itt for p in data_in] == [first, late]
     assert all(p.flags & 0x01 and len(p.data) == BS for p in data_in)
@@ -229,9 +231,8 @@ class _Later:
         self.pending: list = []
 
     def __call__(self, scsi_target, _name, key, lun, cdb, expected, data, _alone, defer):
-        done = defer()
-        result = None if data is not None else bytes([0xA5]) * expected
-        self.pending.append((done, cdb, result if data is None else b""))
+        result = bytes([0xA5]) * expected if data is None else b""
+        self.pending.append((defer(), cdb, result))
         return QUEUED
 
 
@@ -240,12 +241,7 @@ def _later_session(tmp_path, name: str) -> tuple[Initiator, _Later]:
     ini = _session(tmp_path, name, with_quick=False)
     # Same session, now with a quick path that finishes commands later.
     ini.conn._quick = lambda *a: later(ini.conn.target.scsi, "", None, *a)
-    for _ in range(6):
-        ini.scsi(bytes([0] * 6))
-        while ini.executed:
-            task = ini.executed.pop(0)
-            ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
-            ini.collect()
+    _clear_power_on_ua(ini)
     return ini, later
 
 
@@ -289,9 +285,7 @@ def test_core_queued_quick_failures(tmp_path):
     later.pending[0][0](None)
     assert ini.collect() == []
     assert [t.itt for t in ini.executed] == [itt]          # an Execute event now
-    task = ini.executed.pop(0)
-    ini.conn.complete(task, ini.conn.target.scsi.execute(task.command))
-    pdus = ini.collect()
+    pdus = _run_executed(ini)
     assert pdus[0].opcode == Op.DATA_IN and pdus[0].itt == itt and len(pdus[0].data) == BS
     ini.scsi(bytes(cdb10(0x2A, 0, 1)), edtl=BS, write=True, data=bytes(BS))
     later.pending[1][0](None)

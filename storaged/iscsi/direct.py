@@ -105,6 +105,35 @@ class DirectIO:
         self._context().submit([(op, fd, off, buf, (batch, i))
                                 for i, (op, fd, off, buf) in enumerate(ops)])
 
+    def read(self, dev: Any, offset: int, length: int,
+             done: Callable[[bytes | None], None]) -> None:
+        """Read ``length`` bytes at ``offset`` of O_DIRECT ``dev``; ``done``
+        gets the data, or None if the read failed."""
+        ops = dev.aio_reads([(offset, length)])
+        self.submit(dev, ops,
+                    lambda results: done(dev.aio_read_data(ops, results).get((offset, length))))
+
+    def write(self, dev: Any, offset: int, data: bytes | memoryview,
+              done: Callable[[bool], None]) -> None:
+        """Write a copy of ``data`` (it may be a view of a receive buffer) at
+        ``offset`` of O_DIRECT ``dev``; ``done(True)`` once it is in the
+        file, ``done(False)`` if it failed, also when retried.  Raises
+        BlockDeviceError, with nothing submitted, if it cannot be queued."""
+        dev.defer_writes()
+        try:
+            dev.write(offset, data)
+        finally:
+            pending = dev.take_deferred()
+        ops = dev.aio_writes(pending)
+
+        def written(results: list[int]) -> None:
+            error = dev.aio_writes_done(pending, ops, results)
+            if error is not None:
+                log.error("O_DIRECT write failed: %s", error)
+            done(error is None)
+
+        self.submit(dev, ops, written)
+
     def _reap(self) -> None:
         for (batch, i), res in self._aio.reap():
             batch.results[i] = res

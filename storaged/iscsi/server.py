@@ -8,7 +8,7 @@ Page-cache reads and writes run inline on the event loop (cheaper than a
 thread hop); commands that wait for the disk
 (SYNCHRONIZE CACHE, FUA writes) run in a worker thread so one initiator's
 flush never stalls another's I/O; concurrent READs and WRITEs of O_DIRECT LUs
-have their disk accesses done by a thread pool (storaged.iscsi.direct).
+have their disk accesses submitted as AIO (storaged.iscsi.direct).
 """
 
 from __future__ import annotations
