@@ -51,6 +51,9 @@ from storaged.dlm.modes import Flag, Mode, Status
 
 log = logging.getLogger("storaged.cluster")
 
+# Plain ints: pyzmq's enum members make every flag test an IntFlag operation.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _LOADS = json.loads
 _RC_KINDS = frozenset({"rc1", "rc2", "rcb", "rcd"})
@@ -262,10 +265,10 @@ class ClusterNode:
         dirty: set[Lockspace] = set()
         # The ZeroMQ FD is edge-triggered: drain everything that is queued now.  Asking
         # EVENTS (which also re-arms the FD) is cheaper than ending on a zmq.Again.
-        get, pollin = r.getsockopt, zmq.POLLIN
+        get = r.getsockopt
         while True:
             try:
-                if not get(zmq.EVENTS) & pollin:
+                if not get(_EVENTS) & _POLLIN:
                     break
                 frames = r.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -384,7 +384,8 @@ class LockspaceCore:
             lk.cancel = False
             if mode == _IV:
                 del self.locks[lkid]
-        self.events.append(("cast", lk, _STATUS.get(status) or Status(status)))
+        st = _STATUS.get(status)    # not ``or``: Status.OK is 0, falsy
+        self.events.append(("cast", lk, st if st is not None else Status(status)))
 
     def _apply_bast(self, lkid: int, mode: int) -> None:
         lk = self.locks.get(lkid)
