@@ -185,7 +185,6 @@ cdef class Aio:
     cdef list tags
     cdef list free_slots
     cdef object waiting
-    cdef list failed
     cdef SubmitQueue q
     cdef pthread_t thread
     cdef bint threaded
@@ -206,7 +205,6 @@ cdef class Aio:
         self.tags = [None] * depth
         self.free_slots = list(range(depth - 1, -1, -1))
         self.waiting = deque()
-        self.failed = []
         self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.efd < 0:
             raise OSError(errno, "eventfd failed")
@@ -280,11 +278,6 @@ cdef class Aio:
                     self.q.count += 1
                 pthread_cond_signal(&self.q.cond)
                 pthread_mutex_unlock(&self.q.lock)
-            if self.failed:
-                self._wake()
-
-    cdef void _fail(self, int slot, long res) except *:
-        self.failed.append((self._release(slot), res))
 
     cdef object _release(self, int slot):
         tag = self.tags[slot]
@@ -292,10 +285,6 @@ cdef class Aio:
         PyBuffer_Release(&self.views[slot])
         self.free_slots.append(slot)
         return tag
-
-    cdef void _wake(self) noexcept:
-        cdef uint64_t one = 1
-        write(self.efd, &one, 8)
 
     def reap(self):
         cdef uint64_t count
@@ -305,14 +294,12 @@ cdef class Aio:
         zero.tv_sec = 0
         zero.tv_nsec = 0
         read(self.efd, &count, 8)          # reset the eventfd (EAGAIN when empty)
-        out = self.failed
-        self.failed = []
-        if self.q.nfailed:                 # io_submit refused these (submitter thread)
-            pthread_mutex_lock(&self.q.lock)
-            for i in range(self.q.nfailed):
-                out.append((self._release(self.q.failed_slot[i]), self.q.failed_res[i]))
-            self.q.nfailed = 0
-            pthread_mutex_unlock(&self.q.lock)
+        out = []
+        pthread_mutex_lock(&self.q.lock)   # what io_submit refused (submitter thread)
+        for i in range(self.q.nfailed):
+            out.append((self._release(self.q.failed_slot[i]), self.q.failed_res[i]))
+        self.q.nfailed = 0
+        pthread_mutex_unlock(&self.q.lock)
         while True:
             got = syscall(SYS_io_getevents, self.ctx, <long>0, <long>self.depth,
                           self.events, &zero)
@@ -326,9 +313,6 @@ cdef class Aio:
                 out.append((self._release(<int>self.events[i].data), self.events[i].res))
         if self.waiting and self.free_slots:
             self._start()
-            if self.failed:
-                out.extend(self.failed)
-                self.failed = []
         return out
 
     cdef void _stop_thread(self) noexcept:
