@@ -17,21 +17,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from storaged import metrics
-from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
 from storaged.iscsi.chap import Credentials
-from storaged.iscsi.connection import QUEUED
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.raid.service import RaidService
 from storaged.scsi.alua import Alua
 from storaged.scsi.atomic import attach_journal
 from storaged.scsi.lu import LogicalUnit
-from storaged.scsi.sbc import quick_check, quick_rw
 from storaged.scsi.target import ScsiTarget
 from storaged.scsi.types import ScsiCommand, ScsiResult
 from storaged.state import Backstore, Chap, StatePrStore, Store, Target, split_portal
@@ -68,7 +64,7 @@ class Runtime:
         self.meters: dict[tuple[str, int], metrics.LunMeter] = {}
         with store.read() as txn:
             settings = txn.settings()
-        self.server = IscsiServer(self.registry, self.run_command, quick=self.quick_command,
+        self.server = IscsiServer(self.registry, self.run_command, meter=self.meter,
                                   nop_interval=settings.nop_interval,
                                   nop_timeout=settings.nop_timeout)
         from storaged.nfs.service import NfsRuntime
@@ -79,71 +75,14 @@ class Runtime:
         started = time.perf_counter()
         result = scsi.execute(cmd)
         elapsed = time.perf_counter() - started
-        meter = self._meter(target, cmd.lun)
+        meter = self.meter(target, cmd.lun)
         nread = len(result.data) if result.data is not None else 0
         nwritten = len(cmd.data_out) if cmd.data_out is not None else 0
         meter.record(cmd.cdb[0], elapsed, nread, nwritten, result.status)
         return result
 
-    def quick_command(self, scsi: ScsiTarget, target: str, nexus_key: tuple[str, str],
-                      lun: int, cdb: bytes, expected: int, data: memoryview | None,
-                      alone: bool, defer: Callable[[], Callable[[bytes | None], None]]
-                      ) -> bytes | object | None:
-        """The iSCSI core's QuickCommand: ``storaged.scsi.sbc.quick_rw`` with
-        the metrics of ``run_command``.  On an O_DIRECT LU a command that
-        arrived alone while the LU is idle runs inline (lowest latency);
-        others have their disk access submitted as AIO (storaged.iscsi.direct)
-        and finish when it completes, unless commands are held for the LU
-        (then they queue behind those, through the general path)."""
-        lu = scsi.luns.get(lun)
-        if lu is None:
-            return None
-        dev = lu.device
-        if getattr(dev, "direct", False):
-            direct = self.server.direct
-            if dev in direct.waiting:
-                return None
-            if not alone or dev in direct.busy:
-                return self._quick_aio(lu, target, nexus_key, lun, cdb, expected, data, defer)
-        started = time.perf_counter()
-        result = quick_rw(lu, nexus_key, cdb, expected, data)
-        if result is not None:
-            self._meter(target, lun).record(cdb[0], time.perf_counter() - started,
-                                            0 if data is not None else expected,
-                                            expected if data is not None else 0, 0)
-        return result
-
-    def _quick_aio(self, lu: LogicalUnit, target: str, nexus_key: tuple[str, str], lun: int,
-                   cdb: bytes, expected: int, data: memoryview | None,
-                   defer: Callable[[], Callable[[bytes | None], None]]) -> object | None:
-        """Start the disk access of a quick command on an O_DIRECT LU."""
-        offset = quick_check(lu, nexus_key, cdb, expected, data is not None)
-        if offset is None or (data is not None and len(data) != expected):
-            return None
-        started = time.perf_counter()
-        meter = self._meter(target, lun)
-
-        def finished(result: bytes | None) -> None:
-            # Runs from the event loop once the disk access is over, always
-            # after ``done`` below is bound.
-            if result is not None:
-                meter.record(cdb[0], time.perf_counter() - started,
-                             expected if data is None else 0,
-                             0 if data is None else expected, 0)
-            done(result)
-
-        if data is None:
-            self.server.direct.read(lu.device, offset, expected, finished)
-        else:
-            try:
-                self.server.direct.write(lu.device, offset, data,
-                                         lambda ok: finished(b"" if ok else None))
-            except BlockDeviceError:
-                return None
-        done = defer()
-        return QUEUED
-
-    def _meter(self, target: str, lun: int) -> metrics.LunMeter:
+    def meter(self, target: str, lun: int) -> metrics.LunMeter:
+        """The counters of one LUN of one target (made on first use)."""
         meter = self.meters.get((target, lun))
         if meter is None:
             meter = self.meters[(target, lun)] = metrics.LunMeter(target, lun)

@@ -102,7 +102,7 @@ class Close:
 
 QuickCommand = Callable[..., "bytes | object | None"]
 """``quick(scsi, target_name, nexus_key, lun, cdb, expected_length, data_out,
-alone, defer)`` (``storaged.daemon.Runtime.quick_command``) runs a plain
+alone, defer)`` (``storaged.iscsi.server.IscsiServer.quick_command``) runs a plain
 READ/WRITE(10/16) that the core hands it straight from the receive buffer:
 
 * it returns the read data (b"" for a write) when the command ended GOOD with

@@ -25,7 +25,7 @@ LU still runs inline: at queue depth 1 the round trip through the eventfd
 only adds latency.
 
 Plain READ/WRITE(10/16) commands that the iSCSI core hands to the daemon's
-quick path (``Runtime.quick_command``, checked by
+quick path (``IscsiServer.quick_command``, checked by
 ``storaged.scsi.sbc.quick_check``) use the same context and the same busy
 counts: they are submitted one by one as they are parsed, and their status
 goes out when their disk access completes.

@@ -3,7 +3,7 @@
 It moves bytes between the socket and the core, runs SCSI commands the core
 hands out, and drives timers.  Plain READ/WRITE(10/16) commands, nearly all
 the data, never become events: the core hands them from its receive buffer
-to ``quick`` (the daemon's ``Runtime.quick_command``) while it parses.
+to ``IscsiServer.quick_command`` while it parses.
 Page-cache reads and writes run inline on the event loop (cheaper than a
 thread hop); commands that wait for the disk
 (SYNCHRONIZE CACHE, FUA writes) run in a worker thread so one initiator's
@@ -21,11 +21,14 @@ from functools import partial
 
 from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
-from storaged.iscsi.connection import Close, Connection, Execute, QuickCommand, Task
+from storaged.iscsi.connection import QUEUED, Close, Connection, Execute, Task
 from storaged.iscsi.direct import DirectIO
 from storaged.iscsi.target import Registry
+from storaged.metrics import LunMeter
 from storaged.scsi import sense
-from storaged.scsi.target import DIRECT_OTHER, DIRECT_READ
+from storaged.scsi.lu import LogicalUnit
+from storaged.scsi.sbc import quick_check, quick_rw
+from storaged.scsi.target import DIRECT_OTHER, DIRECT_READ, ScsiTarget
 from storaged.scsi.types import ScsiResult
 
 log = logging.getLogger("storaged.iscsi")
@@ -54,7 +57,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         s = self.server
         self.conn = Connection(s.registry, local, peer, nop_interval=s.nop_interval,
                                nop_timeout=s.nop_timeout, now=time.monotonic(),
-                               quick=s.quick)
+                               quick=s.quick_command if s.meter is not None else None)
         self.conn.on_drop = self._on_drop
         self.conn.on_output = self._output_ready
         transport.set_write_buffer_limits(high=8 << 20, low=1 << 20)
@@ -335,11 +338,13 @@ class IscsiServer:
                  run_command: Callable[..., ScsiResult],
                  nop_interval: float = 15.0, nop_timeout: float = 30.0,
                  on_session_change: Callable[[], None] = lambda: None,
-                 quick: QuickCommand | None = None) -> None:
+                 meter: Callable[[str, int], LunMeter] | None = None) -> None:
         self.registry = registry
         self.run_command = run_command
-        self.quick = quick
-        """Runs plain READ/WRITEs inside the core's parse loop (``QuickCommand``)."""
+        self.meter = meter
+        """The metrics of a target's LUN (the daemon's ``Runtime.meter``); with it
+        the core hands plain READ/WRITEs to ``quick_command`` as it parses, and
+        they are counted there as ``run_command`` counts the others."""
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
         self.on_session_change = on_session_change
@@ -347,6 +352,64 @@ class IscsiServer:
         self.protocols: set[IscsiProtocol] = set()
         self._ticker: asyncio.Task | None = None
         self.direct = DirectIO()
+
+    def quick_command(self, scsi: ScsiTarget, target: str, nexus_key: tuple[str, str],
+                      lun: int, cdb: bytes, expected: int, data: memoryview | None,
+                      alone: bool, defer: Callable[[], Callable[[bytes | None], None]]
+                      ) -> bytes | object | None:
+        """The core's QuickCommand: ``storaged.scsi.sbc.quick_rw``, counted in
+        ``meter``.  On an O_DIRECT LU a command that arrived alone while the
+        LU is idle runs inline (lowest latency); others have their disk
+        access submitted as AIO (storaged.iscsi.direct) and finish when it
+        completes, unless commands are held for the LU (then they queue
+        behind those, through the general path)."""
+        lu = scsi.luns.get(lun)
+        if lu is None:
+            return None
+        dev = lu.device
+        if getattr(dev, "direct", False):
+            if dev in self.direct.waiting:
+                return None
+            if not alone or dev in self.direct.busy:
+                return self._quick_aio(lu, target, nexus_key, lun, cdb, expected, data, defer)
+        started = time.perf_counter()
+        result = quick_rw(lu, nexus_key, cdb, expected, data)
+        if result is not None:
+            self._count(target, lun, cdb, started, expected, data is not None)
+        return result
+
+    def _quick_aio(self, lu: LogicalUnit, target: str, nexus_key: tuple[str, str], lun: int,
+                   cdb: bytes, expected: int, data: memoryview | None,
+                   defer: Callable[[], Callable[[bytes | None], None]]) -> object | None:
+        """Start the disk access of a quick command on an O_DIRECT LU."""
+        offset = quick_check(lu, nexus_key, cdb, expected, data is not None)
+        if offset is None or (data is not None and len(data) != expected):
+            return None
+        started = time.perf_counter()
+
+        def finished(result: bytes | None) -> None:
+            # Runs from the event loop once the disk access is over, always
+            # after ``done`` below is bound.
+            if result is not None:
+                self._count(target, lun, cdb, started, expected, data is not None)
+            done(result)
+
+        if data is None:
+            self.direct.read(lu.device, offset, expected, finished)
+        else:
+            try:
+                self.direct.write(lu.device, offset, data,
+                                  lambda ok: finished(b"" if ok else None))
+            except BlockDeviceError:
+                return None
+        done = defer()
+        return QUEUED
+
+    def _count(self, target: str, lun: int, cdb: bytes, started: float, length: int,
+               write: bool) -> None:
+        self.meter(target, lun).record(  # type: ignore[misc]
+            cdb[0], time.perf_counter() - started, 0 if write else length,
+            length if write else 0, 0)
 
     async def set_portals(self, portals: set[tuple[str, int]]) -> None:
         """Listen on exactly these portals (start new ones, stop removed ones)."""
