@@ -759,22 +759,33 @@ class Connection:
     def _quick_status(self, itt: int, lun_raw: int, edtl: int, data: bytes) -> None:
         """GOOD status of a quick command: for a READ one Data-In with the data
         and the phase-collapsed status (§11.7.4), for a WRITE a SCSI Response."""
-        out = self._out
         if data:
-            hdr = encode_bhs(Op.DATA_IN, False, 0x81, 0, 0, 0, edtl, lun_raw, itt,
-                             RESERVED_TAG, self._next_statsn(), self.expcmdsn,
-                             self.maxcmdsn, 0, 0, 0)
+            self._one_data_in(itt, lun_raw, data, edtl, 0x81, 0, self._next_statsn(), 0, 0)
         else:
-            hdr = encode_bhs(Op.SCSI_RSP, False, 0x80, 0, 0, 0, 0, 0, itt, 0,
-                             self._next_statsn(), self.expcmdsn, self.maxcmdsn, 0, 0, 0)
+            self._bare_response(itt, 0, 0, 0, 0)
+
+    def _one_data_in(self, itt: int, lun_raw: int, data: bytes | memoryview, length: int,
+                     flags: int, status: int, statsn: int, datasn: int, resid: int) -> None:
+        """A Data-In PDU carrying all of ``data[:length]`` at offset 0."""
+        hdr = encode_bhs(Op.DATA_IN, False, flags, 0, status, 0, length, lun_raw, itt,
+                         RESERVED_TAG, statsn, self.expcmdsn, self.maxcmdsn, datasn, 0, resid)
+        out = self._out
         out.append(hdr)
         if self.hd:
             out.append(crc32c(hdr).to_bytes(4, "little"))
-        if data:
-            out.append(data)
-            pad = PADS[edtl & 3]
-            if pad:
-                out.append(pad)
+        out.append(data if len(data) == length else memoryview(data)[:length])
+        pad = PADS[length & 3]
+        if pad:
+            out.append(pad)
+
+    def _bare_response(self, itt: int, resid_flags: int, status: int, expdatasn: int,
+                       resid: int) -> None:
+        """A SCSI Response without sense data: one header, no data segment."""
+        hdr = encode_bhs(Op.SCSI_RSP, False, 0x80 | resid_flags, 0, status, 0, 0, 0, itt, 0,
+                         self._next_statsn(), self.expcmdsn, self.maxcmdsn, expdatasn, 0, resid)
+        self._out.append(hdr)
+        if self.hd:
+            self._out.append(crc32c(hdr).to_bytes(4, "little"))
 
     def _quick_defer(self) -> Callable[[bytes | None], None]:
         """The quick command being handed out will finish later: track it as
@@ -944,12 +955,9 @@ class Connection:
             return
         if send:
             self._data_in(task, data, send, None, 0, 0)  # type: ignore
-        if not result.sense and not self.hd:
-            # The common case (a WRITE's GOOD status): one header, no data segment.
-            self._out.append(encode_bhs(
-                Op.SCSI_RSP, False, 0x80 | resid_flags, 0, status, 0, 0, 0, task.itt,
-                0, self._next_statsn(), self.expcmdsn, self.maxcmdsn,
-                task.datasn if task.read else task.r2tsn, 0, resid))
+        if not result.sense:
+            self._bare_response(task.itt, resid_flags, status,
+                                task.datasn if task.read else task.r2tsn, resid)
             return
         payload = b""
         if result.sense:
@@ -967,23 +975,15 @@ class Connection:
         hd, dd = self.hd, self.dd
         out = self._out
         if length <= seg and length <= burst and not dd:
-            # One PDU carries it all (every 4 KiB read): header (with the
-            # phase-collapsed status, §11.7.4) and data, no framing list.
+            # One PDU carries it all (every 4 KiB read), with the
+            # phase-collapsed status (§11.7.4) when there is one.
             if status is not None:
-                flags, b3, statsn, w44 = 0x81 | resid_flags, status, self._next_statsn(), resid
+                self._one_data_in(task.itt, task.lun_raw, data, length, 0x81 | resid_flags,
+                                  status, self._next_statsn(), task.datasn, resid)
             else:
-                flags, b3, statsn, w44 = 0x80, 0, 0, 0
-            hdr = encode_bhs(Op.DATA_IN, False, flags, 0, b3, 0, length, task.lun_raw,
-                             task.itt, RESERVED_TAG, statsn, self.expcmdsn, self.maxcmdsn,
-                             task.datasn, 0, w44)
+                self._one_data_in(task.itt, task.lun_raw, data, length, 0x80, 0, 0,
+                                  task.datasn, 0)
             task.datasn += 1
-            out.append(hdr)
-            if hd:
-                out.append(crc32c(hdr).to_bytes(4, "little"))
-            out.append(data if len(data) == length else memoryview(data)[:length])
-            pad = PADS[length & 3]
-            if pad:
-                out.append(pad)
             return
         mv = memoryview(data)
         off = 0
