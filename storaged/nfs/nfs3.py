@@ -262,38 +262,39 @@ _OFFSET_COUNT = struct.Struct(">QI")
 _OFFSET_COUNT_STABLE_LEN = struct.Struct(">QIiI")
 
 
-def _fh_end(buf: memoryview) -> int:
-    """Offset just past the nfs_fh3 that starts ``buf``, or -1 if it is not one."""
+def _fh(buf: memoryview) -> tuple[bytes, int] | None:
+    """The nfs_fh3 that starts ``buf`` and the offset just past it, or None."""
     if len(buf) < 4:
-        return -1
+        return None
     n = _U32.unpack_from(buf)[0]
     end = 4 + ((n + 3) & ~3)
-    return end if n <= NFS3_FHSIZE and end <= len(buf) else -1
+    if n > NFS3_FHSIZE or end > len(buf):
+        return None
+    return bytes(buf[4:4 + n]), end
 
 
 def read3_args(buf: memoryview) -> dict[str, Any] | None:
     """READ3args straight from the bytes (the hot path); None: let the
     READ3ARGS table decode it (and report what is wrong with it)."""
-    end = _fh_end(buf)
-    if end < 0 or len(buf) != end + 12:
+    fh = _fh(buf)
+    if fh is None or len(buf) != fh[1] + 12:
         return None
-    offset, count = _OFFSET_COUNT.unpack_from(buf, end)
-    return {"file": bytes(buf[4:4 + _U32.unpack_from(buf)[0]]), "offset": offset,
-            "count": count}
+    offset, count = _OFFSET_COUNT.unpack_from(buf, fh[1])
+    return {"file": fh[0], "offset": offset, "count": count}
 
 
 def write3_args(buf: memoryview) -> dict[str, Any] | None:
     """WRITE3args straight from the bytes; ``data`` is a view of ``buf``.
     None: let the WRITE3ARGS table decode it."""
-    end = _fh_end(buf)
-    if end < 0 or len(buf) < end + 20:
+    fh = _fh(buf)
+    if fh is None or len(buf) < fh[1] + 20:
         return None
-    offset, count, stable, n = _OFFSET_COUNT_STABLE_LEN.unpack_from(buf, end)
-    start = end + 20
+    offset, count, stable, n = _OFFSET_COUNT_STABLE_LEN.unpack_from(buf, fh[1])
+    start = fh[1] + 20
     if stable not in (UNSTABLE, DATA_SYNC, FILE_SYNC) or len(buf) != start + ((n + 3) & ~3):
         return None
-    return {"file": bytes(buf[4:4 + _U32.unpack_from(buf)[0]]), "offset": offset,
-            "count": count, "stable": stable, "data": buf[start:start + n]}
+    return {"file": fh[0], "offset": offset, "count": count, "stable": stable,
+            "data": buf[start:start + n]}
 
 
 WRITE3RES = _result(
