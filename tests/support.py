@@ -119,6 +119,15 @@ class Daemon:
         return f"iscsi://127.0.0.1:{self.port}/{DEMO_IQN}/0"
 
 
+def direct_target(state: str, iqn: str, backing: str, size: str, port: int) -> None:
+    """Configure (not start) a daemon in ``state``: target ``iqn`` on
+    127.0.0.1:``port`` with LUN 0 on a new O_DIRECT backstore ``d0``."""
+    storaged("backstore", "create", "d0", backing, "--size", size, "--direct", directory=state)
+    storaged("target", "create", iqn, "--portal", f"127.0.0.1:{port}", directory=state)
+    storaged("lun", "add", iqn, "d0", "--lun", "0", directory=state)
+    storaged("target", "open", iqn, directory=state)
+
+
 @contextlib.contextmanager
 def running(directory: str, port: int | None = None, **kw) -> Iterator[Daemon]:
     d = Daemon(directory, port or free_port(), **kw).start()

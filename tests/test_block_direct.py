@@ -13,7 +13,7 @@ from storaged.block.file import AlignedBuffers, FileBlockDevice
 from storaged.cli import cli
 from storaged.state import Backstore, Store
 from storaged.state.errors import ValidationError
-from tests.support import free_port, require_tool, running, storaged
+from tests.support import direct_target, free_port, require_tool, running, storaged
 
 IQN = "iqn.2026-11.org.storaged:direct"
 
@@ -210,11 +210,7 @@ def test_qemu_convert_compare_on_direct_backstore(tmp_path):
     backing = str(tmp_path / "direct.img")
     state = str(tmp_path / "state")
     port = free_port()
-    storaged("backstore", "create", "d0", backing, "--size", "32M", "--direct",
-             directory=state)
-    storaged("target", "create", IQN, "--portal", f"127.0.0.1:{port}", directory=state)
-    storaged("lun", "add", IQN, "d0", "--lun", "0", directory=state)
-    storaged("target", "open", IQN, directory=state)
+    direct_target(state, IQN, backing, "32M", port)
     with running(state, port, demo=False) as d:
         proc = d.proc
         assert proc is not None
@@ -285,15 +281,17 @@ def test_prefetched_data_is_served_once_to_its_thread_and_writes_drop_it(tmp_pat
         dev.close()
 
 
+def _on_disk(path: str, off: int, n: int) -> bytes:
+    """What the file holds, read around the device (and its O_DIRECT fd)."""
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
 def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
     import threading
     path = str(tmp_path / "w.img")
     dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
-
-    def on_disk(off: int, n: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(off)
-            return f.read(n)
 
     def write_all() -> None:
         pending = dev.take_deferred()
@@ -309,30 +307,30 @@ def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
         dev.write(0, memoryview(src))
         src[:] = b"x" * 4096                 # the caller's buffer is reused: a copy was queued
         dev.write(8192, b"2" * 4096)
-        assert on_disk(0, 4096) == bytes(4096)   # queued, not written yet
+        assert _on_disk(path, 0, 4096) == bytes(4096)   # queued, not written yet
         # Another thread (a pool command) writes through at once.
         t = threading.Thread(target=dev.write, args=(16384, b"3" * 512))
         t.start()
         t.join()
-        assert on_disk(16384, 512) == b"3" * 512
+        assert _on_disk(path, 16384, 512) == b"3" * 512
         dev.write(20480, b"4" * 4096)
         write_all()
-        assert on_disk(0, 4096) == b"1" * 4096
-        assert on_disk(8192, 4096) == b"2" * 4096
-        assert on_disk(20480, 4096) == b"4" * 4096
+        assert _on_disk(path, 0, 4096) == b"1" * 4096
+        assert _on_disk(path, 8192, 4096) == b"2" * 4096
+        assert _on_disk(path, 20480, 4096) == b"4" * 4096
         # A read in the batch sees the batch's earlier writes (queue written first).
         dev.defer_writes()
         dev.write(4096, b"5" * 4096)
         assert dev.read(4096, 4096) == b"5" * 4096
-        assert on_disk(4096, 4096) == b"5" * 4096
+        assert _on_disk(path, 4096, 4096) == b"5" * 4096
         dev.write(4096, b"6" * 4096, fua=True)   # FUA writes are never queued
-        assert on_disk(4096, 4096) == b"6" * 4096
+        assert _on_disk(path, 4096, 4096) == b"6" * 4096
         assert dev.take_deferred() == []
         # Deferring is a no-op without O_DIRECT.
         dev.set_direct(False)
         dev.defer_writes()
         dev.write(0, b"7" * 512)
-        assert on_disk(0, 512) == b"7" * 512
+        assert _on_disk(path, 0, 512) == b"7" * 512
         assert dev.take_deferred() == []
     finally:
         dev.close()
@@ -342,11 +340,6 @@ def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):
     import errno
     path = str(tmp_path / "a.img")
     dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
-
-    def on_disk(off: int, n: int) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(off)
-            return f.read(n)
 
     try:
         # Results as the AIO context reports them: done, short, failed.
@@ -366,7 +359,7 @@ def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):
         pending = dev.take_deferred()
         ops = dev.aio_writes(pending)
         assert dev.aio_writes_done(pending, ops, [-errno.EIO, 512]) is None
-        assert on_disk(0, 8192) == b"1" * 4096 + b"2" * 4096
+        assert _on_disk(path, 0, 8192) == b"1" * 4096 + b"2" * 4096
         # ...and an error is returned (not raised) when that fails too.
         dev.defer_writes()
         dev.write(0, b"3" * 4096)

@@ -28,7 +28,7 @@ from storaged.iscsi.target import Registry, TargetContext
 from storaged.scsi.lu import LogicalUnit
 from storaged.scsi.target import ScsiTarget
 from tests.scsi_util import parse_sense, wwn
-from tests.support import free_port, running, storaged
+from tests.support import direct_target, free_port, running
 from tests.tcp_initiator import TcpInitiator
 
 IQN = "iqn.2026-11.org.storaged:direct-async"
@@ -41,11 +41,7 @@ def direct_daemon(tmp_path):
     backing = str(tmp_path / "direct.img")
     state = str(tmp_path / "state")
     port = free_port()
-    storaged("backstore", "create", "d0", backing, "--size", "8M", "--direct",
-             directory=state)
-    storaged("target", "create", IQN, "--portal", f"127.0.0.1:{port}", directory=state)
-    storaged("lun", "add", IQN, "d0", "--lun", "0", directory=state)
-    storaged("target", "open", IQN, directory=state)
+    direct_target(state, IQN, backing, "8M", port)
     with running(state, port, demo=False) as d:
         yield port, backing
     assert "Traceback" not in d.output()
