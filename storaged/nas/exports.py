@@ -300,10 +300,13 @@ class ExportTable:
     def __init__(self) -> None:
         self.by_id: dict[int, LiveExport] = {}
         self.by_path: dict[str, LiveExport] = {}
+        #: bumped by every ``set``: what was routed before may now route differently
+        self.version = 0
 
     def set(self, exports: list[LiveExport]) -> None:
         self.by_id = {e.export_id: e for e in exports}
         self.by_path = {e.path: e for e in exports}
+        self.version += 1
 
     def resolve(self, fh: bytes) -> tuple[LiveExport, bytes]:
         """``(export, inode handle)`` for an NFS handle; HandleError if bad or stale."""

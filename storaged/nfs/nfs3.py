@@ -43,6 +43,7 @@ from storaged.nas.fs import (
     mode_allows,
 )
 from storaged.nfs import dirlist
+from storaged.nfs.quick import QuickIo
 from storaged.nfs.rpc import Call, Encoded, FileRange, Procedure, Program
 from storaged.nfs.xdr import (
     BOOL,
@@ -449,6 +450,9 @@ class Nfs3:
     #: Use storaged.nfs.dirlist (and its listing cache for READDIRPLUS) for backends with
     #: ``listing_fd``; tests turn it off to compare with the general path.
     fast_listing = True
+    #: Answer READ/WRITE through storaged.nfs.quick where it can; tests turn it off to
+    #: compare with the general path.
+    use_quick = True
 
     def __init__(self, exports: ExportTable, write_verifier: bytes) -> None:
         self.exports = exports
@@ -467,11 +471,15 @@ class Nfs3:
     def program(self) -> Program:
         """The RPC program (100003 v3) with every procedure bound."""
         prog = Program(NFS_PROGRAM, NFS_V3)
+        quick = QuickIo(self, self.ZERO_COPY_MIN)
         for num, (name, args, res) in PROCEDURES.items():
             fn = getattr(self, name.lower())
             prog.procs[num] = Procedure(name, args, res, self._wrap(num, fn),
                                         blocking=(name == "COMMIT"),
-                                        fast_args=_FAST_ARGS.get(num))
+                                        fast_args=_FAST_ARGS.get(num),
+                                        quick=self.use_quick and {6: quick.read,
+                                                                  7: quick.write}.get(num)
+                                        or None)
         return prog
 
     def _wrap(self, num: int, fn: Callable[[Call, Any], Any]) -> Callable[[Call, Any], Any]:

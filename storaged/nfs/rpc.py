@@ -93,6 +93,9 @@ class Call:
     peer: tuple[str, int] = ("", 0)
     #: the transport sends ``FileRange`` reply parts itself (sendfile); see FileRange
     zero_copy: bool = False
+    #: the connection's scratch dict, where a ``Procedure.quick`` keeps what it has
+    #: worked out for this client (the same dict for every call on the connection)
+    local: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -378,6 +381,7 @@ class RpcConnection:
         self._events: list[Call | Close] = []
         self._out: list[bytes | bytearray | memoryview] = []
         self._creds: dict[tuple[int, bytes], Cred] = {}
+        self.local: dict[Any, Any] = {}  # Call.local
         self.closed = False
         #: set by a transport that can send FileRange parts (Call.zero_copy)
         self.zero_copy = False
@@ -454,7 +458,8 @@ class RpcConnection:
         if verf_flavor not in (AUTH_NONE, AUTH_SYS):
             self._denied(xid, AUTH_ERROR, AUTH_BADVERF)
             return
-        call = Call(xid, prog, vers, proc, cred, buf[off:], self.peer, self.zero_copy)
+        call = Call(xid, prog, vers, proc, cred, buf[off:], self.peer, self.zero_copy,
+                    self.local)
         inline = self.inline
         if inline is not None and not self._events:
             # Nothing queued ahead of it: its reply keeps its place in order.
@@ -512,6 +517,10 @@ class Procedure:
     fast_args: Callable[[memoryview], Any] | None = None
     """Decodes the arguments like ``args`` does, without the table walk, or
     returns None to leave it to ``args`` (hot procedures: READ, WRITE)."""
+    quick: Callable[[Call], list[bytes | bytearray | memoryview] | None] | None = None
+    """Runs a call start to finish and returns its framed reply, or returns
+    None, having done nothing, to leave it to ``run``; only where the call may
+    run on the caller's thread (``run_inline``).  Hot procedures: READ, WRITE."""
 
 
 @dataclass
@@ -584,6 +593,11 @@ class RpcService:
             return reply_accept(call.xid, *proc)
         if proc.blocking:
             return None
+        quick = proc.quick
+        if quick is not None:
+            parts = quick(call)
+            if parts is not None:
+                return parts
         return self.run(call, proc)
 
     def dispatch(self, conn: RpcConnection, call: Call) -> None:
