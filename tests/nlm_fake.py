@@ -59,7 +59,7 @@ class FakeClientHost:
 
     def __init__(self) -> None:
         self.server = NfsServer()
-        self.server.service.programs.clear()
+        self.server.service.clear()
         for p in self.server.portmap.programs():
             self.server.add_program(p)
         self.granted: list[dict] = []

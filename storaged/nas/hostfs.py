@@ -108,10 +108,17 @@ class HostFs:
 
     def _fd(self, fh: bytes) -> int:
         """A cached descriptor for ``fh``: O_RDWR/O_RDONLY file, O_RDONLY dir, else O_PATH."""
+        cache = self._cache
+        fd = cache.get(fh)
+        if fd is not None:  # the hot case, without the lock (each step holds the GIL)
+            try:
+                cache.move_to_end(fh)
+                return fd
+            except KeyError:  # evicted by another thread just now
+                pass
         with self._lock:
-            fd = self._cache.get(fh)
+            fd = cache.get(fh)
             if fd is not None:
-                self._cache.move_to_end(fh)
                 return fd
             fd = self._open(fh)
             self._cache[fh] = fd

@@ -537,9 +537,18 @@ class RpcService:
 
     def __init__(self) -> None:
         self.programs: dict[int, dict[int, Program]] = {}
+        #: (prog, vers, proc) -> procedure, for ``run_inline`` (one lookup per call)
+        self._procs: dict[tuple[int, int, int], Procedure] = {}
 
     def add(self, program: Program) -> None:
         self.programs.setdefault(program.prog, {})[program.vers] = program
+        for num, proc in program.procs.items():
+            self._procs[(program.prog, program.vers, num)] = proc
+
+    def clear(self) -> None:
+        """Forget every program."""
+        self.programs.clear()
+        self._procs.clear()
 
     def lookup(self, call: Call) -> Procedure | tuple[int, int, int]:
         """The procedure for ``call`` or ``(accept_stat, low, high)`` to answer with."""
@@ -588,9 +597,12 @@ class RpcService:
     def run_inline(self, call: Call) -> list[bytes | bytearray | memoryview] | None:
         """The reply to ``call`` if it can run now on the caller's thread (a
         non-blocking procedure, or an RPC error), else None."""
-        proc = self.lookup(call)
-        if isinstance(proc, tuple):
-            return reply_accept(call.xid, *proc)
+        proc = self._procs.get((call.prog, call.vers, call.proc))
+        if proc is None:
+            found = self.lookup(call)
+            if isinstance(found, tuple):
+                return reply_accept(call.xid, *found)
+            proc = found
         if proc.blocking:
             return None
         quick = proc.quick
