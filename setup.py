@@ -99,6 +99,7 @@ def _extensions() -> list:
             ["_fastio/_nfsdir.pyx", "_fastio/src/nfsdir_impl.c"],
             **{**common, "depends": [*common["depends"], "_fastio/src/nfsdir_impl.h"]},
         ),
+        Extension("_fastio._nfsrpc", ["_fastio/_nfsrpc.pyx"], **common),
         Extension(
             "_fastio._raid",
             ["_fastio/_raid.pyx", "_fastio/src/raid_impl.c"],

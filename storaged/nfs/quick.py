@@ -5,9 +5,10 @@ tables, ``Nfs3.read`` and its routing, squashing and attribute helpers) is
 about 35 Python calls, which on a 2-core machine caps one event-loop thread
 well below a C server.  ``QuickIo`` answers the common case in a handful:
 the handle's routing (export, inode, MAC check, client address and port,
-squashed identity) is remembered per connection, and the reply, record mark
-included, is packed with one ``struct`` call.  Large READs still go out by
-sendfile (``FileRange``) where the transport can.
+squashed identity) is remembered per connection, and the reply header,
+record mark included, is packed in one call (``read_reply``/``write_reply``:
+``_fastio._nfsrpc`` when built, else the ``struct`` references here).  Large
+READs still go out by sendfile (``FileRange``) where the transport can.
 
 It only ever *answers* calls whose outcome is success and otherwise declines
 with None before anything is done, so the general path runs the call and
@@ -24,8 +25,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from storaged.fastio import extensions_disabled
 from storaged.nas.exports import ExportTable, HandleError
-from storaged.nas.fs import Creds, FsError
+from storaged.nas.fs import Attr, Creds, FsError
 from storaged.nfs.rpc import LAST_FRAGMENT, MSG_ACCEPTED, REPLY, Call, FileRange
 
 _NS = 1_000_000_000
@@ -44,6 +46,49 @@ _WRITE_BODY = _WRITE_REPLY.size - 4 + 8
 _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")  # by padding length
 #: Routing entries kept per connection before the cache starts over.
 MAX_FILES = 1024
+
+
+def read_reply_py(xid: int, t: Attr, count: int, eof: bool) -> bytes:
+    """Record mark, RPC reply header and READ3resok up to the data: ``count``
+    bytes of data and their padding follow (pure-Python reference of
+    ``read_reply``, which is ``_fastio._nfsrpc`` when built)."""
+    at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)  # as fattr3_bytes
+    return _READ_REPLY.pack(
+        LAST_FRAGMENT | (_READ_BODY + count + (-count & 3)), xid, REPLY, MSG_ACCEPTED, 0, 0,
+        0, 0, 1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
+        t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
+        (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
+        (ct // _NS) & _M32, ct % _NS, count, 1 if eof else 0, count)
+
+
+def write_reply_py(xid: int, b: Attr, t: Attr, count: int, committed: int,
+                   verifier: bytes) -> bytes:
+    """Record mark, RPC reply header and the whole WRITE3resok: wcc_data from
+    ``b`` (before) and ``t`` (after), ``count``, ``committed``, ``verifier``
+    (pure-Python reference of ``write_reply``)."""
+    if len(verifier) != 8:
+        raise ValueError("the write verifier is 8 bytes")
+    bm, bc = max(b.mtime, 0), max(b.ctime, 0)
+    at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)
+    return _WRITE_REPLY.pack(
+        LAST_FRAGMENT | _WRITE_BODY, xid, REPLY, MSG_ACCEPTED, 0, 0, 0, 0, 1,
+        b.size, (bm // _NS) & _M32, bm % _NS, (bc // _NS) & _M32, bc % _NS,
+        1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
+        t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
+        (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
+        (ct // _NS) & _M32, ct % _NS, count, committed) + verifier
+
+
+IMPLEMENTATION = "pure"
+read_reply = read_reply_py
+write_reply = write_reply_py
+if not extensions_disabled():
+    try:
+        from _fastio._nfsrpc import read_reply, write_reply  # type: ignore[no-redef]
+
+        IMPLEMENTATION = "compiled"
+    except ImportError:
+        pass
 
 
 class _File:
@@ -124,14 +169,8 @@ class QuickIo:
                 k = len(data)
         except FsError:
             return None
+        head = read_reply(call.xid, t, k, eof)
         pad = -k & 3
-        at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)  # as fattr3_bytes
-        head = _READ_REPLY.pack(
-            LAST_FRAGMENT | (_READ_BODY + k + pad), call.xid, REPLY, MSG_ACCEPTED, 0, 0, 0,
-            0, 1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
-            t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
-            (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
-            (ct // _NS) & _M32, ct % _NS, k, 1 if eof else 0, k)
         return [head, data, _ZEROS[pad]] if pad else [head, data]
 
     def write(self, call: Call) -> list[bytes | memoryview] | None:
@@ -164,13 +203,4 @@ class QuickIo:
             return None
         if nfs.listings.has_entries():
             nfs._changed(7, {"file": fh})
-        bm, bc = max(b.mtime, 0), max(b.ctime, 0)
-        at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)
-        head = _WRITE_REPLY.pack(
-            LAST_FRAGMENT | _WRITE_BODY, call.xid, REPLY, MSG_ACCEPTED, 0, 0, 0, 0, 1,
-            b.size, (bm // _NS) & _M32, bm % _NS, (bc // _NS) & _M32, bc % _NS,
-            1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
-            t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
-            (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
-            (ct // _NS) & _M32, ct % _NS, count, stable)
-        return [head, nfs.verifier]
+        return [write_reply(call.xid, b, t, count, stable, nfs.verifier)]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from storaged.fastio import extensions_disabled
 from storaged.nfs.xdr import (
     UINT32,
     Array,
@@ -138,11 +139,13 @@ _CALL6 = struct.Struct(">IIIIII")
 _AUTH_HEAD = struct.Struct(">II")
 
 
-def parse_call_header(buf: memoryview) -> tuple[int, int, int, int, int, bytes, int, int] | None:
+def parse_call_header_py(buf: memoryview
+                         ) -> tuple[int, int, int, int, int, bytes, int, int] | None:
     """Fast path for ``CALL_HEADER``: ``(rpcvers, prog, vers, proc, cred flavor, cred body,
     verf flavor, offset of the arguments)``, or None if the header is malformed.
 
-    Equivalent to decoding with the declarative table (a test checks this).
+    Equivalent to decoding with the declarative table (a test checks this).  The
+    pure-Python reference of ``parse_call_header`` (``_fastio._nfsrpc`` when built).
     """
     n = len(buf)
     if n < 40:
@@ -162,6 +165,14 @@ def parse_call_header(buf: memoryview) -> tuple[int, int, int, int, int, bytes, 
     if off > n:
         return None
     return rpcvers, prog, vers, proc, flavor, body, vflavor, off
+
+
+parse_call_header = parse_call_header_py
+if not extensions_disabled():
+    try:
+        from _fastio._nfsrpc import parse_call_header  # type: ignore[no-redef]
+    except ImportError:
+        pass
 
 
 def decode_cred(auth: dict[str, Any]) -> Cred | None:
