@@ -224,26 +224,39 @@ class FileBlockDevice:
         finally:
             self._aligned.give(buf)
 
+    def aio_read(self, offset: int, length: int) -> tuple[int, int, int, memoryview]:
+        """The storaged.block.aio operation that reads ``length`` bytes at
+        ``offset`` into an aligned buffer; then ``aio_read_result``."""
+        return (AIO_READ, self.fd, offset, memoryview(self._aligned.take(length))[:length])
+
+    def aio_read_result(self, op: tuple[int, int, int, memoryview], res: int) -> bytes | None:
+        """The data of a finished ``aio_read`` (a short read at the end of the
+        file padded with zeros), or None if it failed; gives the buffer back."""
+        view = op[3]
+        n = view.nbytes
+        data = None
+        if res >= 0:
+            data = bytes(view[:res]) + bytes(n - res) if res < n else bytes(view)
+        buf = view.obj
+        view.release()
+        self._aligned.give(buf)  # type: ignore[arg-type]
+        return data
+
     def aio_reads(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int, int, memoryview]]:
-        """Operations for storaged.block.aio that read ``(offset, length)``
-        ranges into aligned buffers; ``aio_read_data`` turns their results
-        into data for ``use_prefetched`` (and gives the buffers back)."""
-        return [(AIO_READ, self.fd, off, memoryview(self._aligned.take(n))[:n])
-                for off, n in ranges]
+        """``aio_read`` operations for ``(offset, length)`` ranges;
+        ``aio_read_data`` turns their results into data for ``use_prefetched``."""
+        return [self.aio_read(off, n) for off, n in ranges]
 
     def aio_read_data(self, ops: list[tuple[int, int, int, memoryview]],
                       results: list[int]) -> dict[tuple[int, int], bytes]:
-        """``(offset, length) -> data`` of the reads that worked (short reads
-        at the end of the file padded with zeros); the others are left out,
-        so their commands read again and report the error."""
+        """``(offset, length) -> data`` of the reads that worked; the others
+        are left out, so their commands read again and report the error."""
         out: dict[tuple[int, int], bytes] = {}
-        for (_op, _fd, off, view), res in zip(ops, results, strict=True):
-            n = view.nbytes
-            if res >= 0:
-                out[(off, n)] = bytes(view[:res]) + bytes(n - res) if res < n else bytes(view)
-            buf = view.obj
-            view.release()
-            self._aligned.give(buf)  # type: ignore[arg-type]
+        for op, res in zip(ops, results, strict=True):
+            key = (op[2], op[3].nbytes)
+            data = self.aio_read_result(op, res)
+            if data is not None:
+                out[key] = data
         return out
 
     def aio_writes(self, pending: list[tuple[int, mmap.mmap, int]]

@@ -57,6 +57,16 @@ class _Batch:
         self.done = done
 
 
+class _One:
+    """The tag of a lone operation (the quick path's case): no batch to count."""
+
+    __slots__ = ("dev", "finish")
+
+    def __init__(self, dev: object, finish: Callable[[int], None]) -> None:
+        self.dev = dev
+        self.finish = finish
+
+
 class DirectIO:
     """Per-server bookkeeping: the AIO context, the devices with disk
     accesses in flight and the commands waiting for those to finish."""
@@ -109,9 +119,13 @@ class DirectIO:
              done: Callable[[bytes | None], None]) -> None:
         """Read ``length`` bytes at ``offset`` of O_DIRECT ``dev``; ``done``
         gets the data, or None if the read failed."""
-        ops = dev.aio_reads([(offset, length)])
-        self.submit(dev, ops,
-                    lambda results: done(dev.aio_read_data(ops, results).get((offset, length))))
+        op = dev.aio_read(offset, length)
+        self._submit_one(dev, op, lambda res: done(dev.aio_read_result(op, res)))
+
+    def _submit_one(self, dev: object, op: IoOp, finish: Callable[[int], None]) -> None:
+        """``submit`` of one operation: ``finish(result)`` runs on the loop."""
+        self.busy[dev] = self.busy.get(dev, 0) + 1
+        self._context().submit([(*op, _One(dev, finish))])
 
     def write(self, dev: Any, offset: int, data: bytes | memoryview,
               done: Callable[[bool], None]) -> None:
@@ -132,10 +146,22 @@ class DirectIO:
                 log.error("O_DIRECT write failed: %s", error)
             done(error is None)
 
-        self.submit(dev, ops, written)
+        if len(ops) == 1:
+            self._submit_one(dev, ops[0], lambda res: written([res]))
+        else:
+            self.submit(dev, ops, written)
 
     def _reap(self) -> None:
-        for (batch, i), res in self._aio.reap():
+        for tag, res in self._aio.reap():
+            if type(tag) is _One:
+                try:
+                    tag.finish(res)
+                except Exception:  # noqa: BLE001 - the device must not stay busy
+                    log.exception("completing O_DIRECT I/O failed")
+                finally:
+                    self._release(tag.dev)
+                continue
+            batch, i = tag
             batch.results[i] = res
             batch.left -= 1
             if not batch.left:
