@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -11,10 +12,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from storaged.fastio import extensions_disabled
+
 DEMO_IQN = "iqn.2026-11.org.storaged:demo"
+
+
+def compiled_module(name: str) -> Any:
+    """The compiled ``_fastio.<name>``: the test is skipped under
+    STORAGED_NO_EXTENSIONS=1, and fails saying how to build it otherwise."""
+    try:
+        return importlib.import_module(f"_fastio.{name}")
+    except ImportError as exc:
+        if extensions_disabled():
+            pytest.skip("STORAGED_NO_EXTENSIONS=1 and the _fastio extensions are not built")
+        pytest.fail(f"_fastio.{name} cannot be imported ({exc}); run `pip install -e .` "
+                    "to build the Cython extensions", pytrace=False)
 
 
 def require_tool(tool: str, package: str) -> str:

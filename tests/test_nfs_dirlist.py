@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from storaged.fastio import extensions_disabled
 from storaged.nas import linux
 from storaged.nas.exports import Export, LiveExport
 from storaged.nas.fs import FileType
@@ -24,34 +25,22 @@ from storaged.nfs import dirlist
 from storaged.nfs.nfs3 import NFS_PROGRAM, NFS_V3, READDIR3ARGS, READDIRPLUS3ARGS
 from storaged.nfs.server import NfsServer
 from tests.nfs_client import LocalClient
+from tests.support import compiled_module
 
-NO_EXT = os.environ.get("STORAGED_NO_EXTENSIONS", "").strip().lower() not in (
-    "", "0", "false", "no")
-
-try:
-    from _fastio import _nfsdir as compiled_mod
-
-    _IMPORT_ERROR: Exception | None = None
-except ImportError as exc:
-    compiled_mod = None
-    _IMPORT_ERROR = exc
+NO_EXT = extensions_disabled()
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if compiled_mod is None:
-        if NO_EXT:
-            pytest.skip("STORAGED_NO_EXTENSIONS=1 and the _fastio extensions are not built")
-        pytest.fail(f"_fastio._nfsdir cannot be imported ({_IMPORT_ERROR}); run "
-                    "`pip install -e .` to build the Cython extensions", pytrace=False)
-    return compiled_mod
+    return compiled_module("_nfsdir")
 
 
 def test_loader_picks_compiled_unless_disabled():
     if NO_EXT:
         assert dirlist.IMPLEMENTATION == "pure"
     else:
-        assert dirlist.IMPLEMENTATION == "compiled", _IMPORT_ERROR
+        compiled_module("_nfsdir")
+        assert dirlist.IMPLEMENTATION == "compiled"
 
 
 @pytest.mark.parametrize("key_len", [0, 1, 16, 64])

@@ -9,40 +9,29 @@ refusals, for any attributes and any header bytes.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from storaged.fastio import extensions_disabled
 from storaged.nas.fs import Attr, FileType
 from storaged.nfs import nfs3, quick, rpc
+from tests.support import compiled_module
 
-NO_EXT = os.environ.get("STORAGED_NO_EXTENSIONS", "").strip().lower() not in (
-    "", "0", "false", "no")
-
-try:
-    from _fastio import _nfsrpc as compiled_mod
-
-    _IMPORT_ERROR: Exception | None = None
-except ImportError as exc:
-    compiled_mod = None
-    _IMPORT_ERROR = exc
+NO_EXT = extensions_disabled()
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if compiled_mod is None:
-        if NO_EXT:
-            pytest.skip("STORAGED_NO_EXTENSIONS=1 and the _fastio extensions are not built")
-        pytest.fail(f"_fastio._nfsrpc cannot be imported ({_IMPORT_ERROR}); run "
-                    "`pip install -e .` to build the Cython extensions", pytrace=False)
-    return compiled_mod
+    return compiled_module("_nfsrpc")
 
 
 def test_loaders_pick_compiled_unless_disabled():
-    want = "pure" if NO_EXT or compiled_mod is None else "compiled"
+    if not NO_EXT:
+        compiled_module("_nfsrpc")
+    want = "pure" if NO_EXT else "compiled"
     assert quick.IMPLEMENTATION == want
     assert (rpc.parse_call_header is rpc.parse_call_header_py) == (want == "pure")
 

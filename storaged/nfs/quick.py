@@ -94,11 +94,12 @@ if not extensions_disabled():
 class _File:
     """What the general path would work out for one handle on one connection."""
 
-    __slots__ = ("version", "cred", "fs", "inode", "creds", "rtmax", "writable",
+    __slots__ = ("fh", "version", "cred", "fs", "inode", "creds", "rtmax", "writable",
                  "read_range")
 
-    def __init__(self, version: int, cred: Any, fs: Any, inode: bytes, creds: Creds,
-                 rtmax: int, writable: bool) -> None:
+    def __init__(self, fh: bytes, version: int, cred: Any, fs: Any, inode: bytes,
+                 creds: Creds, rtmax: int, writable: bool) -> None:
+        self.fh = fh
         self.version = version
         self.cred = cred
         self.fs = fs
@@ -122,6 +123,15 @@ class QuickIo:
         self.exports: ExportTable = nfs.exports
         self.zero_copy_min = zero_copy_min
 
+    def _file(self, call: Call, fh: bytes) -> _File | None:
+        """The route of ``fh`` for this call: remembered on its connection, or
+        worked out (``_route``); None where ``Nfs3._export`` would fail."""
+        files = call.local
+        f = files.get(fh)
+        if f is None or f.version != self.exports.version or f.cred is not call.cred:
+            return self._route(call, fh, files)
+        return f
+
     def _route(self, call: Call, fh: bytes, files: dict[bytes, _File]) -> _File | None:
         """Route ``fh`` as ``Nfs3._export`` does; None where that would fail."""
         try:
@@ -133,8 +143,9 @@ class QuickIo:
             return None
         c = call.cred
         fs = export.fs
-        f = _File(self.exports.version, c, fs, inode, export.creds(c.uid, c.gid, c.gids),
-                  fs.fsinfo().rtmax, not export.record.read_only)
+        f = _File(fh, self.exports.version, c, fs, inode,
+                  export.creds(c.uid, c.gid, c.gids), fs.fsinfo().rtmax,
+                  not export.record.read_only)
         if len(files) >= MAX_FILES:
             files.clear()
         files[fh] = f
@@ -149,13 +160,9 @@ class QuickIo:
         end = 4 + ((flen + 3) & ~3)
         if flen > 64 or n != end + 12:
             return None
-        fh = a[4:4 + flen].tobytes()
-        files = call.local
-        f = files.get(fh)
-        if f is None or f.version != self.exports.version or f.cred is not call.cred:
-            f = self._route(call, fh, files)
-            if f is None:
-                return None
+        f = self._file(call, a[4:4 + flen].tobytes())
+        if f is None:
+            return None
         offset, count = _OFFSET_COUNT.unpack_from(a, end)
         if count > f.rtmax:
             count = f.rtmax
@@ -186,14 +193,8 @@ class QuickIo:
         start = end + 20
         if not 0 <= stable <= 2 or n != start + ((k + 3) & ~3) or count > k:
             return None
-        fh = a[4:4 + flen].tobytes()
-        files = call.local
-        f = files.get(fh)
-        if f is None or f.version != self.exports.version or f.cred is not call.cred:
-            f = self._route(call, fh, files)
-            if f is None:
-                return None
-        if not f.writable:
+        f = self._file(call, a[4:4 + flen].tobytes())
+        if f is None or not f.writable:
             return None
         nfs = self.nfs
         nfs.generation += 1  # as Nfs3._wrap does for every modifying procedure
@@ -202,5 +203,5 @@ class QuickIo:
         except FsError:
             return None
         if nfs.listings.has_entries():
-            nfs._changed(7, {"file": fh})
+            nfs._changed(7, {"file": f.fh})
         return [write_reply(call.xid, b, t, count, stable, nfs.verifier)]
