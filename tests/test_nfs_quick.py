@@ -10,6 +10,7 @@ Needs root (open_by_handle_at, file owners).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -292,3 +293,24 @@ def test_route_cache_is_bounded(env, monkeypatch):
             _read_args(env.handles[name], 0, 1)), PEERS[0], False, local)
         assert service.run_inline(call) is not None
         assert len(local) <= 3
+
+
+def test_a_disk_error_on_read_is_nfs3err_io(env, monkeypatch):
+    """pread failing with EIO: the quick path declines, the general path answers
+    NFS3ERR_IO (not an RPC SYSTEM_ERR)."""
+    def eio(*_args):  # noqa: ANN202
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(os, "pread", eio)
+    call = env.call(6, _read_args(env.handles["a"], 0, 10), PEERS[0], CREDS[0])
+    assert _status(env.server.service.run_inline(call)) == Stat.IO
+
+
+def test_an_unexpected_quick_path_failure_falls_back(env, monkeypatch):
+    service = env.server.service
+    call = env.call(6, _read_args(env.handles["a"], 0, 10), PEERS[0], CREDS[0])
+    want = _bytes(service.run(call, service.lookup(call)))
+
+    def broken(_call):  # noqa: ANN202
+        raise RuntimeError("bug")
+    monkeypatch.setattr(service.lookup(call), "quick", broken)
+    assert _bytes(service.run_inline(call)) == want

@@ -283,7 +283,10 @@ class HostFs:
         check_io(attr, creds, write=False)
         if offset >= st.st_size or count == 0:
             return b"", offset >= st.st_size, attr
-        data = os.pread(fd, count, offset)
+        try:
+            data = os.pread(fd, count, offset)
+        except OSError as e:  # EIO from the disk: NFS3ERR_IO, not a server error
+            raise FsError(e.errno) from None
         return data, offset + len(data) >= st.st_size, attr
 
     def read_range(self, fh: bytes, offset: int, count: int, creds: Creds

@@ -618,7 +618,10 @@ class RpcService:
             return None
         quick = proc.quick
         if quick is not None:
-            parts = quick(call)
+            try:
+                parts = quick(call)
+            except Exception:  # noqa: BLE001 - an unexpected failure: ``run`` reports it
+                parts = None
             if parts is not None:
                 return parts
         return self.run(call, proc)
