@@ -81,6 +81,17 @@ class DirectIO:
         """device -> batches of disk accesses in flight."""
         self.waiting: dict[object, deque[Callable[[], None]]] = {}
         """device -> commands held back until ``busy`` drops to zero."""
+        self._reaping = False
+        self._after: list[Callable[[], None]] = []
+
+    def after_completions(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the completions being delivered now are all
+        delivered (one send for a burst of statuses, without waiting for the
+        next loop iteration); outside a delivery, on the next iteration."""
+        if self._reaping:
+            self._after.append(fn)
+        else:
+            asyncio.get_running_loop().call_soon(fn)
 
     def _context(self) -> Any:
         if self._aio is None:
@@ -152,7 +163,20 @@ class DirectIO:
             self.submit(dev, ops, written)
 
     def _reap(self) -> None:
-        for tag, res in self._aio.reap():
+        self._reaping = True
+        try:
+            self._deliver(self._aio.reap())
+        finally:
+            self._reaping = False
+            after, self._after = self._after, []
+            for fn in after:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one connection must not stop the others
+                    log.exception("sending after O_DIRECT completions failed")
+
+    def _deliver(self, done: list[tuple[Any, int]]) -> None:
+        for tag, res in done:
             if type(tag) is _One:
                 try:
                     tag.finish(res)

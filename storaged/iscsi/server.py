@@ -69,10 +69,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_soon(self.pump)
 
     def _output_ready(self) -> None:
-        # Queued quick commands finish in bursts (one AIO reap): one send for all.
+        # Queued quick commands finish in bursts (one AIO reap): one send for all,
+        # right after the burst.
         if not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.server.direct.after_completions(self._flush)
 
     def _flush(self) -> None:
         self._flush_soon = False
