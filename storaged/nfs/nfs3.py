@@ -14,7 +14,9 @@ declarative ``FATTR3_TABLE``.  READDIR/READDIRPLUS on backends with
 ``listing_fd`` are encoded in one pass by ``storaged.nfs.dirlist`` (with a
 listing cache and a prefetch of the next slice's attributes); large READs on
 backends with ``read_range`` return a ``FileRange`` that the TCP shell sends
-with sendfile(2).
+with sendfile(2).  READ and WRITE calls that succeed are answered in one
+step by ``storaged.nfs.quick`` (``Procedure.quick``); every error still comes
+from the procedures here.
 """
 
 from __future__ import annotations
@@ -450,9 +452,6 @@ class Nfs3:
     #: Use storaged.nfs.dirlist (and its listing cache for READDIRPLUS) for backends with
     #: ``listing_fd``; tests turn it off to compare with the general path.
     fast_listing = True
-    #: Answer READ/WRITE through storaged.nfs.quick where it can; tests turn it off to
-    #: compare with the general path.
-    use_quick = True
 
     def __init__(self, exports: ExportTable, write_verifier: bytes) -> None:
         self.exports = exports
@@ -472,14 +471,13 @@ class Nfs3:
         """The RPC program (100003 v3) with every procedure bound."""
         prog = Program(NFS_PROGRAM, NFS_V3)
         quick = QuickIo(self, self.ZERO_COPY_MIN)
+        quick_procs = {6: quick.read, 7: quick.write}
         for num, (name, args, res) in PROCEDURES.items():
             fn = getattr(self, name.lower())
             prog.procs[num] = Procedure(name, args, res, self._wrap(num, fn),
                                         blocking=(name == "COMMIT"),
                                         fast_args=_FAST_ARGS.get(num),
-                                        quick=self.use_quick and {6: quick.read,
-                                                                  7: quick.write}.get(num)
-                                        or None)
+                                        quick=quick_procs.get(num))
         return prog
 
     def _wrap(self, num: int, fn: Callable[[Call, Any], Any]) -> Callable[[Call, Any], Any]:
