@@ -377,3 +377,21 @@ def test_rpc_level_errors(env):
     assert c.call(200000, 1, 0)[0] == PROG_UNAVAIL
     assert c.call(100003, 3, 1, b"\0\0\0")[0] == GARBAGE_ARGS
     assert c.call(100005, 3, 1, b"\xff\xff\xff\xff")[0] == GARBAGE_ARGS
+
+
+def test_commit_leaves_the_descriptor_cache_alone(env):
+    """COMMIT runs in a worker thread: it must not add to or evict from the
+    descriptor cache the event-loop thread reads through without the lock."""
+    server, root, c, rootfh = env
+    fh = c.create(rootfh, b"sync-me")
+    assert c.write(fh, 0, b"data", stable=0)[0] == 0
+    fs = server.exports.by_path["/export"].fs
+    fs._cache.clear()                    # as if evicted: COMMIT must open its own
+    before = dict(fs._cache)
+    status, res = c.nfs("COMMIT", {"file": fh, "offset": 0, "count": 0})
+    assert status == 0 and res["file_wcc"]["after"].size == 4
+    assert fs._cache == before
+    os.unlink(os.path.join(root, "sync-me"))
+    status, _res = c.nfs("COMMIT", {"file": fh, "offset": 0, "count": 0})
+    assert status == Stat.STALE
+    assert fs._cache == before

@@ -325,11 +325,18 @@ class HostFs:
         return before, self._attr(os.fstat(fd))
 
     def commit(self, fh: bytes, offset: int, count: int) -> Attr:
-        """fsync the file (safe to call from a worker thread)."""
+        """fsync the file.  Safe from a worker thread: it works on a descriptor of
+        its own and never adds to or evicts from the descriptor cache, whose
+        descriptors the event-loop thread uses without the lock (an eviction here
+        could close one under a READ, whose number the next open then reuses)."""
         with self._lock:
-            fd, st = self._stat(fh)
-            fd = os.dup(fd)
+            cached = self._cache.get(fh)
+            fd = os.dup(cached) if cached is not None else None
+        if fd is None:
+            fd = self._open(fh)
         try:
+            if os.fstat(fd).st_nlink == 0:
+                raise fail(errno.ESTALE)
             os.fsync(fd)
             return self._attr(os.fstat(fd))
         finally:
