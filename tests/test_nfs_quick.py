@@ -129,10 +129,17 @@ def _general(env: Env, call: Call) -> bytes:
     return _bytes(service.run(call, service.lookup(call)))
 
 
+def _quick(proc, call: Call) -> list | None:  # noqa: ANN001
+    """What the procedure's quick path answers (None: it declines), as
+    ``run_inline`` calls it: with the arguments its ``fast_args`` decoded."""
+    args = proc.fast_args(call.args)
+    return None if args is None else proc.quick(call, args)
+
+
 def _as_shell_runs_it(env: Env, call: Call) -> tuple[bytes, bool]:
     """The reply ``run_inline`` gives, and whether the quick path gave it."""
     proc = env.server.service.lookup(call)
-    parts = proc.quick(call)
+    parts = _quick(proc, call)
     took = parts is not None
     if parts is None:
         parts = env.server.service.run(call, proc)
@@ -220,19 +227,20 @@ def test_plain_reads_and_writes_take_the_quick_path(env):
     fh = env.handles["a"]
     proc = env.server.service.lookup(env.call(6, b"", peer, cred))
     for _ in range(2):  # the first call routes the handle, the second uses the route
-        parts = proc.quick(env.call(6, _read_args(fh, 4096, 4096), peer, cred))
+        parts = _quick(proc, env.call(6, _read_args(fh, 4096, 4096), peer, cred))
         assert parts is not None and _bytes(parts)[-4096:] == open(env.files["a"], "rb").read(
             8192)[4096:]
     wproc = env.server.service.lookup(env.call(7, b"", peer, CREDS[0]))
     snap = env.snapshot()
-    parts = wproc.quick(env.call(7, _write_args(fh, 0, 4, 0, b"abcd"), peer, CREDS[0]))
+    parts = _quick(wproc, env.call(7, _write_args(fh, 0, 4, 0, b"abcd"), peer, CREDS[0]))
     assert parts is not None
     xid, astat, res = decode_reply(_bytes(parts)[4:])
     assert (xid, astat, struct.unpack_from(">I", res)[0]) == (7, 0, Stat.OK)
     assert open(env.files["a"], "rb").read(4) == b"abcd"
     env.restore(snap)
     # zero-copy READs above the threshold hand out a FileRange for sendfile
-    parts = proc.quick(env.call(6, _read_args(fh, 0, 65536), peer, cred, zero_copy=True))
+    parts = _quick(proc, env.call(6, _read_args(fh, 0, 65536), peer, cred,
+                                        zero_copy=True))
     assert parts is not None and any(type(p) is FileRange for p in parts)
     _bytes(parts)
 
@@ -310,7 +318,7 @@ def test_an_unexpected_quick_path_failure_falls_back(env, monkeypatch):
     call = env.call(6, _read_args(env.handles["a"], 0, 10), PEERS[0], CREDS[0])
     want = _bytes(service.run(call, service.lookup(call)))
 
-    def broken(_call):  # noqa: ANN202
+    def broken(_call, _args):  # noqa: ANN202
         raise RuntimeError("bug")
     monkeypatch.setattr(service.lookup(call), "quick", broken)
     assert _bytes(service.run_inline(call)) == want

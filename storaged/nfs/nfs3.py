@@ -14,9 +14,9 @@ declarative ``FATTR3_TABLE``.  READDIR/READDIRPLUS on backends with
 ``listing_fd`` are encoded in one pass by ``storaged.nfs.dirlist`` (with a
 listing cache and a prefetch of the next slice's attributes); large READs on
 backends with ``read_range`` return a ``FileRange`` that the TCP shell sends
-with sendfile(2).  READ and WRITE calls that succeed are answered in one
-step by ``storaged.nfs.quick`` (``Procedure.quick``); every error still comes
-from the procedures here.
+with sendfile(2).  ``storaged.nfs.quick`` binds quick procedures
+(``Procedure.quick``) to READ and WRITE that answer the calls that succeed in
+one step; every error still comes from the procedures here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from storaged.nas.fs import (
     mode_allows,
 )
 from storaged.nfs import dirlist
-from storaged.nfs.quick import QuickIo
 from storaged.nfs.rpc import Call, Encoded, FileRange, Procedure, Program
 from storaged.nfs.xdr import (
     BOOL,
@@ -470,14 +469,11 @@ class Nfs3:
     def program(self) -> Program:
         """The RPC program (100003 v3) with every procedure bound."""
         prog = Program(NFS_PROGRAM, NFS_V3)
-        quick = QuickIo(self, self.ZERO_COPY_MIN)
-        quick_procs = {6: quick.read, 7: quick.write}
         for num, (name, args, res) in PROCEDURES.items():
             fn = getattr(self, name.lower())
             prog.procs[num] = Procedure(name, args, res, self._wrap(num, fn),
                                         blocking=(name == "COMMIT"),
-                                        fast_args=_FAST_ARGS.get(num),
-                                        quick=quick_procs.get(num))
+                                        fast_args=_FAST_ARGS.get(num))
         return prog
 
     def _wrap(self, num: int, fn: Callable[[Call, Any], Any]) -> Callable[[Call, Any], Any]:

@@ -13,7 +13,8 @@ READs still go out by sendfile (``FileRange``) where the transport can.
 It only ever *answers* calls whose outcome is success and otherwise declines
 with None before anything is done, so the general path runs the call and
 reports the error: a bad or stale handle, a client the export refuses, a
-read-only export, a permission error, a short or oversized argument list.  A
+read-only export, a permission error, a bad count.  The arguments come
+decoded by the procedures' own ``fast_args`` (``read3_args``/``write3_args``).  A
 WRITE the filesystem refuses is declined too; NFS WRITE is idempotent (RFC
 1813 §3.3.7 relies on retransmission), so the general path's second attempt
 reports the same error.  Tests compare its replies byte for byte with the
@@ -28,21 +29,13 @@ from typing import Any
 from storaged.fastio import extensions_disabled
 from storaged.nas.exports import ExportTable, HandleError
 from storaged.nas.fs import Attr, Creds, FsError
-from storaged.nfs.rpc import LAST_FRAGMENT, MSG_ACCEPTED, REPLY, Call, FileRange
+from storaged.nfs.nfs3 import POST_OP_ATTR, PRE_OP_ATTR, Nfs3, fattr3_bytes
+from storaged.nfs.rpc import LAST_FRAGMENT, Call, FileRange, Procedure, Program, accepted_header
 
-_NS = 1_000_000_000
-_M32 = 0xFFFFFFFF
-_U32 = struct.Struct(">I")
-_OFFSET_COUNT = struct.Struct(">QI")
-_OFFSET_COUNT_STABLE_LEN = struct.Struct(">QIiI")
-# record mark, xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE + length 0, SUCCESS,
-# NFS3_OK, post_op_attr TRUE, fattr3 (RFC 1813 §2.6), count, eof, data length.
-_READ_REPLY = struct.Struct(">IIIIIIIII" + "IIIIIQQIIQQIIIIII" + "III")
-# ... NFS3_OK, wcc_data: pre_op_attr TRUE + wcc_attr, post_op_attr TRUE + fattr3,
-# then count, committed (RFC 1813 §3.3.7 WRITE3resok; the verifier follows).
-_WRITE_REPLY = struct.Struct(">IIIIIIIII" + "QIIII" + "I" + "IIIIIQQIIQQIIIIII" + "II")
-_READ_BODY = _READ_REPLY.size - 4
-_WRITE_BODY = _WRITE_REPLY.size - 4 + 8
+_MARK = struct.Struct(">I")
+_OK_ATTRS = b"\0\0\0\0\0\0\0\1"  # NFS3_OK, post_op_attr: attributes follow
+_READ_TAIL = struct.Struct(">III")  # count, eof, data length
+_WRITE_TAIL = struct.Struct(">II")  # count, committed
 _ZEROS = (b"", b"\0", b"\0\0", b"\0\0\0")  # by padding length
 #: Routing entries kept per connection before the cache starts over.
 MAX_FILES = 1024
@@ -52,13 +45,9 @@ def read_reply_py(xid: int, t: Attr, count: int, eof: bool) -> bytes:
     """Record mark, RPC reply header and READ3resok up to the data: ``count``
     bytes of data and their padding follow (pure-Python reference of
     ``read_reply``, which is ``_fastio._nfsrpc`` when built)."""
-    at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)  # as fattr3_bytes
-    return _READ_REPLY.pack(
-        LAST_FRAGMENT | (_READ_BODY + count + (-count & 3)), xid, REPLY, MSG_ACCEPTED, 0, 0,
-        0, 0, 1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
-        t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
-        (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
-        (ct // _NS) & _M32, ct % _NS, count, 1 if eof else 0, count)
+    body = accepted_header(xid) + _OK_ATTRS + fattr3_bytes(t) + _READ_TAIL.pack(
+        count, 1 if eof else 0, count)
+    return _MARK.pack(LAST_FRAGMENT | (len(body) + count + (-count & 3))) + body
 
 
 def write_reply_py(xid: int, b: Attr, t: Attr, count: int, committed: int,
@@ -68,15 +57,13 @@ def write_reply_py(xid: int, b: Attr, t: Attr, count: int, committed: int,
     (pure-Python reference of ``write_reply``)."""
     if len(verifier) != 8:
         raise ValueError("the write verifier is 8 bytes")
-    bm, bc = max(b.mtime, 0), max(b.ctime, 0)
-    at, mt, ct = max(t.atime, 0), max(t.mtime, 0), max(t.ctime, 0)
-    return _WRITE_REPLY.pack(
-        LAST_FRAGMENT | _WRITE_BODY, xid, REPLY, MSG_ACCEPTED, 0, 0, 0, 0, 1,
-        b.size, (bm // _NS) & _M32, bm % _NS, (bc // _NS) & _M32, bc % _NS,
-        1, t.type, t.mode, t.nlink & _M32, t.uid & _M32, t.gid & _M32, t.size, t.used,
-        t.rdev[0] & _M32, t.rdev[1] & _M32, t.fsid, t.fileid,
-        (at // _NS) & _M32, at % _NS, (mt // _NS) & _M32, mt % _NS,
-        (ct // _NS) & _M32, ct % _NS, count, committed) + verifier
+    body = bytearray(accepted_header(xid))
+    body += b"\0\0\0\0"  # NFS3_OK
+    PRE_OP_ATTR.pack(b, body)
+    POST_OP_ATTR.pack(t, body)
+    body += _WRITE_TAIL.pack(count, committed)
+    body += verifier
+    return _MARK.pack(LAST_FRAGMENT | len(body)) + body
 
 
 IMPLEMENTATION = "pure"
@@ -94,12 +81,11 @@ if not extensions_disabled():
 class _File:
     """What the general path would work out for one handle on one connection."""
 
-    __slots__ = ("fh", "version", "cred", "fs", "inode", "creds", "rtmax", "writable",
+    __slots__ = ("version", "cred", "fs", "inode", "creds", "rtmax", "writable",
                  "read_range")
 
-    def __init__(self, fh: bytes, version: int, cred: Any, fs: Any, inode: bytes,
-                 creds: Creds, rtmax: int, writable: bool) -> None:
-        self.fh = fh
+    def __init__(self, version: int, cred: Any, fs: Any, inode: bytes, creds: Creds,
+                 rtmax: int, writable: bool) -> None:
         self.version = version
         self.cred = cred
         self.fs = fs
@@ -114,14 +100,20 @@ class QuickIo:
     """READ and WRITE of ``nfs`` (an ``Nfs3``) without the general machinery.
 
     ``read``/``write`` take a ``Call`` whose ``local`` is its connection's
-    scratch dict and return the framed reply, or None to leave the call to
-    the general path.
+    scratch dict and its arguments (decoded by the procedure's ``fast_args``)
+    and return the framed reply, or None to leave the call to the general
+    path.
     """
 
-    def __init__(self, nfs: Any, zero_copy_min: int) -> None:
+    def __init__(self, nfs: Nfs3) -> None:
         self.nfs = nfs
         self.exports: ExportTable = nfs.exports
-        self.zero_copy_min = zero_copy_min
+
+    def bind(self, program: Program) -> None:
+        """Make READ and WRITE of ``program`` (``nfs``'s) quick procedures."""
+        for num, fn in ((6, self.read), (7, self.write)):
+            proc: Procedure = program.procs[num]
+            proc.quick = fn
 
     def _file(self, call: Call, fh: bytes) -> _File | None:
         """The route of ``fh`` for this call: remembered on its connection, or
@@ -143,7 +135,7 @@ class QuickIo:
             return None
         c = call.cred
         fs = export.fs
-        f = _File(fh, self.exports.version, c, fs, inode,
+        f = _File(self.exports.version, c, fs, inode,
                   export.creds(c.uid, c.gid, c.gids), fs.fsinfo().rtmax,
                   not export.record.read_only)
         if len(files) >= MAX_FILES:
@@ -151,24 +143,15 @@ class QuickIo:
         files[fh] = f
         return f
 
-    def read(self, call: Call) -> list[Any] | None:
-        a = call.args
-        n = len(a)
-        if n < 16:
-            return None
-        flen = _U32.unpack_from(a)[0]
-        end = 4 + ((flen + 3) & ~3)
-        if flen > 64 or n != end + 12:
-            return None
-        f = self._file(call, a[4:4 + flen].tobytes())
+    def read(self, call: Call, args: dict[str, Any]) -> list[Any] | None:
+        f = self._file(call, args["file"])
         if f is None:
             return None
-        offset, count = _OFFSET_COUNT.unpack_from(a, end)
-        if count > f.rtmax:
-            count = f.rtmax
+        offset = args["offset"]
+        count = min(args["count"], f.rtmax)
         data: Any
         try:
-            if call.zero_copy and count >= self.zero_copy_min and f.read_range is not None:
+            if call.zero_copy and count >= Nfs3.ZERO_COPY_MIN and f.read_range is not None:
                 fd, k, eof, t = f.read_range(f.inode, offset, count, f.creds)
                 data = FileRange(fd, offset, k) if fd is not None else b""
             else:
@@ -180,28 +163,21 @@ class QuickIo:
         pad = -k & 3
         return [head, data, _ZEROS[pad]] if pad else [head, data]
 
-    def write(self, call: Call) -> list[bytes | memoryview] | None:
-        a = call.args
-        n = len(a)
-        if n < 24:
-            return None
-        flen = _U32.unpack_from(a)[0]
-        end = 4 + ((flen + 3) & ~3)
-        if flen > 64 or n < end + 20:
-            return None
-        offset, count, stable, k = _OFFSET_COUNT_STABLE_LEN.unpack_from(a, end)
-        start = end + 20
-        if not 0 <= stable <= 2 or n != start + ((k + 3) & ~3) or count > k:
-            return None
-        f = self._file(call, a[4:4 + flen].tobytes())
+    def write(self, call: Call, args: dict[str, Any]) -> list[bytes] | None:
+        count = args["count"]
+        data = args["data"]
+        if count > len(data):
+            return None  # NFS3ERR_INVAL, from the general path
+        f = self._file(call, args["file"])
         if f is None or not f.writable:
             return None
         nfs = self.nfs
         nfs.generation += 1  # as Nfs3._wrap does for every modifying procedure
+        stable = args["stable"]
         try:
-            b, t = f.fs.write(f.inode, offset, a[start:start + count], stable, f.creds)
+            b, t = f.fs.write(f.inode, args["offset"], data[:count], stable, f.creds)
         except FsError:
             return None
         if nfs.listings.has_entries():
-            nfs._changed(7, {"file": f.fh})
+            nfs._changed(7, args)
         return [write_reply(call.xid, b, t, count, stable, nfs.verifier)]

@@ -528,10 +528,11 @@ class Procedure:
     fast_args: Callable[[memoryview], Any] | None = None
     """Decodes the arguments like ``args`` does, without the table walk, or
     returns None to leave it to ``args`` (hot procedures: READ, WRITE)."""
-    quick: Callable[[Call], list[bytes | bytearray | memoryview] | None] | None = None
-    """Runs a call start to finish and returns its framed reply, or returns
-    None, having done nothing, to leave it to ``run``; only where the call may
-    run on the caller's thread (``run_inline``).  Hot procedures: READ, WRITE."""
+    quick: Callable[[Call, Any], list[bytes | bytearray | memoryview] | None] | None = None
+    """``quick(call, args)`` with ``args`` from ``fast_args``: runs the call start to
+    finish and returns its framed reply, or returns None, having done nothing,
+    to leave it to the handler; only where the call may run on the caller's
+    thread (``run_inline``).  Hot procedures: READ, WRITE."""
 
 
 @dataclass
@@ -574,16 +575,19 @@ class RpcService:
             return (PROC_UNAVAIL, 0, 0)
         return proc
 
-    def run(self, call: Call, proc: Procedure) -> list[bytes | bytearray | memoryview]:
-        """Decode args, run the handler; the framed reply (safe to call from a thread)."""
-        try:
-            fast = proc.fast_args
-            args = fast(call.args) if fast is not None else None
-            if args is None:
-                args = proc.args.decode(call.args)
-        except XdrError as e:
-            log.debug("%s: garbage args from %s: %s", proc.name, call.peer, e)
-            return reply_accept(call.xid, GARBAGE_ARGS)
+    def run(self, call: Call, proc: Procedure, args: Any = None
+            ) -> list[bytes | bytearray | memoryview]:
+        """Decode args (unless given, already decoded), run the handler; the framed
+        reply (safe to call from a thread)."""
+        if args is None:
+            try:
+                fast = proc.fast_args
+                args = fast(call.args) if fast is not None else None
+                if args is None:
+                    args = proc.args.decode(call.args)
+            except XdrError as e:
+                log.debug("%s: garbage args from %s: %s", proc.name, call.peer, e)
+                return reply_accept(call.xid, GARBAGE_ARGS)
         try:
             result = proc.handler(call, args)
         except RpcError as e:
@@ -617,13 +621,14 @@ class RpcService:
         if proc.blocking:
             return None
         quick = proc.quick
-        if quick is not None:
-            try:
-                parts = quick(call)
-            except Exception:  # noqa: BLE001 - an unexpected failure: ``run`` reports it
-                parts = None
-            if parts is not None:
-                return parts
+        if quick is not None and proc.fast_args is not None:
+            args = proc.fast_args(call.args)
+            if args is not None:  # else the tables decode it and say what is wrong
+                try:
+                    parts = quick(call, args)
+                except Exception:  # noqa: BLE001 - an unexpected failure: the handler reports it
+                    parts = None
+                return parts if parts is not None else self.run(call, proc, args)
         return self.run(call, proc)
 
     def dispatch(self, conn: RpcConnection, call: Call) -> None:
