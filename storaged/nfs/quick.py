@@ -7,7 +7,7 @@ well below a C server.  ``QuickIo`` answers the common case in a handful:
 the handle's routing (export, inode, MAC check, client address and port,
 squashed identity) is remembered per connection, and the reply header,
 record mark included, is packed in one call (``read_reply``/``write_reply``:
-``_fastio._nfsrpc`` when built, else the ``struct`` references here).  Large
+``_fastio._nfsrpc`` when built, else the references here, built from nfs3's encoders).  Large
 READs still go out by sendfile (``FileRange``) where the transport can.
 
 It only ever *answers* calls whose outcome is success and otherwise declines
