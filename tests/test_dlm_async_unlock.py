@@ -14,6 +14,7 @@ import asyncio
 
 import pytest
 
+from storaged.cluster.node import MAX_BATCH
 from storaged.cluster.wire import decode, encode_batch
 from storaged.dlm.api import LockError
 from storaged.dlm.modes import Flag, Mode, Status
@@ -110,22 +111,22 @@ def test_many_clients_batch_into_few_frames():
                 await b.unlock(await b.lock(n, "NL"), wait=True)
             sent: list[int] = []
             node = nodes[0]
-            orig = node._flush
+            orig = node._flush_peer
 
-            def counting_flush() -> None:
-                sent.append(sum(len(v) for v in node._pending.values()))
-                orig()
-            node._flush = counting_flush  # type: ignore[method-assign]
+            def counting(dst: int, msgs: list) -> None:
+                sent.append(len(msgs))
+                orig(dst, msgs)
+            node._flush_peer = counting  # type: ignore[method-assign]
 
             async def client(name: str) -> None:
                 for _ in range(50):
                     await a.unlock(await a.lock(name, "EX"))
             await asyncio.gather(*(client(n) for n in names))
-            node._flush = orig  # type: ignore[method-assign]
-            frames = [n for n in sent if n]
-            msgs = sum(frames)
+            node._flush_peer = orig  # type: ignore[method-assign]
+            msgs = sum(sent)
             assert msgs >= 8 * 50 * 2  # every lock and unlock went out...
-            assert len(frames) < msgs / 3, (len(frames), msgs)  # ...several per frame
+            assert len(sent) < msgs / 3, (len(sent), msgs)  # ...several per frame...
+            assert max(sent) <= MAX_BATCH  # ...and no more than MAX_BATCH in one
         finally:
             await stop(nodes)
     run(main())

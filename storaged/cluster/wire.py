@@ -1,7 +1,8 @@
 """Node-to-node wire format: one ZeroMQ frame carries every message for one peer.
 
 The shell queues the messages its cores produce for a peer during one event
-loop iteration and sends them as one *batch* frame, a JSON array
+loop iteration and sends them as one *batch* frame (or several, of at most
+``node.MAX_BATCH`` messages each), a JSON array
 ``[sender node id, sender incarnation, msg, msg, ...]`` (each ``msg`` a JSON
 object with its kind in ``t``).  Batching keeps the per-peer channel FIFO
 (messages are encoded in the order they were queued and ZeroMQ delivers
