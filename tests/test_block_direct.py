@@ -9,6 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from storaged.block.base import BlockDeviceError
 from storaged.block.file import AlignedBuffers, FileBlockDevice
 from storaged.cli import cli
 from storaged.state import Backstore, Store
@@ -334,6 +335,43 @@ def test_deferred_writes_are_written_together_and_seen_in_order(tmp_path):
         assert dev.take_deferred() == []
     finally:
         dev.close()
+
+
+def test_lone_aio_write_copies_retries_and_reports(tmp_path):
+    import errno
+    path = str(tmp_path / "w.img")
+    dev = FileBlockDevice(path, create_size=1 << 20, direct=True)
+    try:
+        src = bytearray(b"a" * 4096)
+        op = dev.aio_write(8192, memoryview(src))
+        src[:] = b"z" * 4096                    # a copy: the receive buffer may be reused
+        assert bytes(op[3]) == b"a" * 4096 and op[2] == 8192
+        os.pwrite(dev.fd, op[3], 8192)          # what the AIO context does
+        assert dev.aio_write_done(op, 4096) is None
+        with pytest.raises(ValueError):         # the view is released, the buffer pooled
+            op[3].nbytes  # noqa: B018
+        assert _on_disk(path, 8192, 4096) == b"a" * 4096
+        # A short or failed write is written again in full...
+        op = dev.aio_write(0, b"b" * 4096)
+        assert dev.aio_write_done(op, 512) is None
+        op = dev.aio_write(4096, b"c" * 4096)
+        assert dev.aio_write_done(op, -errno.EIO) is None
+        assert _on_disk(path, 0, 8192) == b"b" * 4096 + b"c" * 4096
+        # ...and an error is returned (not raised) when that fails too.
+        op = dev.aio_write(0, b"d" * 4096)
+        os.close(dev.fd)
+        dev.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        err = dev.aio_write_done(op, -errno.EIO)
+        assert err is not None and err.errno == errno.EBADF
+    finally:
+        dev.close()
+    ro = FileBlockDevice(path, read_only=True, direct=True)
+    try:
+        with pytest.raises(BlockDeviceError) as e:
+            ro.aio_write(0, b"e" * 4096)
+        assert e.value.errno == errno.EROFS
+    finally:
+        ro.close()
 
 
 def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):

@@ -231,6 +231,12 @@ def quick_target(tmp_path, monkeypatch):
     yield from _in_process_target(tmp_path, monkeypatch, _CountingAio, LunMeter)
 
 
+@pytest.fixture
+def quick_slow_target(tmp_path, monkeypatch):
+    """slow_target with the quick path on."""
+    yield from _in_process_target(tmp_path, monkeypatch, _SlowAio, LunMeter)
+
+
 def _in_process_target(tmp_path, monkeypatch, context, meter):  # noqa: ANN001, ANN202
     monkeypatch.setattr(aio, "Aio", context)
     _SlowAio.fail = False
@@ -331,5 +337,29 @@ def test_quick_reads_parsed_together_are_submitted_together(quick_target):
         # went to the context, several per submit.
         submits = _CountingAio.submits
         assert sum(submits) >= 15 and len(submits) < sum(submits), submits
+    finally:
+        ini.close()
+
+
+def test_a_failed_quick_write_is_never_acknowledged(quick_slow_target):
+    port, dev = quick_slow_target
+    ini = TcpInitiator("127.0.0.1", port)
+    try:
+        ini.login(IQN)
+        ini.clear_unit_attentions()
+        dev.fail = _SlowAio.fail = True      # the write and its retry fail
+        q: list[bytes] = []
+        writes = [_send(ini, _write10(8 * i, 4), data=b"x" * (4 * BS), queue=q)
+                  for i in range(4)]
+        ini.sock.sendall(b"".join(q))
+        acked = []
+        with pytest.raises(ConnectionError):
+            while True:
+                pdu = ini.recv()
+                if pdu.opcode == Op.SCSI_RSP and pdu.itt in writes and pdu.b3 == 0:
+                    acked.append(pdu.itt)
+        # The first WRITE found the LU idle and ran inline (its write did not fail);
+        # the others went to the failing disk and were never acknowledged.
+        assert set(acked) <= {writes[0]}
     finally:
         ini.close()

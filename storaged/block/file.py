@@ -259,6 +259,39 @@ class FileBlockDevice:
                 out[key] = data
         return out
 
+    def aio_write(self, offset: int, data: bytes | memoryview
+                  ) -> tuple[int, int, int, memoryview]:
+        """The storaged.block.aio operation that writes a copy of ``data`` (it
+        may be a view of a receive buffer) at ``offset``; then
+        ``aio_write_done``.  One WRITE's ``defer_writes``/``write``/
+        ``take_deferred``/``aio_writes`` in one step."""
+        if self.read_only:
+            raise BlockDeviceError(errno.EROFS, f"{self.path} is read-only")
+        if self._prefetched:
+            self._prefetched.clear()
+        length = len(data)
+        buf = self._aligned.take(length)
+        buf[:length] = data
+        return (AIO_WRITE, self.fd, offset, memoryview(buf)[:length])
+
+    def aio_write_done(self, op: tuple[int, int, int, memoryview], res: int
+                       ) -> BlockDeviceError | None:
+        """Finish ``aio_write`` as ``aio_writes_done`` finishes a batch: a
+        failed or short write is retried once, in full; the error if that
+        fails too.  The buffer goes back to the pool."""
+        view = op[3]
+        length = view.nbytes
+        buf = view.obj
+        view.release()
+        error = None
+        if res != length:
+            try:
+                self.write_pending((op[2], buf, length))  # type: ignore[arg-type]
+            except BlockDeviceError as e:
+                error = e
+        self._aligned.give(buf)  # type: ignore[arg-type]
+        return error
+
     def aio_writes(self, pending: list[tuple[int, mmap.mmap, int]]
                    ) -> list[tuple[int, int, int, memoryview]]:
         """Operations for storaged.block.aio that write ``take_deferred``

@@ -162,23 +162,15 @@ class DirectIO:
         ``offset`` of O_DIRECT ``dev``; ``done(True)`` once it is in the
         file, ``done(False)`` if it failed, also when retried.  Raises
         BlockDeviceError, with nothing submitted, if it cannot be queued."""
-        dev.defer_writes()
-        try:
-            dev.write(offset, data)
-        finally:
-            pending = dev.take_deferred()
-        ops = dev.aio_writes(pending)
+        op = dev.aio_write(offset, data)
 
-        def written(results: list[int]) -> None:
-            error = dev.aio_writes_done(pending, ops, results)
+        def written(res: int) -> None:
+            error = dev.aio_write_done(op, res)
             if error is not None:
                 log.error("O_DIRECT write failed: %s", error)
             done(error is None)
 
-        if len(ops) == 1:
-            self._submit_one(dev, ops[0], lambda res: written([res]))
-        else:
-            self.submit(dev, ops, written)
+        self._submit_one(dev, op, written)
 
     def _reap(self) -> None:
         self._reaping = True
