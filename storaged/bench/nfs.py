@@ -20,7 +20,7 @@ MOUNT mappings at the server under test.  storaged runs as
 
 Every measurement starts after ``sync`` (no writeback of the previous row's
 data during the next server's turn).  A second table gives each server's CPU
-time per row (all threads, from schedstat), steadier than wall time on a
+time per row (all threads, exited ones too, from /proc/PID/stat), steadier than wall time on a
 shared machine.  The last line is ``min ratio storaged/ganesha: X.XX``
 (ratios > 1 mean storaged is faster).
 """
@@ -368,22 +368,19 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _cpu_seconds(s: Server) -> float:
-    """CPU time of a server process, all its threads, in ns resolution (the first field
-    of /proc/PID/task/TID/schedstat; /proc/PID/stat counts in 10 ms ticks)."""
+    """CPU time of a server process, all its threads, including threads that have
+    exited (utime + stime of /proc/PID/stat, in clock ticks: 10 ms).  Summing the
+    live threads' schedstat instead lost the time of ganesha's exited workers and
+    could give a row a negative figure."""
     if s.proc is None:
         return 0.0
-    total = 0
     try:
-        tids = os.listdir(f"/proc/{s.proc.pid}/task")
-    except OSError:
+        with open(f"/proc/{s.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{s.proc.pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # thread gone meanwhile
-    return total / 1e9
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fmt(v: float, unit: str) -> str:
