@@ -27,10 +27,10 @@ only adds latency.
 Plain READ/WRITE(10/16) commands that the iSCSI core hands to the daemon's
 quick path (``IscsiServer.quick_command``, checked by
 ``storaged.scsi.sbc.quick_check``) use the same context and the same busy
-counts: they are submitted one by one as they are parsed, and their status
-goes out when their disk access completes.  The operations of the commands
-parsed in one pass over the received bytes go to the context together, at
-the end of the pass (one wake-up of its submitter thread for all of them).
+counts: their operations are queued as they are parsed and go to the
+context together once the pass over the received bytes is over (one
+wake-up of its submitter thread for all of them), and their status goes out
+when their disk access completes.
 """
 
 from __future__ import annotations
