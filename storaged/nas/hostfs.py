@@ -41,6 +41,7 @@ from storaged.nas.fs import (
     fail,
 )
 
+_REG = FileType.REG
 _TYPES = {stat.S_IFREG: FileType.REG, stat.S_IFDIR: FileType.DIR, stat.S_IFBLK: FileType.BLK,
           stat.S_IFCHR: FileType.CHR, stat.S_IFLNK: FileType.LNK, stat.S_IFSOCK: FileType.SOCK,
           stat.S_IFIFO: FileType.FIFO}
@@ -180,7 +181,7 @@ class HostFs:
 
     def _attr(self, st: os.stat_result) -> Attr:
         mode, rdev = st.st_mode, st.st_rdev
-        return Attr(_TYPES.get(mode & _S_IFMT, FileType.REG), mode & 0o7777,
+        return Attr(_TYPES.get(mode & _S_IFMT, _REG), mode & 0o7777,
                     st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_blocks * 512,
                     (os.major(rdev), os.minor(rdev)) if rdev else _NO_RDEV, self.fsid,
                     st.st_ino, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
