@@ -396,7 +396,7 @@ def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):
         dev.write(4096, b"2" * 4096)
         pending = dev.take_deferred()
         ops = dev.aio_writes(pending)
-        assert dev.aio_writes_done(pending, ops, [-errno.EIO, 512]) is None
+        assert dev.aio_writes_done(ops, [-errno.EIO, 512]) is None
         assert _on_disk(path, 0, 8192) == b"1" * 4096 + b"2" * 4096
         # ...and an error is returned (not raised) when that fails too.
         dev.defer_writes()
@@ -405,7 +405,7 @@ def test_aio_helpers_pad_short_reads_and_retry_failed_writes(tmp_path):
         ops = dev.aio_writes(pending)
         os.close(dev.fd)
         dev.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        err = dev.aio_writes_done(pending, ops, [-errno.EIO])
+        err = dev.aio_writes_done(ops, [-errno.EIO])
         assert err is not None and err.errno == errno.EBADF
     finally:
         dev.close()

@@ -276,9 +276,9 @@ class FileBlockDevice:
 
     def aio_write_done(self, op: tuple[int, int, int, memoryview], res: int
                        ) -> BlockDeviceError | None:
-        """Finish ``aio_write`` as ``aio_writes_done`` finishes a batch: a
-        failed or short write is retried once, in full; the error if that
-        fails too.  The buffer goes back to the pool."""
+        """Finish an ``aio_write`` (or one of ``aio_writes``): a failed or short
+        write is retried once, in full; the error if that fails too.  The
+        buffer goes back to the pool."""
         view = op[3]
         length = view.nbytes
         buf = view.obj
@@ -298,23 +298,15 @@ class FileBlockDevice:
         entries; then ``aio_writes_done``."""
         return [(AIO_WRITE, self.fd, off, memoryview(buf)[:n]) for off, buf, n in pending]
 
-    def aio_writes_done(self, pending: list[tuple[int, mmap.mmap, int]],
-                        ops: list[tuple[int, int, int, memoryview]],
+    def aio_writes_done(self, ops: list[tuple[int, int, int, memoryview]],
                         results: list[int]) -> BlockDeviceError | None:
-        """Finish ``aio_writes``: a failed or short write is retried here,
-        once, in full; the error if that fails too (the batch must then not
-        be acknowledged).  The buffers go back to the pool."""
+        """Finish ``aio_writes``: each as ``aio_write_done`` (a failed or short
+        write retried once, in full; its buffer back to the pool); the first
+        error if any retry failed (the batch must then not be acknowledged)."""
         error = None
-        try:
-            for entry, op, res in zip(pending, ops, results, strict=True):
-                op[3].release()
-                if res != entry[2] and error is None:
-                    try:
-                        self.write_pending(entry)
-                    except BlockDeviceError as e:
-                        error = e
-        finally:
-            self.release_pending(pending)
+        for op, res in zip(ops, results, strict=True):
+            e = self.aio_write_done(op, res)
+            error = error or e
         return error
 
     def use_prefetched(self, data: dict[tuple[int, int], bytes]) -> None:

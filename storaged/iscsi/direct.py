@@ -127,8 +127,7 @@ class DirectIO:
         if not ops:
             asyncio.get_running_loop().call_soon(self._finish, batch)
             return
-        self._context().submit([(op, fd, off, buf, (batch, i))
-                                for i, (op, fd, off, buf) in enumerate(ops)])
+        self._queue([(op, fd, off, buf, (batch, i)) for i, (op, fd, off, buf) in enumerate(ops)])
 
     def read(self, dev: Any, offset: int, length: int,
              done: Callable[[bytes | None], None]) -> None:
@@ -138,18 +137,20 @@ class DirectIO:
         self._submit_one(dev, op, lambda res: done(dev.aio_read_result(op, res)))
 
     def _submit_one(self, dev: object, op: IoOp, finish: Callable[[int], None]) -> None:
-        """``submit`` of one operation: ``finish(result)`` runs on the loop.
-
-        It is queued and submitted with the others queued before the loop
-        gets to its callbacks (the commands of one received burst): waking
-        the submitter thread costs about as much as the rest of a command's
-        Python work, once per operation."""
+        """``submit`` of one operation: ``finish(result)`` runs on the loop."""
         self.busy[dev] = self.busy.get(dev, 0) + 1
+        self._queue([(*op, _One(dev, finish))])
+
+    def _queue(self, entries: list[tuple]) -> None:
+        """Hand ``entries`` to the context together with the others queued before
+        the loop gets to its callbacks (the commands of one received burst):
+        waking the submitter thread costs about as much as the rest of a
+        command's Python work, once per submission."""
         queued = self._queued
-        queued.append((*op, _One(dev, finish)))
-        if len(queued) == 1:
+        if not queued:
             self._context()
             self._loop.call_soon(self._submit_queued)  # type: ignore[union-attr]
+        queued.extend(entries)
 
     def _submit_queued(self) -> None:
         queued, self._queued = self._queued, []

@@ -315,10 +315,9 @@ class _Plan:
                 pending, failed = [], e
             ops = dev.aio_writes(pending)
 
-            def written(results: list[int], dev: FileBlockDevice = dev, pending: list = pending,
-                        ops: list = ops, items: list = items,
-                        failed: BlockDeviceError | None = failed) -> None:
-                error = dev.aio_writes_done(pending, ops, results)
+            def written(results: list[int], dev: FileBlockDevice = dev, ops: list = ops,
+                        items: list = items, failed: BlockDeviceError | None = failed) -> None:
+                error = dev.aio_writes_done(ops, results)
                 proto._writes_done(items, failed or error)
 
             direct.submit(dev, ops, written)
