@@ -27,10 +27,10 @@ only adds latency.
 Plain READ/WRITE(10/16) commands that the iSCSI core hands to the daemon's
 quick path (``IscsiServer.quick_command``, checked by
 ``storaged.scsi.sbc.quick_check``) use the same context and the same busy
-counts: their operations are queued as they are parsed and go to the
-context together once the pass over the received bytes is over (one
-wake-up of its submitter thread for all of them), and their status goes out
-when their disk access completes.
+counts, and their status goes out when their disk access completes.
+Operations of either kind are queued as they come and go to the context
+together once the loop gets to its callbacks, i.e. after the pass over the
+received bytes (one wake-up of its submitter thread for all of them).
 """
 
 from __future__ import annotations
