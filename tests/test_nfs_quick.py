@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 
 from storaged.nas.exports import Export, LiveExport
 from storaged.nas.hostfs import HostFs
+from storaged.nfs import nfs3
 from storaged.nfs import quick as quickmod
 from storaged.nfs.nfs3 import NFS_PROGRAM, READ3ARGS, Stat
 from storaged.nfs.rpc import AUTH_SYS, Call, Cred, FileRange, decode_reply
 from storaged.nfs.server import NfsServer
-from tests.nfs_client import LocalClient
+from tests.nfs_client import LocalClient, sattr
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
 
@@ -45,16 +46,16 @@ class NoCtimeFs(HostFs):
 
 
 class Env:
-    def __init__(self, tmp_path) -> None:  # noqa: ANN001
+    def __init__(self, tmp_path, attr_timeout: float = 0.0) -> None:  # noqa: ANN001
         self.root = str(tmp_path / "export")
         os.makedirs(os.path.join(self.root, "ro"))
         self.server = NfsServer(write_verifier=b"VERIFIER")
         self.rw = Export(path="/export", directory=self.root, export_id=0x1234,
                          handle_key=KEY, clients=["127.0.0.1"], squash="root",
-                         anonuid=3000, anongid=3000)
+                         anonuid=3000, anongid=3000, attr_timeout=attr_timeout)
         self.ro = Export(path="/ro", directory=os.path.join(self.root, "ro"),
                          export_id=0x4321, handle_key=KEY, read_only=True, secure=True,
-                         squash="none")
+                         squash="none", attr_timeout=attr_timeout)
         for rec in (self.rw, self.ro):
             rec.validate()
         self.fs = {r.export_id: NoCtimeFs(r.directory, fsid=r.export_id)
@@ -148,6 +149,8 @@ def _as_shell_runs_it(env: Env, call: Call) -> tuple[bytes, bool]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    """attr_timeout 0: the tests change the files on the host between the two
+    paths, which reused attributes (tests below) would rightly not see."""
     return Env(tmp_path_factory.mktemp("quick"))
 
 
@@ -322,3 +325,129 @@ def test_an_unexpected_quick_path_failure_falls_back(env, monkeypatch):
         raise RuntimeError("bug")
     monkeypatch.setattr(service.lookup(call), "quick", broken)
     assert _bytes(service.run_inline(call)) == want
+
+
+# ---------------------------------------------------------------- attribute reuse
+
+
+@pytest.fixture
+def reuse(tmp_path, monkeypatch):
+    """A server whose exports reuse attributes for 1 s, a fresh file on it, and a
+    count of the attribute reads (fstat) the backend makes."""
+    e = Env(tmp_path, attr_timeout=1.0)
+    path = os.path.join(e.root, "b")
+    with open(path, "wb") as f:
+        f.write(b"b" * 100)
+    os.chmod(path, 0o666)
+    os.chown(path, 3000, 3000)  # the squashed root's: SETATTR may change its mode
+    c = LocalClient(e.server.service)
+    e.handles["b"] = c.lookup(c.mnt("/export"), b"b")
+    e.stats = 0
+    real = HostFs._stat
+
+    def counted(self, fh):  # noqa: ANN001, ANN202
+        e.stats += 1
+        return real(self, fh)
+    monkeypatch.setattr(HostFs, "_stat", counted)
+    return e
+
+
+def _read(env: Env, name: str, offset: int, count: int) -> tuple[dict, bool]:
+    """A READ of ``name`` as the shell runs it: (READ3resok, quick path took it)."""
+    got, took = _as_shell_runs_it(env, env.call(6, _read_args(env.handles[name], offset,
+                                                              count), PEERS[0], CREDS[0]))
+    status, res = nfs3.READ3RES.decode(decode_reply(got[4:])[2])
+    assert status == Stat.OK, status
+    return res, took
+
+
+def _write(env: Env, name: str, offset: int, data: bytes) -> dict:
+    got, took = _as_shell_runs_it(env, env.call(7, _write_args(env.handles[name], offset,
+                                                               len(data), 0, data),
+                                                PEERS[0], CREDS[0]))
+    status, res = nfs3.WRITE3RES.decode(decode_reply(got[4:])[2])
+    assert status == Stat.OK and took, status
+    return res
+
+
+def test_reads_inside_the_file_reuse_the_last_reads_attributes(reuse):
+    first, _ = _read(reuse, "a", 0, 4096)
+    n = reuse.stats
+    for off in (4096, 8192, 100):
+        res, took = _read(reuse, "a", off, 4096)
+        assert took and res["file_attributes"] == first["file_attributes"]
+        assert res["data"] == open(reuse.files["a"], "rb").read()[off:off + 4096]
+    assert reuse.stats == n  # no attribute read after the first
+
+
+def test_a_read_to_the_end_of_the_file_reads_its_size_afresh(reuse):
+    """The file grew on the host: a READ ending at the old size is not answered
+    eof from the reused attributes."""
+    _read(reuse, "a", 0, 4096)
+    with open(reuse.files["a"], "ab") as f:
+        f.write(b"more")
+    res, _ = _read(reuse, "a", SIZE - 4096, 4096)
+    assert res["eof"] is False and res["file_attributes"].size == SIZE + 4
+    res, _ = _read(reuse, "a", SIZE, 4096)
+    assert (res["data"], res["eof"]) == (b"more", True)
+
+
+def test_a_short_read_after_the_file_shrank_reads_afresh(reuse):
+    _read(reuse, "a", 0, 4096)
+    os.truncate(reuse.files["a"], 6000)
+    res, _ = _read(reuse, "a", 4096, 4096)
+    assert (len(res["data"]), res["eof"], res["file_attributes"].size) == (1904, True, 6000)
+
+
+def test_any_modifying_procedure_ends_the_reuse(reuse):
+    """A WRITE to another file moves the generation on: the next READ of ``b``
+    reads its attributes again, and sees what a SETATTR through NFS did."""
+    _read(reuse, "b", 0, 10)
+    _write(reuse, "a", 0, b"x")
+    n = reuse.stats
+    _read(reuse, "b", 0, 10)
+    assert reuse.stats == n + 1
+    c = LocalClient(reuse.server.service)
+    status, _ = c.nfs("SETATTR", {"object": reuse.handles["b"],
+                                  "new_attributes": sattr(mode=0o640), "guard": None})
+    assert status == Stat.OK
+    res, _ = _read(reuse, "b", 0, 10)
+    assert res["file_attributes"].mode == 0o640
+
+
+def test_reuse_ends_after_attr_timeout(reuse, monkeypatch):
+    _read(reuse, "a", 0, 4096)
+    n = reuse.stats
+    now = quickmod.time.monotonic_ns()
+    monkeypatch.setattr(quickmod.time, "monotonic_ns", lambda: now + 1_000_000_000)
+    _read(reuse, "a", 0, 4096)
+    assert reuse.stats == n + 1
+
+
+def test_attr_timeout_zero_reads_attributes_every_time(env, monkeypatch):
+    calls = []
+    real = HostFs._stat
+    monkeypatch.setattr(HostFs, "_stat", lambda self, fh: calls.append(1) or real(self, fh))
+    for _ in range(3):
+        _read(env, "a", 0, 4096)
+    assert len(calls) == 3
+
+
+def test_writes_chain_their_wcc_attributes(reuse):
+    """Back-to-back WRITEs to one file: each one's pre-op attributes are the
+    previous one's post-op attributes, with one attribute read per WRITE (after)."""
+    prev = _write(reuse, "a", 0, b"1111")
+    n = reuse.stats
+    for i in range(3):
+        res = _write(reuse, "a", 4 * (i + 1), b"2222")
+        before = res["file_wcc"]["before"]
+        after = prev["file_wcc"]["after"]
+        assert before == {"size": after.size, "mtime": _time(after.mtime),
+                          "ctime": _time(after.ctime)}
+        prev = res
+    assert reuse.stats == n  # the after-attributes come from the write's own fstat
+    assert open(reuse.files["a"], "rb").read(16) == b"1111222222222222"
+
+
+def _time(ns: int) -> dict:
+    return {"seconds": ns // 10**9, "nseconds": ns % 10**9}

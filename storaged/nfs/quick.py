@@ -24,11 +24,12 @@ general path's.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from storaged.fastio import extensions_disabled
 from storaged.nas.exports import ExportTable, HandleError
-from storaged.nas.fs import Attr, Creds, FsError
+from storaged.nas.fs import Attr, Creds, FsError, check_io
 from storaged.nfs.nfs3 import POST_OP_ATTR, PRE_OP_ATTR, Nfs3, fattr3_bytes
 from storaged.nfs.rpc import LAST_FRAGMENT, Call, FileRange, Procedure, Program, accepted_header
 
@@ -79,13 +80,14 @@ if not extensions_disabled():
 
 
 class _File:
-    """What the general path would work out for one handle on one connection."""
+    """What the general path would work out for one handle on one connection,
+    and the attributes its last quick READ or WRITE replied with."""
 
     __slots__ = ("version", "cred", "fs", "inode", "creds", "rtmax", "writable",
-                 "read_range")
+                 "read_range", "pread", "pwrite", "attr_ttl_ns", "attr", "attr_gen", "attr_ns")
 
     def __init__(self, version: int, cred: Any, fs: Any, inode: bytes, creds: Creds,
-                 rtmax: int, writable: bool) -> None:
+                 rtmax: int, writable: bool, attr_ttl_ns: int) -> None:
         self.version = version
         self.cred = cred
         self.fs = fs
@@ -94,6 +96,15 @@ class _File:
         self.rtmax = rtmax
         self.writable = writable
         self.read_range = getattr(fs, "read_range", None)
+        self.pread = getattr(fs, "pread", None)
+        self.pwrite = getattr(fs, "pwrite", None)
+        # Attributes are reused (export attr_timeout) only where the filesystem can
+        # read and write without re-reading them.
+        reuse = self.pread is not None and self.pwrite is not None
+        self.attr_ttl_ns = attr_ttl_ns if reuse else 0
+        self.attr: Attr | None = None
+        self.attr_gen = -1
+        self.attr_ns = 0
 
 
 class QuickIo:
@@ -137,7 +148,7 @@ class QuickIo:
         fs = export.fs
         f = _File(self.exports.version, c, fs, inode,
                   export.creds(c.uid, c.gid, c.gids), fs.fsinfo().rtmax,
-                  not export.record.read_only)
+                  not export.record.read_only, export.attr_timeout_ns)
         if len(files) >= MAX_FILES:
             files.clear()
         files[fh] = f
@@ -155,13 +166,46 @@ class QuickIo:
                 fd, k, eof, t = f.read_range(f.inode, offset, count, f.creds)
                 data = FileRange(fd, offset, k) if fd is not None else b""
             else:
-                data, eof, t = f.fs.read(f.inode, offset, count, f.creds)
+                data = self._read_within(f, offset, count)
+                if data is not None:
+                    t, eof = f.attr, False
+                else:
+                    data, eof, t = f.fs.read(f.inode, offset, count, f.creds)
+                    if f.attr_ttl_ns:
+                        f.attr, f.attr_gen, f.attr_ns = t, self.nfs.generation, \
+                            time.monotonic_ns()
                 k = len(data)
         except FsError:
             return None
         head = read_reply(call.xid, t, k, eof)
         pad = -k & 3
         return [head, data, _ZEROS[pad]] if pad else [head, data]
+
+    @staticmethod
+    def _attr_reusable(f: _File, generation: int) -> Attr | None:
+        """The attributes ``f``'s last quick READ or WRITE replied with, if they may
+        stand for the file's current ones: younger than the export's
+        ``attr_timeout`` and no modifying NFS procedure run since (``generation``
+        unchanged), so only a change made on the host directly can have made them
+        stale, by at most ``attr_timeout``."""
+        t = f.attr
+        if t is None or f.attr_gen != generation \
+                or time.monotonic_ns() - f.attr_ns >= f.attr_ttl_ns:
+            return None
+        return t
+
+    def _read_within(self, f: _File, offset: int, count: int) -> bytes | None:
+        """The data of a READ that lies wholly inside the file as this handle's last
+        READ or WRITE saw it, answered with those attributes (one pread, no fstat),
+        or None to read it with fresh attributes.  The data is always read; a READ
+        that reaches the end of the file, or comes back short (the file shrank), is
+        answered fresh, as its ``eof`` must come from the current size."""
+        t = self._attr_reusable(f, self.nfs.generation)
+        if t is None or count == 0 or offset + count >= t.size:
+            return None
+        check_io(t, f.creds, write=False)
+        data = f.pread(f.inode, offset, count)
+        return data if len(data) == count else None
 
     def write(self, call: Call, args: dict[str, Any]) -> list[bytes] | None:
         count = args["count"]
@@ -172,12 +216,19 @@ class QuickIo:
         if f is None or not f.writable:
             return None
         nfs = self.nfs
+        b = self._attr_reusable(f, nfs.generation)
         nfs.generation += 1  # as Nfs3._wrap does for every modifying procedure
         stable = args["stable"]
         try:
-            b, t = f.fs.write(f.inode, args["offset"], data[:count], stable, f.creds)
+            if b is not None:  # the attributes this handle's last READ or WRITE replied with
+                check_io(b, f.creds, write=True)
+                t = f.pwrite(f.inode, args["offset"], data[:count], stable)
+            else:
+                b, t = f.fs.write(f.inode, args["offset"], data[:count], stable, f.creds)
         except FsError:
             return None
         if nfs.listings.has_entries():
             nfs._changed(7, args)
+        if f.attr_ttl_ns:  # after _changed, which moves the generation on again
+            f.attr, f.attr_gen, f.attr_ns = t, nfs.generation, time.monotonic_ns()
         return [write_reply(call.xid, b, t, count, stable, nfs.verifier)]
