@@ -38,3 +38,17 @@ def test_report_cpu_table_keeps_last_line(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "min ratio storaged/ganesha: 0.75"
     assert lines[-2].split()[-3:] == ["20", "50", "2.50"]
+
+
+def test_report_with_unfs3_has_its_column_and_line_before_ganeshas(capsys):
+    st = Server("storaged", "/e", "/tmp/a", 1, 1)
+    ga = Server("ganesha", "/g", "/tmp/b", 2, 3)
+    un = Server("unfs3", "/u", "/tmp/c", 4, 5)
+    rows = [Row("iops", "IOPS", lambda s: 0.0)]
+    st.results, ga.results, un.results = {"iops": [90]}, {"iops": [30]}, {"iops": [100]}
+    _report(rows, st, ga, 1, un)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["test", "unit", "storaged", "ganesha", "ratio", "unfs3",
+                                "ratio"]
+    assert lines[2].split()[-4:] == ["30", "3.00", "100", "0.90"]
+    assert lines[-2:] == ["min ratio storaged/unfs3: 0.90", "min ratio storaged/ganesha: 3.00"]

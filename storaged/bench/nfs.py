@@ -1,7 +1,7 @@
 """NFS benchmark: storaged vs nfs-ganesha (VFS FSAL), side by side in one run.
 
     python -m storaged.bench nfs [--runs 3] [--quick] [--keep] [--rows REGEX]
-                                 [--only storaged|ganesha]
+                                 [--only storaged|ganesha|unfs3] [--unfs3 UNFSD]
 
 Rows (each the median of ``--runs`` runs, servers alternating):
 
@@ -9,6 +9,12 @@ Rows (each the median of ``--runs`` runs, servers alternating):
 * ``qemu-img bench`` 128 KiB sequential reads and writes (MB/s),
 * ``nfs-cp`` of a 1 GiB file in and out (MB/s),
 * ``nfs-ls`` of a directory of 10,000 files (seconds).
+
+``--unfs3 PATH`` adds unfs3's ``unfsd`` as a third server in the same
+alternation, with its own ratio column and a ``min ratio storaged/unfs3``
+line before the last.  unfs3 is packaged neither in Debian 12 nor 13: build
+it from its sources and give the binary (it runs with ``-d -p -n -m -l
+127.0.0.1``, no portmapper registration, exports file written here).
 
 QEMU's nfs:// driver can only find servers through the portmapper on port
 111, and ganesha refuses to start unless it can register there, so the whole
@@ -46,6 +52,8 @@ from dataclasses import dataclass, field
 STORAGED_PORT = 2049
 GANESHA_NFS_PORT = 12049
 GANESHA_MNT_PORT = 12050
+UNFS3_NFS_PORT = 22049
+UNFS3_MNT_PORT = 22050
 
 GANESHA_CONF = """\
 NFS_CORE_PARAM {{
@@ -216,9 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cprofile", metavar="FILE", default=None,
                    help="run storaged's server under cProfile, dump to FILE and list "
                         "its top functions (slows it: use with --only storaged)")
-    p.add_argument("--only", choices=["storaged", "ganesha"], default=None,
+    p.add_argument("--only", choices=["storaged", "ganesha", "unfs3"], default=None,
                    help="measure one server only (no ratios)")
+    p.add_argument("--unfs3", metavar="UNFSD", default=None,
+                   help="also measure unfs3: the path of an unfsd binary (not packaged "
+                        "in Debian; build it from source)")
     args = p.parse_args(argv)
+    if args.only == "unfs3" and not args.unfs3:
+        p.error("--only unfs3 needs --unfs3 UNFSD")
+    if args.unfs3 and not (os.path.isfile(args.unfs3) and os.access(args.unfs3, os.X_OK)):
+        p.error(f"--unfs3 {args.unfs3}: not an executable file")
     if os.geteuid() != 0:
         print("the NFS benchmark needs root (open_by_handle_at, netns, ganesha)",
               file=sys.stderr)
@@ -250,7 +265,10 @@ def _bench(args: argparse.Namespace) -> int:
                 STORAGED_PORT)
     ga = Server("ganesha", os.path.join(top, "ganesha"), os.path.join(top, "ganesha"),
                 GANESHA_NFS_PORT, GANESHA_MNT_PORT)
-    for s in (st, ga):
+    un = Server("unfs3", os.path.join(top, "unfs3"), os.path.join(top, "unfs3"),
+                UNFS3_NFS_PORT, UNFS3_MNT_PORT)
+    everyone = [st, ga] + ([un] if args.unfs3 else [])
+    for s in everyone:
         _prepare(s.directory, image, files)
     pm = PortMapper()
     procs: list[subprocess.Popen] = []
@@ -274,8 +292,17 @@ def _bench(args: argparse.Namespace) -> int:
              "-p", os.path.join(top, "ganesha.pid")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(ga.proc)
-        _wait_ready(st)
-        _wait_ready(ga)
+        if args.unfs3:
+            exports = os.path.join(top, "unfs3.exports")
+            with open(exports, "w") as f:
+                f.write(f"{un.directory} 127.0.0.1(rw,no_root_squash,insecure)\n")
+            un.proc = subprocess.Popen(
+                [os.path.abspath(args.unfs3), "-d", "-p", "-t", "-n", str(un.nfs_port),
+                 "-m", str(un.mnt_port), "-l", "127.0.0.1", "-e", exports],
+                stdout=subprocess.DEVNULL, stderr=open(os.path.join(top, "unfs3.log"), "wb"))
+            procs.append(un.proc)
+        for s in everyone:
+            _wait_ready(s)
 
         def qemu(s: Server, size: int, count: int, depth: int, write: bool) -> float:
             pm.point_at(s)
@@ -334,7 +361,7 @@ def _bench(args: argparse.Namespace) -> int:
         ]
         if args.rows:
             rows = [r for r in rows if re.search(args.rows, r.name)]
-        servers = [s for s in (st, ga) if args.only in (None, s.name)]
+        servers = [s for s in everyone if args.only in (None, s.name)]
         if any(r.name.startswith(("4 KiB", "128 KiB")) for r in rows):
             # bench.img is sparse: the first pass over it fills page-cache pages
             # (first-touch memory for the VM too), which made each server's first
@@ -360,7 +387,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.only:
             _report_one(rows, servers[0], args.runs)
         else:
-            _report(rows, st, ga, args.runs)
+            _report(rows, st, ga, args.runs, un if args.unfs3 else None)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -423,23 +450,33 @@ def _report_one(rows: list[Row], s: Server, runs: int) -> None:
               f"({', '.join(_fmt(v, row.unit) for v in vals)})")
 
 
-def _report(rows: list[Row], st: Server, ga: Server, runs: int) -> None:
+def _report(rows: list[Row], st: Server, ga: Server, runs: int,
+            un: Server | None = None) -> None:
+    """The table of medians with a ratio column per peer (ganesha, and unfs3 if
+    it ran), the CPU table, then ``min ratio`` lines: ganesha's last."""
+    peers = [ga] + ([un] if un is not None else [])
     print(f"NFSv3 over TCP on 127.0.0.1, medians of {runs} alternating runs")
-    print(f"{'test':<26} {'unit':<5} {'storaged':>12} {'ganesha':>12} {'ratio':>7}")
-    ratios = []
+    print(f"{'test':<26} {'unit':<5} {'storaged':>12}"
+          + "".join(f" {p.name:>12} {'ratio':>7}" for p in peers))
+    ratios: dict[str, list[float]] = {p.name: [] for p in peers}
     for row in rows:
         a = statistics.median(st.results[row.name])
-        b = statistics.median(ga.results[row.name])
-        ratio = (a / b) if row.higher_better else (b / a)
-        ratios.append(ratio)
-        print(f"{row.name:<26} {row.unit:<5} {_fmt(a, row.unit):>12} {_fmt(b, row.unit):>12} "
-              f"{ratio:>7.2f}")
-    if all(st.cpu.get(r.name) and ga.cpu.get(r.name) for r in rows):
+        line = f"{row.name:<26} {row.unit:<5} {_fmt(a, row.unit):>12}"
+        for p in peers:
+            b = statistics.median(p.results[row.name])
+            ratio = (a / b) if row.higher_better else (b / a)
+            ratios[p.name].append(ratio)
+            line += f" {_fmt(b, row.unit):>12} {ratio:>7.2f}"
+        print(line)
+    if all(s.cpu.get(r.name) for s in (st, *peers) for r in rows):
         # Less sensitive to other load on the machine than wall-clock figures.
-        print("server CPU per run of the row (median, ms; ratio = ganesha/storaged)")
+        print("server CPU per run of the row (median, ms; ratio = peer/storaged)")
         for row in rows:
             a = statistics.median(st.cpu[row.name]) * 1000
-            b = statistics.median(ga.cpu[row.name]) * 1000
-            print(f"{row.name:<26} {'ms':<5} {a:>12,.0f} {b:>12,.0f} "
-                  f"{(b / a if a else 0):>7.2f}")
-    print(f"min ratio storaged/ganesha: {min(ratios):.2f}")
+            line = f"{row.name:<26} {'ms':<5} {a:>12,.0f}"
+            for p in peers:
+                b = statistics.median(p.cpu[row.name]) * 1000
+                line += f" {b:>12,.0f} {(b / a if a else 0):>7.2f}"
+            print(line)
+    for p in reversed(peers):  # ganesha's line is the last line
+        print(f"min ratio storaged/{p.name}: {min(ratios[p.name]):.2f}")
