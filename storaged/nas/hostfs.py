@@ -328,12 +328,11 @@ class HostFs:
         return self._pwrite(self._fd(fh), offset, data, sync)
 
     def _pwrite(self, fd: int, offset: int, data: bytes | memoryview, sync: int) -> Attr:
-        done = 0
         n = len(data)
-        view = memoryview(data)
         try:
-            while done < n:
-                done += os.pwrite(fd, view[done:], offset + done)
+            done = os.pwrite(fd, data, offset) if n else 0
+            while done < n:  # a short write (rare): the rest
+                done += os.pwrite(fd, memoryview(data)[done:], offset + done)
             if sync == 1:
                 os.fdatasync(fd)
             elif sync == 2:

@@ -210,8 +210,10 @@ class QuickIo:
     def write(self, call: Call, args: dict[str, Any]) -> list[bytes] | None:
         count = args["count"]
         data = args["data"]
-        if count > len(data):
-            return None  # NFS3ERR_INVAL, from the general path
+        if count != len(data):
+            if count > len(data):
+                return None  # NFS3ERR_INVAL, from the general path
+            data = data[:count]
         f = self._file(call, args["file"])
         if f is None or not f.writable:
             return None
@@ -222,9 +224,9 @@ class QuickIo:
         try:
             if b is not None:  # the attributes this handle's last READ or WRITE replied with
                 check_io(b, f.creds, write=True)
-                t = f.pwrite(f.inode, args["offset"], data[:count], stable)
+                t = f.pwrite(f.inode, args["offset"], data, stable)
             else:
-                b, t = f.fs.write(f.inode, args["offset"], data[:count], stable, f.creds)
+                b, t = f.fs.write(f.inode, args["offset"], data, stable, f.creds)
         except FsError:
             return None
         if nfs.listings.has_entries():
