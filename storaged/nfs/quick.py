@@ -155,9 +155,12 @@ class QuickIo:
         return f
 
     def read(self, call: Call, args: dict[str, Any]) -> list[Any] | None:
-        f = self._file(call, args["file"])
-        if f is None:
-            return None
+        fh = args["file"]
+        f = call.local.get(fh)  # _file, inline: this is the hottest path
+        if f is None or f.version != self.exports.version or f.cred is not call.cred:
+            f = self._route(call, fh, call.local)
+            if f is None:
+                return None
         offset = args["offset"]
         count = min(args["count"], f.rtmax)
         data: Any
@@ -166,9 +169,19 @@ class QuickIo:
                 fd, k, eof, t = f.read_range(f.inode, offset, count, f.creds)
                 data = FileRange(fd, offset, k) if fd is not None else b""
             else:
-                data = self._read_within(f, offset, count)
+                # Wholly inside the file as this handle's last READ/WRITE saw it:
+                # one pread, answered with those attributes.  A READ that reaches
+                # the end of the file, or comes back short (the file shrank), is
+                # answered fresh, as its eof must come from the current size.
+                t = self._attr_reusable(f, self.nfs.generation)
+                data = None
+                if t is not None and 0 < count and offset + count < t.size:
+                    check_io(t, f.creds, write=False)
+                    data = f.pread(f.inode, offset, count)
+                    if len(data) != count:
+                        data = None
                 if data is not None:
-                    t, eof = f.attr, False
+                    eof = False
                 else:
                     data, eof, t = f.fs.read(f.inode, offset, count, f.creds)
                     if f.attr_ttl_ns:
@@ -193,19 +206,6 @@ class QuickIo:
                 or time.monotonic_ns() - f.attr_ns >= f.attr_ttl_ns:
             return None
         return t
-
-    def _read_within(self, f: _File, offset: int, count: int) -> bytes | None:
-        """The data of a READ that lies wholly inside the file as this handle's last
-        READ or WRITE saw it, answered with those attributes (one pread, no fstat),
-        or None to read it with fresh attributes.  The data is always read; a READ
-        that reaches the end of the file, or comes back short (the file shrank), is
-        answered fresh, as its ``eof`` must come from the current size."""
-        t = self._attr_reusable(f, self.nfs.generation)
-        if t is None or count == 0 or offset + count >= t.size:
-            return None
-        check_io(t, f.creds, write=False)
-        data = f.pread(f.inode, offset, count)
-        return data if len(data) == count else None
 
     def write(self, call: Call, args: dict[str, Any]) -> list[bytes] | None:
         count = args["count"]

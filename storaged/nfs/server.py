@@ -128,6 +128,9 @@ class RpcProtocol(asyncio.BufferedProtocol):
                 if type(part) is FileRange:
                     os.close(part.fd)
             return
+        if FileRange not in map(type, out):  # the common case, without a Python loop
+            self._write(transport, out)
+            return
         plain: list = []
         for part in out:
             if type(part) is FileRange:
@@ -152,6 +155,8 @@ class RpcProtocol(asyncio.BufferedProtocol):
             k = os.writev(fd, parts)
         except OSError:  # EAGAIN, or a broken connection the transport will report
             k = 0
+        if k and k == sum(map(len, parts)):
+            return True
         for i, p in enumerate(parts):
             n = len(p)
             if k < n:
