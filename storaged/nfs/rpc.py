@@ -137,6 +137,7 @@ class RpcError(Exception):
 
 _CALL6 = struct.Struct(">IIIIII")
 _AUTH_HEAD = struct.Struct(">II")
+_XID_MTYPE = struct.Struct(">II")
 
 
 def parse_call_header_py(buf: memoryview
@@ -436,11 +437,11 @@ class RpcConnection:
         self._events.append(Close(reason))
 
     def _record(self, rec: bytes | memoryview) -> None:
-        buf = memoryview(rec)
+        buf = rec if type(rec) is memoryview else memoryview(rec)
         if len(buf) < 8:
             self._close("record shorter than an RPC header")
             return
-        xid, mtype = struct.unpack_from(">II", buf, 0)
+        xid, mtype = _XID_MTYPE.unpack_from(buf, 0)
         if mtype != CALL:
             self._close(f"message type {mtype} is not a CALL")
             return
