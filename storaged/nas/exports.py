@@ -87,8 +87,9 @@ class Export(Record):
     secure: bool = False
     export_id: int = field(default_factory=new_export_id)
     handle_key: str = field(default_factory=new_handle_key)
-    #: seconds READDIRPLUS may reuse an entry's attributes read by an earlier listing
-    #: (0: re-read them every time); changes made through storaged void them at once
+    #: seconds READDIRPLUS may reuse an entry's attributes read by an earlier listing,
+    #: and a READ/WRITE its handle's last ones (storaged.nfs.quick) (0: re-read them
+    #: every time); changes made through storaged void them at once
     attr_timeout: float = 1.0
 
     @property
@@ -211,7 +212,7 @@ class LiveExport:
         self.fs = fs
         self.path = record.path
         self.export_id = record.export_id
-        #: attr_timeout in monotonic nanoseconds (storaged.nfs.nfs3's listing attributes)
+        #: attr_timeout in monotonic nanoseconds (nfs3 listings, the quick READ/WRITE)
         self.attr_timeout_ns = int(record.attr_timeout * 1e9)
         self._key = bytes.fromhex(record.handle_key)
         self._id_bytes = struct.pack(">I", record.export_id)

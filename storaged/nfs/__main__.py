@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-id", type=int, default=0x5EED)
     p.add_argument("--handle-key", default="00" * 16)
     p.add_argument("--attr-timeout", type=float, default=1.0,
-                   help="export attr_timeout: seconds listings may reuse attributes")
+                   help="export attr_timeout: seconds listings and READ/WRITE replies "
+                        "may reuse attributes")
     p.add_argument("--grace", type=float, default=0.0, help="NLM grace period (s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("STORAGED_LOG", "WARNING").upper(),

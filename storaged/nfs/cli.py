@@ -41,8 +41,9 @@ def export() -> None:
 @click.option("--secure/--insecure", default=False, show_default=True,
               help="Require client source ports below 1024.")
 @click.option("--attr-timeout", type=click.FloatRange(0, 3600), default=1.0, show_default=True,
-              metavar="SECONDS", help="How long listings may reuse file attributes read "
-              "by an earlier listing (0: never); storaged's own changes void them at once.")
+              metavar="SECONDS", help="How long listings, and READ/WRITE replies, may reuse "
+              "file attributes read earlier (0: never); storaged's own changes void them "
+              "at once.")
 @click.pass_context
 def export_add(ctx: click.Context, path: str, directory: str, clients: tuple[str, ...],
                read_only: bool, squash: str, anonuid: int, anongid: int, secure: bool,
