@@ -199,10 +199,9 @@ cdef object _parse_call_header(const uint8_t *p, Py_ssize_t n):
     if vlen > MAX_AUTH_BYTES:
         return None
     cdef uint32_t vflavor = _get32(p + off)
-    cdef Py_ssize_t body_at = 32
     off += 8 + vlen + (-vlen & 3)
     if off > n:
         return None
-    body = PyBytes_FromStringAndSize(<const char *>p + body_at, blen)
+    body = PyBytes_FromStringAndSize(<const char *>p + 32, blen)
     return (_get32(p + 8), _get32(p + 12), _get32(p + 16), _get32(p + 20), _get32(p + 24),
             body, vflavor, off)

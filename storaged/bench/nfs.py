@@ -320,12 +320,13 @@ def _bench(args: argparse.Namespace) -> int:
             # nfs-cp creates GUARDED, and ganesha caches directory entries: a new
             # name per run rather than deleting behind the server's back.
             n = copies[s.name] = copies.get(s.name, 0) + 1
-            # The server's page cache takes 1 GiB of new pages, and on this VM
-            # (virtio-balloon free page reporting) memory freed a few seconds ago is
-            # handed back to the host and faulted in again on first touch, which
-            # cost the copy up to 2.5x the server CPU.  So 1 GiB is freed right
-            # before the copy: the server's previous copy (truncated on the host;
-            # done with) or, the first time, a tmpfs file written for it.
+            # The server's page cache takes 1 GiB of new pages.  On a VM whose
+            # balloon reports freed memory to the host (virtio-balloon free page
+            # reporting, as on the dev VM) memory freed moments ago is faulted in
+            # again on first touch, which cost the copy up to 2.5x the server CPU.
+            # So 1 GiB is freed right before the copy: the server's previous copy
+            # (truncated on the host; done with) or, the first time, a tmpfs file
+            # written for it.
             prev = os.path.join(s.directory, f"copy{n - 1}.bin")
             if os.path.exists(prev):
                 os.truncate(prev, 0)
@@ -338,9 +339,9 @@ def _bench(args: argparse.Namespace) -> int:
         def cp_out(s: Server) -> float:
             # The copy lands in tmpfs when there is one: the client's own writeback to
             # disk is not what this row measures.  nfs-cp creates its destination
-            # (O_EXCL: /dev/null is refused), and the first copy into memory nothing had
-            # touched yet ran about 4x slower, for whichever server went first, as the
-            # VM faulted that memory in: the same amount is written and freed first.
+            # (O_EXCL: /dev/null is refused), and a copy into memory the VM had to
+            # fault in ran up to 4x slower, for whichever server went first (see
+            # cp_in): the same amount is written and freed first.
             dst = os.path.join(scratch, f"out-{s.name}.bin")
             _touch_memory(dst, cp_size)
             t0 = time.perf_counter()
