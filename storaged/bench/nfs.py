@@ -333,7 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
             else:
                 _touch_memory(os.path.join(scratch, "touch.bin"), cp_size)
             t0 = time.perf_counter()
-            _run(["nfs-cp", src, s.url(f"/copy{copies[s.name]}.bin")])
+            _run(["nfs-cp", src, s.url(f"/copy{n}.bin")])
             return cp_size / (time.perf_counter() - t0) / 1e6
 
         def cp_out(s: Server) -> float:

@@ -136,8 +136,7 @@ class RpcError(Exception):
 
 
 _CALL6 = struct.Struct(">IIIIII")
-_AUTH_HEAD = struct.Struct(">II")
-_XID_MTYPE = struct.Struct(">II")
+_TWO_WORDS = struct.Struct(">II")  # flavor + length of an auth; xid + message type
 
 
 def parse_call_header_py(buf: memoryview
@@ -152,14 +151,14 @@ def parse_call_header_py(buf: memoryview
     if n < 40:
         return None
     _xid, _mtype, rpcvers, prog, vers, proc = _CALL6.unpack_from(buf, 0)
-    flavor, blen = _AUTH_HEAD.unpack_from(buf, 24)
+    flavor, blen = _TWO_WORDS.unpack_from(buf, 24)
     if blen > MAX_AUTH_BYTES:
         return None
     off = 32 + blen + (-blen & 3)
     if off + 8 > n:
         return None
     body = bytes(buf[32:32 + blen])
-    vflavor, vlen = _AUTH_HEAD.unpack_from(buf, off)
+    vflavor, vlen = _TWO_WORDS.unpack_from(buf, off)
     if vlen > MAX_AUTH_BYTES:
         return None
     off += 8 + vlen + (-vlen & 3)
@@ -441,7 +440,7 @@ class RpcConnection:
         if len(buf) < 8:
             self._close("record shorter than an RPC header")
             return
-        xid, mtype = _XID_MTYPE.unpack_from(buf, 0)
+        xid, mtype = _TWO_WORDS.unpack_from(buf, 0)
         if mtype != CALL:
             self._close(f"message type {mtype} is not a CALL")
             return
