@@ -57,6 +57,18 @@ def test_mount_export_dump_umnt(env):
     assert c.mount("DUMP") == []
 
 
+def test_mount_by_host_directory(env, tmp_path):
+    """An export is mountable by the host directory it serves, as by its pseudo path."""
+    _s, root, c, rootfh = env
+    os.mkdir(os.path.join(root, "sub"))
+    assert c.mnt(root) == rootfh
+    assert c.mnt(root + "/") == rootfh
+    assert c.mnt(root + "/sub") == c.lookup(rootfh, b"sub")
+    assert c.mount("MNT", (root + "/missing").encode())[0] == 2  # MNT3ERR_NOENT
+    assert c.mount("MNT", (root + "x").encode())[0] == 2  # a sibling is not inside it
+    assert c.mount("MNT", str(tmp_path).encode())[0] == 2  # nor is its parent
+
+
 def test_getattr_lookup_access(env):
     _s, root, c, rootfh = env
     with open(os.path.join(root, "f"), "wb") as f:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from storaged.nfs.nfs3 import Stat
-from tests.nfs_client import TcpClient, nfs_demo
+from tests.nfs_client import TcpClient, nfs_demo, nfs_url
 from tests.support import require_tool, storaged
 
 pytestmark = [pytest.mark.peer,
@@ -133,6 +133,23 @@ def test_commit_survives_sigkill(tmp_path):
         status, res = c.write(fh, 0, b"x", stable=0)
         assert res["verf"] != verf
         c.close()
+
+
+def test_libnfs_mounts_export_by_host_directory(tmp_path):
+    """nfs-ls and nfs-cat reach an export through the host directory it serves."""
+    require_tool("nfs-cat", "libnfs-utils")
+    with nfs_demo(str(tmp_path / "demo")) as d:
+        os.mkdir(os.path.join(d.export_dir, "sub"))
+        with open(os.path.join(d.export_dir, "sub", "f"), "w") as f:
+            f.write("by host path")
+        by_dir = nfs_url(d.port, export=d.export_dir)
+        r = run("nfs-ls", by_dir)
+        assert r.returncode == 0 and "sub" in r.stdout, r.stderr
+        r = run("nfs-cat", nfs_url(d.port, "/sub/f", export=d.export_dir))
+        assert r.returncode == 0 and r.stdout == "by host path", r.stderr
+        # the pseudo path still works, a directory outside the export does not
+        assert run("nfs-cat", d.url("/sub/f")).stdout == "by host path"
+        assert run("nfs-ls", nfs_url(d.port, export=str(tmp_path))).returncode != 0
 
 
 def test_export_changes_apply_live_and_refusals(tmp_path):

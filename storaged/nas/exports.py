@@ -318,17 +318,23 @@ class ExportTable:
         return export, export.inode(fh)
 
     def for_path(self, path: str) -> tuple[LiveExport, list[str]] | None:
-        """The export containing NFS path ``path`` and the components below its root."""
+        """The export containing ``path`` and the components below its root.
+
+        A client may name an export by its pseudo path or by the host directory
+        it serves (as knfsd's exports(5) and ganesha's Path allow): the longest
+        matching prefix of either wins, a pseudo path on a tie.
+        """
         try:
             norm = normalize_export_path(path)
         except ValueError:
             return None
-        best: LiveExport | None = None
-        for p, e in self.by_path.items():
-            if (norm == p or norm.startswith(p.rstrip("/") + "/")) and \
-                    (best is None or len(p) > len(best.path)):
-                best = e
+        best: tuple[int, bool, LiveExport] | None = None
+        for e in self.by_path.values():
+            for prefix, pseudo in ((e.path, True), (e.record.directory, False)):
+                if (norm == prefix or norm.startswith(prefix.rstrip("/") + "/")) and \
+                        (best is None or (len(prefix), pseudo) > best[:2]):
+                    best = (len(prefix), pseudo, e)
         if best is None:
             return None
-        rest = norm[len(best.path):].strip("/")
-        return best, [c for c in rest.split("/") if c]
+        rest = norm[best[0]:].strip("/")
+        return best[2], [c for c in rest.split("/") if c]
