@@ -482,7 +482,12 @@ def config() -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.pass_context
 def config_save(ctx: click.Context, file: str) -> None:
-    """Write the configuration (including CHAP secrets) to FILE, mode 0600."""
+    """Write the whole configuration (including CHAP secrets) to FILE, mode 0600.
+
+    It holds every section: settings, backstores, targets, ALUA groups, RAID
+    arrays, NFS exports and settings, the cluster configuration and this
+    host's node id."""
+    from storaged.control.backup import summary
     from storaged.state.config import write_json_atomic
 
     data = run_op(ctx, "export_config")
@@ -490,8 +495,7 @@ def config_save(ctx: click.Context, file: str) -> None:
         write_json_atomic(file, data)
     except OSError as e:
         _fail(f"cannot write {file}: {e.strerror or e}")
-    click.echo(f"Saved {len(data['backstores'])} backstore(s) and {len(data['targets'])} "
-               f"target(s) to {file}.")
+    click.echo(f"Saved {summary(data)} to {file}.")
 
 
 @config.command("restore")
@@ -509,8 +513,7 @@ def config_restore(ctx: click.Context, file: str) -> None:
     except OSError as e:
         _fail(f"cannot read {file}: {e.strerror or e}")
     r = run_op(ctx, "import_config", {"data": data})
-    click.echo(f"Restored {r['backstores']} backstore(s) and {r['targets']} target(s) "
-               f"from {file}.")
+    click.echo(f"Restored {r['summary']} from {file}.")
 
 
 # ---------------------------------------------------------- serve / demo

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 import storaged
 from storaged.cli import cli, socket_path
 from storaged.control import start_control_server, stop_control_server
-from storaged.state import Store, Target, export_config
+from storaged.control.backup import export_config
+from storaged.state import Store, Target
 
 IQN = "iqn.2024-01.com.example:store1"
 INIT = "iqn.1993-08.org.debian:01:client1"
@@ -133,7 +134,7 @@ def test_config_save_restore_round_trip(env):
     env("target", "delete", IQN)
     env("backstore", "delete", "disk0")
     assert snapshot(env.state)["targets"] == []
-    assert "Restored 1 backstore(s) and 1 target(s)" in env("config", "restore", backup).output
+    assert "Restored 1 backstore, 1 target from" in env("config", "restore", backup).output
     assert snapshot(env.state) == before
     assert env("ls").output == tree
 

@@ -24,8 +24,9 @@ from storaged.control import (
     start_control_server,
     stop_control_server,
 )
+from storaged.control.backup import export_config
 from storaged.control.server import peer_uid
-from storaged.state import Backstore, Store, Target, export_config
+from storaged.state import Backstore, Store, Target
 
 IQN = "iqn.2024-01.com.example:t1"
 INIT = "iqn.1993-08.org.debian:01:host1"

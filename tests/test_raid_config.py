@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from storaged.control.backup import export_config, import_config
 from storaged.raid import RaidError, assemble, create
 from storaged.raid.service import RaidService, RaidVolume
-from storaged.state import export_config, import_config
 from storaged.state.store import Store
 
 

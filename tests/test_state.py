@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from storaged.control.backup import export_config, import_config, save_config
 from storaged.state import (
     Acl,
     Backstore,
@@ -26,15 +27,11 @@ from storaged.state import (
     Target,
     ValidationError,
     effective_chap,
-    export_config,
-    import_config,
     initiator_allowed,
     load_config_file,
     normalize_iscsi_name,
     normalize_param,
     normalize_portal,
-    register_record,
-    save_config,
 )
 from storaged.state import store as store_mod
 
@@ -380,7 +377,6 @@ def test_store_across_processes(tmp_path):
         assert txn.get(Target, IQN).luns == {0: "parent"}
 
 
-@register_record
 @dataclass
 class _Note(Record):
     RECORD_KIND: ClassVar[str] = "testnote"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from storaged.state.errors import ValidationError
-from storaged.state.records import Record, register_record
+from storaged.state.records import Record
 from storaged.state.validate import check_bool, check_int, normalize_portal, split_portal
 
 NO_QUORUM_POLICIES = ("stop", "freeze", "ignore")
@@ -40,7 +40,6 @@ class NodeEntry(Record):
         return errors
 
 
-@register_record
 @dataclass
 class ClusterConfig(Record):
     """The cluster: nodes, timeouts (milliseconds) and quorum options; key ``cluster``.
@@ -53,6 +52,9 @@ class ClusterConfig(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "cluster"
+    CONFIG_SECTION: ClassVar[str | None] = "cluster"
+    CONFIG_SINGLETON: ClassVar[bool] = True
+    CONFIG_LABEL: ClassVar[str] = "cluster"
     KEY: ClassVar[str] = "cluster"
 
     name: str
@@ -170,12 +172,14 @@ class ClusterConfig(Record):
             data["nodes"] = out
 
 
-@register_record
 @dataclass
 class LocalNode(Record):
     """Which configured node this state directory is (key ``local``)."""
 
     RECORD_KIND: ClassVar[str] = "cluster_local"
+    CONFIG_SECTION: ClassVar[str | None] = "cluster_node"
+    CONFIG_SINGLETON: ClassVar[bool] = True
+    CONFIG_LABEL: ClassVar[str] = "cluster node id"
     KEY: ClassVar[str] = "local"
 
     node_id: int

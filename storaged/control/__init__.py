@@ -1,6 +1,5 @@
 """Config operations and the control socket shared by the CLI and the daemon."""
 
-from storaged.control import alua_ops  # noqa: F401 - registers the alua_* operations
 from storaged.control.client import call, daemon_running
 from storaged.control.ops import OPS, ConfigError, apply, describe, parse_size
 from storaged.control.server import (

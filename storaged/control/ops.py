@@ -33,7 +33,6 @@ from storaged.state import (
     Txn,
     ValidationError,
 )
-from storaged.state.config import export_txn, import_txn
 from storaged.state.params import check_param_set, normalize_param, param_key
 from storaged.state.validate import (
     check_bool,
@@ -199,16 +198,26 @@ def describe_txn(txn: Txn) -> dict[str, Any]:
     for t in targets:
         for lun, name in sorted(t.luns.items()):
             users.setdefault(name, []).append((t.iqn, lun))
+    from storaged.cluster.config import ClusterConfig, LocalNode
     from storaged.control.alua_ops import describe_group, stored_groups
     from storaged.nas.exports import Export, NfsSettings
+    from storaged.raid.records import RaidVolume
 
     nfs = txn.get(NfsSettings, NfsSettings.KEY) or NfsSettings()
+    cluster = txn.get(ClusterConfig, ClusterConfig.KEY)
+    local = txn.get(LocalNode, LocalNode.KEY)
+    exported = {b.path: b.name for b in backstores.values() if b.kind == "raid"}
     return {
         "settings": txn.settings().to_dict(),
         "backstores": [describe_backstore(b, users.get(n, [])) for n, b in backstores.items()],
         "targets": [describe_target(t, backstores) for t in targets],
         "nfs": {"settings": nfs.to_dict(), "exports": [e.describe() for e in txn.list(Export)]},
         "alua": [describe_group(g) for g in stored_groups(txn)],
+        "raid_arrays": [{"name": a.name, "level": a.level, "members": a.members,
+                         "size": a.size, "size_text": format_size(a.size), "uuid": a.uuid,
+                         "backstore": exported.get(a.name)} for a in txn.list(RaidVolume)],
+        "cluster": None if cluster is None else {
+            **cluster.to_dict(), "local_node": local.node_id if local is not None else None},
     }
 
 
@@ -221,18 +230,23 @@ def describe(store: Store) -> dict[str, Any]:
 @_op(mutating=False)
 def export_config(txn: Txn) -> dict[str, Any]:
     """The full config INCLUDING secrets (for ``config save``; root-only socket)."""
+    from storaged.control.backup import export_txn
+
     return export_txn(txn)
 
 
 @_op()
 def import_config(txn: Txn, data: dict[str, Any]) -> dict[str, Any]:
     """Replace the whole config; ConfigError listing every problem if ``data`` is bad."""
+    from storaged.control.backup import import_txn, summary
+
     errors = import_txn(txn, data)
     if errors:
         n = len(errors)
         raise ConfigError(f"config has {n} error{'s' if n > 1 else ''}:\n  " +
                           "\n  ".join(errors), errors)
-    return {"backstores": len(txn.keys(Backstore)), "targets": len(txn.keys(Target))}
+    return {"backstores": len(txn.keys(Backstore)), "targets": len(txn.keys(Target)),
+            "summary": summary(data)}
 
 
 # ------------------------------------------------------------ backstores
@@ -671,6 +685,9 @@ def pr_clear(txn: Txn, backstore: str) -> dict[str, Any]:
 
 def check_args(op: str, args: Any) -> OpSpec:
     """Look up ``op`` and check ``args`` fit its signature; ConfigError otherwise."""
+    from storaged.registry import load_operations
+
+    load_operations()
     spec = OPS.get(op) if isinstance(op, str) else None
     if spec is None:
         raise ConfigError(f"unknown operation {op!r}")
@@ -700,5 +717,8 @@ def apply(store: Store, op: str, args: dict[str, Any] | None = None) -> dict[str
 
 def is_mutating(op: str) -> bool:
     """True if ``op`` is a registered operation that changes the config."""
+    from storaged.registry import load_operations
+
+    load_operations()
     spec = OPS.get(op)
     return bool(spec and spec.mutating)

@@ -84,6 +84,23 @@ def config_tree(desc: dict[str, Any], title: str = "storaged") -> Node:
         for e in nfs["exports"]:
             node.add(f"{e['path']} -> {e['directory']}  {' '.join(e['clients'])}  "
                      f"({e['options']})")
+    arrays = desc.get("raid_arrays") or []
+    if arrays:
+        node = root.add(f"raid arrays ({len(arrays)})")
+        for a in arrays:
+            used = f"backstore {a['backstore']}" if a["backstore"] else "not exported"
+            node.add(f"{a['name']}: raid{a['level']} {a['size_text']} over "
+                     f"{len(a['members'])} members ({used})").children.extend(
+                Node(m) for m in a["members"])
+    cluster = desc.get("cluster")
+    if cluster is not None:
+        here = cluster["local_node"]
+        node = root.add(f"cluster {cluster['name']}: {len(cluster['nodes'])} nodes, "
+                        f"token={cluster['token_ms']}ms fencer={cluster['fencer']}"
+                        f"{' two_node' if cluster['two_node'] else ''}")
+        for nid, n in sorted(cluster["nodes"].items(), key=lambda kv: int(kv[0])):
+            me = "  (this host)" if here is not None and int(nid) == here else ""
+            node.add(f"node {nid}: {n['address']} votes={n['votes']}{me}")
     groups = desc.get("alua") or []
     if groups:
         node = root.add(f"alua target port groups ({len(groups)})")

@@ -211,4 +211,7 @@ async def stop_control_server(server: asyncio.AbstractServer, path: str) -> None
 
 def builtin_ops() -> list[str]:
     """Names of the config operations every control server understands."""
+    from storaged.registry import load_operations
+
+    load_operations()
     return sorted([*OPS, "ping"])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from storaged.nas.fs import Creds
-from storaged.state.records import Record, _collect, register_record
+from storaged.state.records import Record, _collect
 from storaged.state.validate import check_bool, check_int, normalize_portal
 
 SQUASH_MODES = ("root", "all", "none")
@@ -70,12 +70,27 @@ def normalize_export_path(path: str) -> str:
     return norm
 
 
-@register_record
 @dataclass
 class Export(Record):
     """One NFS export (key: the path clients mount)."""
 
     RECORD_KIND: ClassVar[str] = "nfs_export"
+    CONFIG_SECTION: ClassVar[str | None] = "nfs_exports"
+    CONFIG_LABEL: ClassVar[str] = "nfs export"
+
+    @classmethod
+    def check_section(cls, records: list[Any]) -> list[str]:
+        """Paths unique and not nested in each other; export ids unique (file handles)."""
+        errors = super().check_section(records)
+        for n, e in enumerate(records):
+            for other in records[:n]:
+                if e.path != other.path and (e.path.startswith(other.path.rstrip("/") + "/")
+                                             or other.path.startswith(e.path.rstrip("/") + "/")):
+                    errors.append(f"nfs export {e.path} would nest with export {other.path}")
+                if e.export_id == other.export_id:
+                    errors.append(f"nfs export {e.path}: export_id {e.export_id} is also "
+                                  f"export {other.path}'s")
+        return errors
 
     path: str
     directory: str
@@ -159,7 +174,6 @@ class Export(Record):
         return d
 
 
-@register_record
 @dataclass
 class NfsSettings(Record):
     """Where the NFS service listens (empty ``listen`` = NFS off) and portmapper policy.
@@ -170,6 +184,9 @@ class NfsSettings(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "nfs_settings"
+    CONFIG_SECTION: ClassVar[str | None] = "nfs_settings"
+    CONFIG_SINGLETON: ClassVar[bool] = True
+    CONFIG_LABEL: ClassVar[str] = "nfs settings"
     KEY: ClassVar[str] = "global"
 
     listen: str = ""

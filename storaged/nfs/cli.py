@@ -7,8 +7,6 @@ from typing import Any
 
 import click
 
-import storaged.nas.ops  # noqa: F401 - registers the nfs_* operations for offline use
-
 
 def _run(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> Any:
     from storaged.cli import run_op

@@ -20,7 +20,7 @@ import click
 
 from storaged.control.client import call, daemon_running
 from storaged.control.ops import ConfigError, format_size
-from storaged.raid.service import RaidService  # also registers the "raid" record kind
+from storaged.raid.service import RaidService
 from storaged.state import StateError, Store
 
 # Offline, these finish their background work (recovery, resync) before the

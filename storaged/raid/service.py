@@ -14,56 +14,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from storaged.control.ops import ConfigError, _op, format_size, parse_size
 from storaged.raid.array import RaidArray, RaidError
-from storaged.raid.layout import DEFAULT_CHUNK, LEVELS
+from storaged.raid.layout import DEFAULT_CHUNK
 from storaged.raid.manage import assemble, create, open_member
-from storaged.state import Backstore, Store, Txn, ValidationError
-from storaged.state.records import Record, register_record
+from storaged.raid.records import RaidVolume
+from storaged.state import Backstore, Store, Txn
 from storaged.state.validate import normalize_name
 
 log = logging.getLogger("storaged.raid")
-
-
-@register_record
-@dataclass
-class RaidVolume(Record):
-    """A RAID array storaged assembles: its md uuid, level and member paths."""
-
-    RECORD_KIND: ClassVar[str] = "raid"
-
-    name: str
-    uuid: str
-    level: int
-    members: list[str] = field(default_factory=list)
-    size: int = 0
-    speed_limit_min: int = 1000
-    speed_limit_max: int = 200000
-    force: bool = False
-
-    @property
-    def key(self) -> str:
-        return self.name
-
-    def problems(self) -> list[str]:
-        errors: list[str] = []
-        try:
-            normalize_name(self.name, "raid name")
-        except ValidationError as e:
-            errors += e.errors
-        if self.level not in LEVELS:
-            errors.append(f"level must be one of {LEVELS}, got {self.level!r}")
-        if not isinstance(self.members, list) or not all(
-                isinstance(p, str) and os.path.isabs(p) for p in self.members):
-            errors.append("members must be a list of absolute paths")
-        for name in ("speed_limit_min", "speed_limit_max"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                errors.append(f"{name} must be a positive number of KiB/s")
-        return errors
 
 
 class ArrayLun:

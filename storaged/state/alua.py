@@ -10,10 +10,10 @@ port identifier an initiator sees is the TPGT.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from storaged.state.errors import ValidationError
-from storaged.state.records import Record, _collect, register_record
+from storaged.state.records import Record, _collect
 from storaged.state.validate import check_bool, check_int, normalize_iscsi_name
 
 ALUA_STATES = ("active/optimized", "active/non-optimized", "standby", "unavailable",
@@ -56,7 +56,6 @@ def split_port(port: str) -> tuple[str, int]:
     return iqn, int(tpgt)
 
 
-@register_record
 @dataclass
 class AluaGroup(Record):
     """One target port group: id, state, preferred bit, member ports.
@@ -69,6 +68,13 @@ class AluaGroup(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "alua_group"
+    CONFIG_SECTION: ClassVar[str | None] = "alua_groups"
+    CONFIG_LABEL: ClassVar[str] = "alua group"
+
+    @classmethod
+    def check_section(cls, records: list[Any]) -> list[str]:
+        ids = [g.id for g in records]
+        return [f"alua group {i} is defined twice" for n, i in enumerate(ids) if i in ids[:n]]
 
     id: int
     state: str = "active/optimized"

@@ -19,14 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from storaged.state.records import Record, _collect, register_record
+from storaged.state.records import Record, _collect
 from storaged.state.store import Store
 from storaged.state.validate import check_bool, check_int
 
 MAX_NAME = 1024
 
 
-@register_record
 @dataclass
 class NsmState(Record):
     """Our NSM state number (odd while up)."""
@@ -46,7 +45,6 @@ class NsmState(Record):
         return errors
 
 
-@register_record
 @dataclass
 class NsmMonitor(Record):
     """A client host we monitor because it held (or may hold) locks."""

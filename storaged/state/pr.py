@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from storaged.state.errors import ValidationError
-from storaged.state.records import Record, _collect, register_record
+from storaged.state.records import Record, _collect
 from storaged.state.store import Store
 from storaged.state.validate import check_bool, check_int, normalize_name
 
@@ -54,7 +54,6 @@ class PrRegistration(Record):
         return errors
 
 
-@register_record
 @dataclass
 class PrRecord(Record):
     """Saved persistent reservation state of one backstore (APTPL)."""

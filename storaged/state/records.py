@@ -7,9 +7,10 @@ and raises ``ValidationError`` listing *all* problems.  ``to_dict`` /
 export/import; ``from_dict`` rejects unknown fields so a typo in a hand-edited
 config file is an error, not a silently ignored setting.
 
-Top-level records are registered by a ``RECORD_KIND`` string (the Store keeps
-them under ``<kind>/<key>``); other layers may register their own kinds with
-``@register_record``.
+Top-level records have a ``RECORD_KIND`` string (the Store keeps them under
+``<kind>/<key>``); those that are configuration also name their section of a
+``storaged config save`` file (``CONFIG_SECTION``).  Every kind of every layer
+is listed once, in :mod:`storaged.registry`.
 """
 
 from __future__ import annotations
@@ -41,25 +42,6 @@ BLOCK_SIZES = (512, 4096)
 BACKSTORE_KINDS = ("file", "block", "raid")  # raid: path is the RAID array name
 _SERIAL_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 _WWN_RE = re.compile(r"^6[0-9a-f]{31}$")
-
-_REGISTRY: dict[str, type[Record]] = {}
-
-
-def register_record(cls: type[R]) -> type[R]:
-    """Class decorator: make a top-level record kind storable in the Store."""
-    kind = cls.RECORD_KIND
-    if not kind or "/" in kind:
-        raise ValueError(f"bad record kind {kind!r}")
-    if _REGISTRY.get(kind, cls) is not cls:
-        raise ValueError(f"record kind {kind!r} registered twice")
-    _REGISTRY[kind] = cls
-    return cls
-
-
-def record_types() -> dict[str, type[Record]]:
-    """All registered top-level record kinds, by kind string."""
-    return dict(_REGISTRY)
-
 
 def new_serial() -> str:
     """A fresh unit serial number: 16 hex digits from a uuid4."""
@@ -98,6 +80,12 @@ class Record:
     """Base class: dict round trip, unknown-field rejection, validate()."""
 
     RECORD_KIND: ClassVar[str] = ""
+    #: the record's key in ``config save`` files; None: runtime state, not config
+    CONFIG_SECTION: ClassVar[str | None] = None
+    #: one record per store (its section is an object, not a list)
+    CONFIG_SINGLETON: ClassVar[bool] = False
+    #: what messages call one record of this kind ("backstore", "raid array")
+    CONFIG_LABEL: ClassVar[str] = ""
 
     @property
     def key(self) -> str:
@@ -107,6 +95,22 @@ class Record:
     def problems(self) -> list[str]:
         """Normalize fields in place and return every rule they break."""
         return []
+
+    @classmethod
+    def config_label(cls, item: Any, index: int) -> str:
+        """How errors name item ``index`` of this kind's config section."""
+        return f"{cls.CONFIG_LABEL} #{index + 1}"
+
+    @classmethod
+    def check_section(cls, records: list[Any]) -> list[str]:
+        """Rules across the records of one config section (default: unique keys)."""
+        seen: set[str] = set()
+        errors: list[str] = []
+        for r in records:
+            if r.key in seen:
+                errors.append(f"{cls.CONFIG_LABEL} {r.key!r} is defined twice")
+            seen.add(r.key)
+        return errors
 
     def validate(self) -> None:
         """Normalize in place; raise ValidationError listing all problems."""
@@ -211,7 +215,6 @@ class Acl(Record):
         _decode_chap(data, errors)
 
 
-@register_record
 @dataclass
 class Backstore(Record):
     """A file or block device that backs LUNs.
@@ -222,6 +225,8 @@ class Backstore(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "backstore"
+    CONFIG_SECTION: ClassVar[str | None] = "backstores"
+    CONFIG_LABEL: ClassVar[str] = "backstore"
 
     name: str
     kind: str
@@ -234,6 +239,24 @@ class Backstore(Record):
     wwn: str = field(default_factory=new_wwn)
     online: bool = True
     direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
+
+    @classmethod
+    def config_label(cls, item: Any, index: int) -> str:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            return f"backstore {item['name']!r}"
+        return f"backstores[{index}]"
+
+    @classmethod
+    def check_section(cls, records: list[Any]) -> list[str]:
+        """Names unique, and no two backstores on one path."""
+        errors = super().check_section(records)
+        paths: dict[str, str] = {}
+        for b in records:
+            if b.path in paths and paths[b.path] != b.name:
+                errors.append(f"backstore {b.name!r}: path {b.path} is already used by "
+                              f"backstore {paths[b.path]!r}")
+            paths.setdefault(b.path, b.name)
+        return errors
 
     @property
     def key(self) -> str:
@@ -271,7 +294,6 @@ class Backstore(Record):
         return errors
 
 
-@register_record
 @dataclass
 class Target(Record):
     """An iSCSI target: its portals, LUN map, access control and parameters.
@@ -282,6 +304,8 @@ class Target(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "target"
+    CONFIG_SECTION: ClassVar[str | None] = "targets"
+    CONFIG_LABEL: ClassVar[str] = "target"
 
     iqn: str
     tpgt: int = 1
@@ -292,6 +316,22 @@ class Target(Record):
     chap: Chap | None = None
     params: dict[str, str] = field(default_factory=dict)
     queue_depth: int = 128
+
+    @classmethod
+    def config_label(cls, item: Any, index: int) -> str:
+        if isinstance(item, dict) and isinstance(item.get("iqn"), str):
+            return f"target {item['iqn']}"
+        return f"targets[{index}]"
+
+    @classmethod
+    def check_section(cls, records: list[Any]) -> list[str]:
+        iqns: set[str] = set()
+        errors: list[str] = []
+        for t in records:
+            if t.iqn in iqns:
+                errors.append(f"target {t.iqn} is defined twice")
+            iqns.add(t.iqn)
+        return errors
 
     @property
     def key(self) -> str:
@@ -409,7 +449,6 @@ class Target(Record):
         _decode_chap(data, errors)
 
 
-@register_record
 @dataclass
 class Settings(Record):
     """Daemon-wide defaults; a single record stored under the key ``global``.
@@ -421,6 +460,9 @@ class Settings(Record):
     """
 
     RECORD_KIND: ClassVar[str] = "settings"
+    CONFIG_SECTION: ClassVar[str | None] = "settings"
+    CONFIG_SINGLETON: ClassVar[bool] = True
+    CONFIG_LABEL: ClassVar[str] = "settings"
     KEY: ClassVar[str] = "global"
 
     nop_interval: int = 15
