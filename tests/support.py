@@ -35,7 +35,7 @@ def compiled_module(name: str) -> Any:
 
 def require_tool(tool: str, package: str) -> str:
     """Path of a peer tool; fail (never skip) naming the Debian package if missing."""
-    path = shutil.which(tool)
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
     if path is None:
         pytest.fail(f"{tool} not found: install the Debian package '{package}' "
                     f"(scripts/setup.sh does)")

@@ -93,6 +93,7 @@ def test_aligned_buffers_are_page_aligned_and_reused():
     assert big.closed
 
 
+@pytest.mark.peer
 def test_probe_direct_refuses_ramfs(tmp_path):
     """ramfs has no O_DIRECT; the probe says so (private mount namespace)."""
     unshare = require_tool("unshare", "util-linux")
@@ -151,6 +152,7 @@ def test_cli_create_and_set_direct(tmp_path):
     run("backstore", "set", "p1", "--direct", "maybe", code=2)
 
 
+@pytest.mark.peer
 def test_cli_error_when_filesystem_refuses_direct(tmp_path):
     """ramfs refuses O_DIRECT: a clear error, exit 1, no record, no file left behind.
 

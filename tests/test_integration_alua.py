@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.libiscsi_ctypes import LibIscsi
 from tests.support import DEMO_IQN, require_tool, running, storaged
 
@@ -49,6 +51,7 @@ def drain_ua(s: LibIscsi) -> list[tuple[int, int]]:
     raise AssertionError("unit attentions never end")
 
 
+@pytest.mark.peer
 def test_alua_with_libiscsi(tmp_path):
     inq = require_tool("iscsi-inq", "libiscsi-bin")
     d = str(tmp_path / "state")

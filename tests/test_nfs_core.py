@@ -19,7 +19,7 @@ from storaged.nfs.rpc import GARBAGE_ARGS, PROC_UNAVAIL, PROG_MISMATCH, PROG_UNA
 from storaged.nfs.server import NfsServer
 from tests.nfs_client import LocalClient, sattr
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+pytestmark = pytest.mark.root
 
 KEY = "11" * 16
 

@@ -149,7 +149,7 @@ def test_errors_agree(compiled, tmp_path):
             fn(0, 0, 1000, 0, True, False, 0, b"", b"bad", b"", 0)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 @pytest.mark.parametrize("plus", [False, True])
 def test_fast_reply_equals_general_path(tmp_path, plus):
     """The whole RPC reply, fast path vs HostFs.readdir + the Python encoder."""
@@ -207,7 +207,7 @@ def _plus_replies(c, fh, count, between=None):
         cookie = res["reply"]["entries"][-1]["cookie"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 def test_listing_cache_fresh_attributes_and_invalidation(tmp_path):
     d, server, c = _serve(tmp_path, 150, attr_timeout=0)  # attributes re-read for every reply
     nfs = server.nfs
@@ -266,7 +266,7 @@ def test_listing_cache_bounds():
     assert s.slice(1234, 100) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 def test_prefetched_attributes_are_retired_by_a_write(tmp_path):
     d, server, c = _serve(tmp_path, 150, squash="none", attr_timeout=0)
     nfs = server.nfs
@@ -311,7 +311,7 @@ def _listing(c, fh, count=1500):
         cookie = res["reply"]["entries"][-1]["cookie"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 def test_attr_timeout_reuses_attributes_and_every_change_voids_them(tmp_path):
     """attr_timeout: a second listing reuses the first one's attributes (a local change
     stays unseen until it expires), but every NFS procedure that changes a listed file or
@@ -388,7 +388,7 @@ def test_attr_timeout_reuses_attributes_and_every_change_voids_them(tmp_path):
     assert _listing(c, dfh)[b"f40xxxx"].size == 45
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 def test_attr_timeout_zero_and_many_changes(tmp_path):
     """attr_timeout=0 re-reads every time; past MAX_CHANGED changed handles everything
     cached is voided (the changed-handle list stays bounded)."""

@@ -27,7 +27,7 @@ from storaged.nfs.rpc import (
 )
 from tests.test_nfs_core import make_server
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+pytestmark = pytest.mark.root
 
 _SERVER = None
 

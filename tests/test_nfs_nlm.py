@@ -41,7 +41,7 @@ from storaged.state.nsm import MemoryNsmStore, NsmStore
 from tests.nfs_client import LocalClient
 from tests.nlm_fake import FakeClientHost, NlmCalls, alock, lockargs, udp_call
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+pytestmark = pytest.mark.root
 
 KEY = "22" * 16
 _NLM = nlm.PROC_NUMBERS

@@ -33,7 +33,7 @@ from tests.nlm_fake import NlmCalls, ThreadedFake, alock, lockargs, udp_call
 from tests.support import free_port, require_tool, storaged
 
 pytestmark = [pytest.mark.peer,
-              pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")]
+              pytest.mark.root]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRACE = 8  # seconds: room for a loaded 2-core machine, short enough for a test

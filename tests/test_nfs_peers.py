@@ -23,7 +23,7 @@ from tests.nfs_client import TcpClient, nfs_demo, nfs_url
 from tests.support import require_tool, storaged
 
 pytestmark = [pytest.mark.peer,
-              pytest.mark.skipif(os.geteuid() != 0, reason="the NFS backend needs root")]
+              pytest.mark.root]
 
 
 def sha256(path: str) -> str:

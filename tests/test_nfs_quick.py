@@ -27,7 +27,7 @@ from storaged.nfs.rpc import AUTH_SYS, Call, Cred, FileRange, decode_reply
 from storaged.nfs.server import NfsServer
 from tests.nfs_client import LocalClient, sattr
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+pytestmark = pytest.mark.root
 
 KEY = "22" * 16
 SIZE = 200 << 10  # above the 64 KiB sendfile threshold

@@ -63,7 +63,7 @@ def test_large_record_lands_contiguously_and_limit_is_enforced():
         RecordReader(max_record=1000).feed(record(b"y" * 1001))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root")
+@pytest.mark.root
 def test_reads_over_tcp_with_sendfile(tmp_path):
     """READs of >= 256 KiB go out by sendfile (FileRange); the bytes, counts, eof and XDR
     padding on the wire must be exactly those of the copying path, also when many

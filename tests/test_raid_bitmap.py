@@ -64,6 +64,7 @@ def test_bitmap_codec_roundtrip() -> None:
     assert (back.bits, back.events, back.events_cleared, back.nbits) == ({0, 9, 63}, 7, 5, 64)
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("level,n", [(1, 2), (5, 4), (6, 4), (10, 4)])
 def test_mdadm_sees_internal_bitmap(tmp_path, level: int, n: int) -> None:
     mdadm = require_tool("mdadm", "mdadm")

@@ -9,13 +9,13 @@ A failed member must show up as missing in the survivors' Array State.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from storaged.raid import assemble, create
 from storaged.raid.superblock import Superblock, calc_sb_1_csum, mdadm_uuid
+from tests.support import require_tool
 
 LEVELS = [(0, 3, None), (1, 2, None), (4, 4, None), (5, 4, "left-symmetric"),
           (5, 3, "right-asymmetric"), (6, 5, "left-symmetric"), (6, 4, "parity-last"),
@@ -25,10 +25,7 @@ LAYOUT_TEXT = {None: None, "left-symmetric": "left-symmetric",
 
 
 def mdadm() -> str:
-    path = shutil.which("mdadm") or (shutil.which("mdadm", path="/sbin:/usr/sbin"))
-    if path is None:
-        pytest.fail("mdadm not found: install Debian package mdadm (scripts/setup.sh does)")
-    return path
+    return require_tool("mdadm", "mdadm")
 
 
 def examine(path: str) -> dict[str, str]:
@@ -43,6 +40,7 @@ def examine(path: str) -> dict[str, str]:
     return fields
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("level,n,layout", LEVELS)
 def test_mdadm_examine_every_member(tmp_path, level, n, layout):
     spares = 0 if level == 0 else 1
@@ -78,6 +76,7 @@ def test_mdadm_examine_every_member(tmp_path, level, n, layout):
         assert f["Array State"].split()[0] == "A" * n
 
 
+@pytest.mark.peer
 def test_mdadm_sees_failed_member(tmp_path):
     paths = [str(tmp_path / f"d{i}") for i in range(4)]
     arr = create("deg", paths, 5, chunk=64 * 1024, size=6 << 20, start_worker=False)

@@ -36,6 +36,7 @@ def _state(arr, path: str) -> str:  # noqa: ANN001
     return [m for m in arr.members if m.path == path][0].state
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("level,n", SHAPES)
 def test_hot_replace_keeps_redundancy(tmp_path, level: int, n: int) -> None:
     arr, paths, data = _setup(tmp_path, level, n)
