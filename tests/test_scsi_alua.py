@@ -193,7 +193,8 @@ def test_every_command_class_in_every_state(lu, state):
 def test_echo_buffer_modes_pass_in_standby(tmp_path):
     # storaged has no READ BUFFER; a table with a stand-in shows that the
     # echo buffer modes pass the standby filter and the data mode does not.
-    from storaged.scsi.commands import DEFAULT_TABLE, CommandSpec
+    from storaged.scsi.commands import CommandSpec
+    from storaged.scsi.table import DEFAULT_TABLE
     from storaged.scsi.types import ScsiResult
 
     table = DEFAULT_TABLE.copy()

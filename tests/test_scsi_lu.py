@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from storaged.block.base import BlockDeviceError
 from storaged.block.file import FileBlockDevice
-from storaged.scsi import commands
 from storaged.scsi.commands import Access, CommandSpec
 from storaged.scsi.lu import LogicalUnit
+from storaged.scsi.table import DEFAULT_TABLE
 from storaged.scsi.types import ScsiCommand, ScsiResult, Status
 from tests.scsi_util import N1, N2, assert_check, clear_ua, parse_sense, run
 
@@ -599,7 +599,7 @@ def test_access_check_hook_runs_before_handler(lu, dev):
 
 
 def test_register_new_command_in_private_table(dev):
-    table = commands.DEFAULT_TABLE.copy()
+    table = DEFAULT_TABLE.copy()
 
     def boom(unit, cmd):
         raise RuntimeError("bug")
@@ -622,7 +622,7 @@ def test_register_new_command_in_private_table(dev):
 
 
 def test_usage_maps_match_cdb_lengths():
-    for spec in commands.DEFAULT_TABLE.all():
+    for spec in DEFAULT_TABLE.all():
         assert len(spec.usage) == spec.cdb_len
         assert spec.usage[0] == spec.opcode
         if spec.sa is not None:

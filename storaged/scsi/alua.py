@@ -45,9 +45,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from storaged.scsi.commands import Access, CommandSpec, register
+from storaged.scsi.commands import Access, CommandSet, CommandSpec
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult
+
+COMMANDS = CommandSet("alua")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -364,9 +367,9 @@ def _alua(lu: LogicalUnit) -> Alua:
     return lu.alua
 
 
-@register(MAINTENANCE_IN, "REPORT TARGET PORT GROUPS", 12,
-          [MAINTENANCE_IN, 0xE0 | SA_TPG, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          sa=SA_TPG, medium=False)
+@COMMANDS.register(MAINTENANCE_IN, "REPORT TARGET PORT GROUPS", 12,
+                   [MAINTENANCE_IN, 0xE0 | SA_TPG, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   sa=SA_TPG, medium=False)
 def report_target_port_groups(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """MAINTENANCE IN / REPORT TARGET PORT GROUPS (SPC-4 §6.37).
 
@@ -381,9 +384,9 @@ def report_target_port_groups(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult(data=data[:alloc])
 
 
-@register(MAINTENANCE_OUT, "SET TARGET PORT GROUPS", 12,
-          [MAINTENANCE_OUT, SA_TPG, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          sa=SA_TPG, access=Access.CONFLICT, medium=False)
+@COMMANDS.register(MAINTENANCE_OUT, "SET TARGET PORT GROUPS", 12,
+                   [MAINTENANCE_OUT, SA_TPG, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   sa=SA_TPG, access=Access.CONFLICT, medium=False)
 def set_target_port_groups(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """MAINTENANCE OUT / SET TARGET PORT GROUPS: explicit ALUA (SPC-4 §6.46).
 

@@ -30,10 +30,13 @@ import zlib
 from typing import TYPE_CHECKING
 
 from storaged.block.base import BlockDevice
-from storaged.scsi.commands import Access, register
+from storaged.scsi.commands import Access, CommandSet
 from storaged.scsi.sbc import _first_difference
 from storaged.scsi.sense import Key
 from storaged.scsi.types import ScsiCommand, ScsiResult
+
+COMMANDS = CommandSet("atomic")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -49,9 +52,9 @@ _LBA16 = struct.Struct(">2xQ")
 
 
 # ---------------------------------------------------------------- COMPARE AND WRITE
-@register(0x89, "COMPARE AND WRITE", 16,
-          [0x89, 0xFA] + [0xFF] * 8 + [0, 0, 0, 0xFF, 0x1F, C],
-          access=Access.WRITE, write=True)
+@COMMANDS.register(0x89, "COMPARE AND WRITE", 16,
+                   [0x89, 0xFA] + [0xFF] * 8 + [0, 0, 0, 0xFF, 0x1F, C],
+                   access=Access.WRITE, write=True)
 def compare_and_write(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """COMPARE AND WRITE (SBC-3 §5.3).
 
@@ -103,8 +106,8 @@ def _or(a: bytes, b: bytes | memoryview) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-@register(0x8B, "ORWRITE(16)", 16, [0x8B, 0xFA] + [0xFF] * 12 + [0x1F, C],
-          access=Access.WRITE, write=True)
+@COMMANDS.register(0x8B, "ORWRITE(16)", 16, [0x8B, 0xFA] + [0xFF] * 12 + [0x1F, C],
+                   access=Access.WRITE, write=True)
 def orwrite16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """ORWRITE(16) (SBC-3 §5.10): medium := medium OR Data-Out, as one
     uninterrupted read-modify-write.  Short Data-Out is handled as WRITE does:
@@ -237,9 +240,9 @@ def attach_journal(lu: LogicalUnit, path: str,
     return journal
 
 
-@register(0x9C, "WRITE ATOMIC(16)", 16,
-          [0x9C, 0xF8] + [0xFF] * 8 + [0xFF, 0xFF, 0xFF, 0xFF, 0x1F, C],
-          access=Access.WRITE, write=True, slow=True)
+@COMMANDS.register(0x9C, "WRITE ATOMIC(16)", 16,
+                   [0x9C, 0xF8] + [0xFF] * 8 + [0xFF, 0xFF, 0xFF, 0xFF, 0x1F, C],
+                   access=Access.WRITE, write=True, slow=True)
 def write_atomic16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """WRITE ATOMIC(16) (SBC-4 §5.48).  No alignment or granularity limits
     (ATOMIC ALIGNMENT and ATOMIC TRANSFER LENGTH GRANULARITY are 0) and no

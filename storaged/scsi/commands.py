@@ -18,10 +18,10 @@ generic dispatcher and REPORT SUPPORTED OPERATION CODES need:
   device failures and tells the transport the command may block on the disk);
 * ``slow``: may block on the disk for long (flushes): run off the event loop.
 
-Later features (PERSISTENT RESERVE IN/OUT, COMPARE AND WRITE, UNMAP, WRITE
-SAME, GET LBA STATUS, EXTENDED COPY, REPORT/SET TARGET PORT GROUPS,
-SANITIZE, ...) register more specs with :func:`register` (or
-``table.register``) from their own modules; nothing here needs to change.
+Each command set (SPC, SBC, thin provisioning, PERSISTENT RESERVE, ALUA,
+SANITIZE, EXTENDED COPY, ...) declares its specs in its own module with a
+:class:`CommandSet`; :mod:`storaged.scsi.table` lists the sets and builds
+the tables LUs use.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class CommandTable:
     def __init__(self) -> None:
         self.plain: list[CommandSpec | None] = [None] * 256
         self.by_sa: dict[int, dict[int, CommandSpec]] = {}
-        self.version = 0
 
     def register(self, spec: CommandSpec) -> CommandSpec:
         op = spec.opcode
@@ -125,7 +124,6 @@ class CommandTable:
             if spec.sa is not None:
                 raise ValueError(f"{spec.name}: opcode {op:#04x} has no service actions")
             self.plain[op] = spec
-        self.version += 1
         return spec
 
     def unregister(self, opcode: int, sa: int | None = None) -> None:
@@ -133,7 +131,6 @@ class CommandTable:
             self.plain[opcode] = None
         else:
             self.by_sa.get(opcode, {}).pop(sa, None)
-        self.version += 1
 
     def copy(self) -> CommandTable:
         other = CommandTable()
@@ -163,21 +160,30 @@ class CommandTable:
         return out
 
 
-DEFAULT_TABLE = CommandTable()
-"""The table every LogicalUnit uses unless given its own."""
+class CommandSet:
+    """The commands one module implements (``COMMANDS = CommandSet("sbc")``).
 
+    Handlers are declared with ``@COMMANDS.register(...)``.  Nothing enters a
+    table until :func:`storaged.scsi.table.build_table` puts the sets that
+    :data:`storaged.scsi.table.COMMAND_SETS` lists together, so which commands
+    an LU knows never depends on which modules happened to be imported.
+    """
 
-def register(opcode: int, name: str, cdb_len: int, usage: bytes | list[int], *,
-             sa: int | None = None, access: Access = Access.ALLOWED, medium: bool = True,
-             ua_exempt: bool = False, write: bool = False, slow: bool = False,
-             nominal_timeout: int = 0, recommended_timeout: int = 30,
-             table: CommandTable | None = None) -> Callable[[Handler], Handler]:
-    """Decorator: register ``handler(lu, cmd) -> ScsiResult`` for a command."""
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.specs: list[CommandSpec] = []
 
-    def deco(fn: Handler) -> Handler:
-        (table or DEFAULT_TABLE).register(CommandSpec(
-            opcode, name, fn, cdb_len, bytes(usage), sa, access, medium, ua_exempt,
-            write, slow, nominal_timeout, recommended_timeout))
-        return fn
+    def register(self, opcode: int, name: str, cdb_len: int, usage: bytes | list[int], *,
+                 sa: int | None = None, access: Access = Access.ALLOWED, medium: bool = True,
+                 ua_exempt: bool = False, write: bool = False, slow: bool = False,
+                 nominal_timeout: int = 0, recommended_timeout: int = 30
+                 ) -> Callable[[Handler], Handler]:
+        """Decorator: declare ``handler(lu, cmd) -> ScsiResult`` for a command."""
 
-    return deco
+        def deco(fn: Handler) -> Handler:
+            self.specs.append(CommandSpec(
+                opcode, name, fn, cdb_len, bytes(usage), sa, access, medium, ua_exempt,
+                write, slow, nominal_timeout, recommended_timeout))
+            return fn
+
+        return deco

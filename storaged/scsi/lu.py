@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from storaged.block.base import BlockDevice, BlockDeviceError
 from storaged.scsi import modepages as mp
 from storaged.scsi import sense
+from storaged.scsi import thin as _thin
 from storaged.scsi.alua import Alua
 from storaged.scsi.commands import (
     DEFAULT_SA_FIELD,
@@ -37,6 +38,7 @@ from storaged.scsi.commands import (
 )
 from storaged.scsi.pr import PersistentReservations, PrStore
 from storaged.scsi.sense import Key
+from storaged.scsi.table import command_table
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
 
 log = logging.getLogger("storaged.scsi")
@@ -112,7 +114,7 @@ class LogicalUnit:
         if thin is None:
             thin = bool(getattr(device, "thin", False))
         _thin.configure(self, thin)
-        table = commands or _thin.command_table(thin)
+        table = commands or command_table(thin)
         self.commands = table
         self.third_party_copy = table.find(0x83, 0x00) is not None
         """3PC in standard INQUIRY: EXTENDED COPY (LID1) is in the command table."""
@@ -457,11 +459,3 @@ class LogicalUnit:
             log.exception("%s: %s raised", self.name, spec.name)
             return self.check(Key.HARDWARE_ERROR, 0x44, 0x00)     # INTERNAL TARGET FAILURE
 
-
-# Register the standard command sets with DEFAULT_TABLE.
-from storaged.scsi import atomic as _atomic  # noqa: E402,F401
-from storaged.scsi import sanitize as _sanitize  # noqa: E402,F401
-from storaged.scsi import sbc as _sbc  # noqa: E402,F401
-from storaged.scsi import spc as _spc  # noqa: E402,F401
-from storaged.scsi import thin as _thin  # noqa: E402
-from storaged.scsi import xcopy as _xcopy  # noqa: E402,F401

@@ -64,9 +64,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from storaged.scsi.commands import Access, CommandSpec, register
+from storaged.scsi.commands import Access, CommandSet, CommandSpec
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
+
+COMMANDS = CommandSet("pr")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -637,26 +640,26 @@ def _read_full_status(st: PersistentReservations) -> bytes:
     return st.generation.to_bytes(4, "big") + len(out).to_bytes(4, "big") + bytes(out)
 
 
-@register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_KEYS),
-          sa=READ_KEYS, access=Access.PERSISTENT, medium=False)
+@COMMANDS.register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_KEYS),
+                   sa=READ_KEYS, access=Access.PERSISTENT, medium=False)
 def prin_read_keys(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _prin(lu, cmd, _read_keys)
 
 
-@register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_RESERVATION),
-          sa=READ_RESERVATION, access=Access.PERSISTENT, medium=False)
+@COMMANDS.register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_RESERVATION),
+                   sa=READ_RESERVATION, access=Access.PERSISTENT, medium=False)
 def prin_read_reservation(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _prin(lu, cmd, _read_reservation)
 
 
-@register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(REPORT_CAPABILITIES),
-          sa=REPORT_CAPABILITIES, access=Access.PERSISTENT, medium=False)
+@COMMANDS.register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(REPORT_CAPABILITIES),
+                   sa=REPORT_CAPABILITIES, access=Access.PERSISTENT, medium=False)
 def prin_report_capabilities(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _prin(lu, cmd, _report_capabilities)
 
 
-@register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_FULL_STATUS),
-          sa=READ_FULL_STATUS, access=Access.PERSISTENT, medium=False)
+@COMMANDS.register(PR_IN, "PERSISTENT RESERVE IN", 10, _prin_usage(READ_FULL_STATUS),
+                   sa=READ_FULL_STATUS, access=Access.PERSISTENT, medium=False)
 def prin_read_full_status(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _prin(lu, cmd, _read_full_status)
 
@@ -977,9 +980,9 @@ def _prout(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 
 
 for _sa in SA_NAMES:
-    register(PR_OUT, "PERSISTENT RESERVE OUT", 10,
-             [PR_OUT, _sa, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C], sa=_sa,
-             access=Access.PERSISTENT, medium=False)(_prout)
+    COMMANDS.register(PR_OUT, "PERSISTENT RESERVE OUT", 10,
+                      [PR_OUT, _sa, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C], sa=_sa,
+                      access=Access.PERSISTENT, medium=False)(_prout)
 
 
 # ---------------------------------------------------------------- SPC-2 RESERVE / RELEASE
@@ -1024,22 +1027,22 @@ RESERVE10_USAGE = [0x56, 0x12, 0, 0, 0, 0, 0, 0, 0, C]
 RELEASE10_USAGE = [0x57, 0x12, 0, 0, 0, 0, 0, 0, 0, C]
 
 
-@register(0x16, "RESERVE(6)", 6, RESERVE6_USAGE, access=Access.RESERVE, medium=False)
+@COMMANDS.register(0x16, "RESERVE(6)", 6, RESERVE6_USAGE, access=Access.RESERVE, medium=False)
 def reserve6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _spc2(lu, cmd, True, False)
 
 
-@register(0x17, "RELEASE(6)", 6, RELEASE6_USAGE, access=Access.RESERVE, medium=False)
+@COMMANDS.register(0x17, "RELEASE(6)", 6, RELEASE6_USAGE, access=Access.RESERVE, medium=False)
 def release6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _spc2(lu, cmd, False, False)
 
 
-@register(0x56, "RESERVE(10)", 10, RESERVE10_USAGE, access=Access.RESERVE, medium=False)
+@COMMANDS.register(0x56, "RESERVE(10)", 10, RESERVE10_USAGE, access=Access.RESERVE, medium=False)
 def reserve10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _spc2(lu, cmd, True, True)
 
 
-@register(0x57, "RELEASE(10)", 10, RELEASE10_USAGE, access=Access.RESERVE, medium=False)
+@COMMANDS.register(0x57, "RELEASE(10)", 10, RELEASE10_USAGE, access=Access.RESERVE, medium=False)
 def release10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _spc2(lu, cmd, False, True)
 

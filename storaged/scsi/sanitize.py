@@ -38,10 +38,13 @@ from typing import TYPE_CHECKING
 
 from storaged.block.base import BlockDeviceError
 from storaged.scsi import sense
-from storaged.scsi.commands import Access, CommandSpec, register
+from storaged.scsi.commands import Access, CommandSet, CommandSpec
 from storaged.scsi.sense import Key
 from storaged.scsi.thin import deallocate
 from storaged.scsi.types import ScsiCommand, ScsiResult
+
+COMMANDS = CommandSet("sanitize")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -242,8 +245,8 @@ def _plen(cmd: ScsiCommand) -> int:
 DAY = 86400
 
 
-@register(0x48, "SANITIZE OVERWRITE", 10, _usage(OVERWRITE), sa=OVERWRITE,
-          access=Access.WRITE, write=True, slow=True, recommended_timeout=DAY)
+@COMMANDS.register(0x48, "SANITIZE OVERWRITE", 10, _usage(OVERWRITE), sa=OVERWRITE,
+                   access=Access.WRITE, write=True, slow=True, recommended_timeout=DAY)
 def sanitize_overwrite(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """OVERWRITE: the parameter list (SBC-3 table 56) is INVERT, TEST (must
     be 0), OVERWRITE COUNT (1-31), INITIALIZATION PATTERN LENGTH (1 to the
@@ -274,8 +277,8 @@ def sanitize_overwrite(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _run(lu, cmd, op, plen)
 
 
-@register(0x48, "SANITIZE BLOCK ERASE", 10, _usage(BLOCK_ERASE), sa=BLOCK_ERASE,
-          access=Access.WRITE, write=True, slow=True, recommended_timeout=DAY)
+@COMMANDS.register(0x48, "SANITIZE BLOCK ERASE", 10, _usage(BLOCK_ERASE), sa=BLOCK_ERASE,
+                   access=Access.WRITE, write=True, slow=True, recommended_timeout=DAY)
 def sanitize_block_erase(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """BLOCK ERASE: deallocate every LBA (no parameter list)."""
     bad = _reserved(lu, cmd)
@@ -290,9 +293,9 @@ def sanitize_block_erase(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _run(lu, cmd, Operation(lu, BLOCK_ERASE, bool(cmd.cdb[1] & 0x20)), 0)
 
 
-@register(0x48, "SANITIZE EXIT FAILURE MODE", 10, _usage(EXIT_FAILURE_MODE),
-          sa=EXIT_FAILURE_MODE,
-          access=Access.WRITE, write=True)
+@COMMANDS.register(0x48, "SANITIZE EXIT FAILURE MODE", 10, _usage(EXIT_FAILURE_MODE),
+                   sa=EXIT_FAILURE_MODE,
+                   access=Access.WRITE, write=True)
 def sanitize_exit_failure_mode(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """EXIT FAILURE MODE: leave the failure mode of a failed sanitize that
     allowed it (AUSE=1); GOOD when there is nothing to leave."""

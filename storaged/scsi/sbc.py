@@ -21,9 +21,12 @@ import struct
 from typing import TYPE_CHECKING
 
 from storaged.block.base import BlockDeviceError
-from storaged.scsi.commands import Access, register
+from storaged.scsi.commands import Access, CommandSet
 from storaged.scsi.sense import Key
 from storaged.scsi.types import ScsiCommand, ScsiResult
+
+COMMANDS = CommandSet("sbc")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -75,13 +78,13 @@ def _read(lu: LogicalUnit, lba: int, n: int, len_byte: int) -> ScsiResult:
     return ScsiResult(data=data)
 
 
-@register(0x08, "READ(6)", 6, [0x08, 0x1F, 0xFF, 0xFF, 0xFF, C], access=Access.READ)
+@COMMANDS.register(0x08, "READ(6)", 6, [0x08, 0x1F, 0xFF, 0xFF, 0xFF, C], access=Access.READ)
 def read6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _lba6(cmd.cdb)
     return _read(lu, lba, n, 4)
 
 
-@register(0x28, "READ(10)", 10, [0x28] + RW10_USAGE, access=Access.READ)
+@COMMANDS.register(0x28, "READ(10)", 10, [0x28] + RW10_USAGE, access=Access.READ)
 def read10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     if cdb[1] & 0xE0:                              # RDPROTECT: no protection information
@@ -90,7 +93,7 @@ def read10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _read(lu, lba, n, 7)
 
 
-@register(0xA8, "READ(12)", 12, [0xA8] + RW12_USAGE, access=Access.READ)
+@COMMANDS.register(0xA8, "READ(12)", 12, [0xA8] + RW12_USAGE, access=Access.READ)
 def read12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     if cdb[1] & 0xE0:
@@ -99,7 +102,7 @@ def read12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _read(lu, lba, n, 6)
 
 
-@register(0x88, "READ(16)", 16, [0x88] + RW16_USAGE, access=Access.READ)
+@COMMANDS.register(0x88, "READ(16)", 16, [0x88] + RW16_USAGE, access=Access.READ)
 def read16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     if cdb[1] & 0xE0:
@@ -141,14 +144,14 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, fua: int,
     return ScsiResult(transfer_length=want)
 
 
-@register(0x0A, "WRITE(6)", 6, [0x0A, 0x1F, 0xFF, 0xFF, 0xFF, C],
-          access=Access.WRITE, write=True)
+@COMMANDS.register(0x0A, "WRITE(6)", 6, [0x0A, 0x1F, 0xFF, 0xFF, 0xFF, C],
+                   access=Access.WRITE, write=True)
 def write6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _lba6(cmd.cdb)
     return _write(lu, cmd, lba, n, 0, 4)
 
 
-@register(0x2A, "WRITE(10)", 10, [0x2A] + RW10_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0x2A, "WRITE(10)", 10, [0x2A] + RW10_USAGE, access=Access.WRITE, write=True)
 def write10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     b1 = cdb[1]
@@ -158,7 +161,7 @@ def write10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _write(lu, cmd, lba, n, b1 & 0x08, 7)
 
 
-@register(0xAA, "WRITE(12)", 12, [0xAA] + RW12_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0xAA, "WRITE(12)", 12, [0xAA] + RW12_USAGE, access=Access.WRITE, write=True)
 def write12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     b1 = cdb[1]
@@ -168,7 +171,7 @@ def write12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _write(lu, cmd, lba, n, b1 & 0x08, 6)
 
 
-@register(0x8A, "WRITE(16)", 16, [0x8A] + RW16_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0x8A, "WRITE(16)", 16, [0x8A] + RW16_USAGE, access=Access.WRITE, write=True)
 def write16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     b1 = cdb[1]
@@ -216,19 +219,19 @@ def _verify(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_byte: int) 
     return ScsiResult(transfer_length=want)
 
 
-@register(0x2F, "VERIFY(10)", 10, [0x2F] + V10_USAGE, access=Access.READ)
+@COMMANDS.register(0x2F, "VERIFY(10)", 10, [0x2F] + V10_USAGE, access=Access.READ)
 def verify10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S10.unpack_from(cmd.cdb)
     return _verify(lu, cmd, lba, n, 7)
 
 
-@register(0xAF, "VERIFY(12)", 12, [0xAF] + V12_USAGE, access=Access.READ)
+@COMMANDS.register(0xAF, "VERIFY(12)", 12, [0xAF] + V12_USAGE, access=Access.READ)
 def verify12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S12.unpack_from(cmd.cdb)
     return _verify(lu, cmd, lba, n, 6)
 
 
-@register(0x8F, "VERIFY(16)", 16, [0x8F] + V16_USAGE, access=Access.READ)
+@COMMANDS.register(0x8F, "VERIFY(16)", 16, [0x8F] + V16_USAGE, access=Access.READ)
 def verify16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S16.unpack_from(cmd.cdb)
     return _verify(lu, cmd, lba, n, 10)
@@ -259,19 +262,22 @@ def _write_verify(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int,
     return result
 
 
-@register(0x2E, "WRITE AND VERIFY(10)", 10, [0x2E] + V10_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0x2E, "WRITE AND VERIFY(10)", 10, [0x2E] + V10_USAGE, access=Access.WRITE,
+                   write=True)
 def write_verify10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S10.unpack_from(cmd.cdb)
     return _write_verify(lu, cmd, lba, n, 7)
 
 
-@register(0xAE, "WRITE AND VERIFY(12)", 12, [0xAE] + V12_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0xAE, "WRITE AND VERIFY(12)", 12, [0xAE] + V12_USAGE, access=Access.WRITE,
+                   write=True)
 def write_verify12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S12.unpack_from(cmd.cdb)
     return _write_verify(lu, cmd, lba, n, 6)
 
 
-@register(0x8E, "WRITE AND VERIFY(16)", 16, [0x8E] + V16_USAGE, access=Access.WRITE, write=True)
+@COMMANDS.register(0x8E, "WRITE AND VERIFY(16)", 16, [0x8E] + V16_USAGE, access=Access.WRITE,
+                   write=True)
 def write_verify16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S16.unpack_from(cmd.cdb)
     return _write_verify(lu, cmd, lba, n, 10)
@@ -292,16 +298,16 @@ def _sync(lu: LogicalUnit, lba: int, n: int) -> ScsiResult:
     return ScsiResult()
 
 
-@register(0x35, "SYNCHRONIZE CACHE(10)", 10,
-          [0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, C],
-          access=Access.WRITE, slow=True)
+@COMMANDS.register(0x35, "SYNCHRONIZE CACHE(10)", 10,
+                   [0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, C],
+                   access=Access.WRITE, slow=True)
 def sync_cache10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S10.unpack_from(cmd.cdb)
     return _sync(lu, lba, n)
 
 
-@register(0x91, "SYNCHRONIZE CACHE(16)", 16, [0x91, 0x02] + [0xFF] * 12 + [0x1F, C],
-          access=Access.WRITE, slow=True)
+@COMMANDS.register(0x91, "SYNCHRONIZE CACHE(16)", 16, [0x91, 0x02] + [0xFF] * 12 + [0x1F, C],
+                   access=Access.WRITE, slow=True)
 def sync_cache16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S16.unpack_from(cmd.cdb)
     return _sync(lu, lba, n)
@@ -315,22 +321,23 @@ def _prefetch(lu: LogicalUnit, lba: int, n: int) -> ScsiResult:
     return ScsiResult()
 
 
-@register(0x34, "PRE-FETCH(10)", 10, [0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, C],
-          access=Access.READ)
+@COMMANDS.register(0x34, "PRE-FETCH(10)", 10, [0x34, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF,
+                   0xFF, C],
+                   access=Access.READ)
 def prefetch10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S10.unpack_from(cmd.cdb)
     return _prefetch(lu, lba, n)
 
 
-@register(0x90, "PRE-FETCH(16)", 16, [0x90, 0x02] + [0xFF] * 12 + [0x1F, C],
-          access=Access.READ)
+@COMMANDS.register(0x90, "PRE-FETCH(16)", 16, [0x90, 0x02] + [0xFF] * 12 + [0x1F, C],
+                   access=Access.READ)
 def prefetch16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S16.unpack_from(cmd.cdb)
     return _prefetch(lu, lba, n)
 
 
 # ---------------------------------------------------------------- READ CAPACITY
-@register(0x25, "READ CAPACITY(10)", 10, [0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C])
+@COMMANDS.register(0x25, "READ CAPACITY(10)", 10, [0x25, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C])
 def read_capacity10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     if not cdb[8] & 0x01 and (cdb[2] | cdb[3] | cdb[4] | cdb[5]):
@@ -339,7 +346,7 @@ def read_capacity10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult(data=_RC10.pack(min(last, 0xFFFFFFFF), lu.block_size))
 
 
-@register(0x9E, "READ CAPACITY(16)", 16, [0x9E, 0x10] + [0xFF] * 12 + [0x01, C], sa=0x10)
+@COMMANDS.register(0x9E, "READ CAPACITY(16)", 16, [0x9E, 0x10] + [0xFF] * 12 + [0x01, C], sa=0x10)
 def read_capacity16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     lba, alloc = _S16.unpack_from(cdb)
@@ -358,8 +365,8 @@ def read_capacity16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 POWER_CONDITIONS = (0x0, 0x1, 0x2, 0x3, 0x7, 0xA, 0xB)
 
 
-@register(0x1B, "START STOP UNIT", 6, [0x1B, 0x01, 0, 0x0F, 0xF7, C],
-          access=Access.CONFLICT, medium=False, slow=True)
+@COMMANDS.register(0x1B, "START STOP UNIT", 6, [0x1B, 0x01, 0, 0x0F, 0xF7, C],
+                   access=Access.CONFLICT, medium=False, slow=True)
 def start_stop_unit(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     b4 = cmd.cdb[4]
     pc = b4 >> 4
@@ -373,8 +380,8 @@ def start_stop_unit(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult()
 
 
-@register(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", 6, [0x1E, 0, 0, 0, 0x03, C],
-          access=Access.CONFLICT, medium=False)
+@COMMANDS.register(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", 6, [0x1E, 0, 0, 0, 0x03, C],
+                   access=Access.CONFLICT, medium=False)
 def prevent_allow(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     prevent = cmd.cdb[4] & 0x03
     if prevent > 1:                                # obsolete values for SBC
@@ -384,8 +391,8 @@ def prevent_allow(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 
 
 # ---------------------------------------------------------------- READ DEFECT DATA
-@register(0x37, "READ DEFECT DATA(10)", 10, [0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
-          access=Access.READ)
+@COMMANDS.register(0x37, "READ DEFECT DATA(10)", 10, [0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C],
+                   access=Access.READ)
 def read_defect_data10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     alloc = (cdb[7] << 8) | cdb[8]
@@ -393,9 +400,9 @@ def read_defect_data10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult(data=bytes((0, cdb[2] & 0x1F, 0, 0))[:alloc])
 
 
-@register(0xB7, "READ DEFECT DATA(12)", 12,
-          [0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          access=Access.READ)
+@COMMANDS.register(0xB7, "READ DEFECT DATA(12)", 12,
+                   [0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   access=Access.READ)
 def read_defect_data12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     alloc = int.from_bytes(bytes(cdb[6:10]), "big")

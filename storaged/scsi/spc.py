@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING
 from storaged.scsi import modepages as mp
 from storaged.scsi import sense
 from storaged.scsi.alua import request_sense_not_ready
-from storaged.scsi.commands import SA_LOCATORS, Access, CommandSpec, register
+from storaged.scsi.commands import SA_LOCATORS, Access, CommandSet, CommandSpec
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, encode_lun
+
+COMMANDS = CommandSet("spc")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -182,8 +185,8 @@ VPD_PAGES: dict[int, Callable[[LogicalUnit, Nexus], bytes]] = {
 """VPD page code -> builder.  Later features add pages here (0x8F third-party copy...)."""
 
 
-@register(0x12, "INQUIRY", 6, [0x12, 0x01, 0xFF, 0xFF, 0xFF, C],
-          medium=False, ua_exempt=True)
+@COMMANDS.register(0x12, "INQUIRY", 6, [0x12, 0x01, 0xFF, 0xFF, 0xFF, C],
+                   medium=False, ua_exempt=True)
 def inquiry(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     if cdb[1] & 0x02:                              # CMDDT (obsolete)
@@ -203,13 +206,13 @@ def inquiry(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 
 
 # ---------------------------------------------------------------- TUR, REQUEST SENSE
-@register(0x00, "TEST UNIT READY", 6, [0x00, 0, 0, 0, 0, C])
+@COMMANDS.register(0x00, "TEST UNIT READY", 6, [0x00, 0, 0, 0, 0, C])
 def test_unit_ready(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult()
 
 
-@register(0x03, "REQUEST SENSE", 6, [0x03, 0x01, 0, 0, 0xFF, C],
-          medium=False, ua_exempt=True)
+@COMMANDS.register(0x03, "REQUEST SENSE", 6, [0x03, 0x01, 0, 0, 0xFF, C],
+                   medium=False, ua_exempt=True)
 def request_sense(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     desc = bool(cdb[1] & 0x01)
@@ -268,14 +271,14 @@ def _mode_sense(lu: LogicalUnit, cmd: ScsiCommand, ten: bool) -> ScsiResult:
     return ScsiResult(data=(hdr + bd + body)[:alloc])
 
 
-@register(0x1A, "MODE SENSE(6)", 6, [0x1A, 0x08, 0xFF, 0xFF, 0xFF, C],
-          access=Access.READ, medium=False)
+@COMMANDS.register(0x1A, "MODE SENSE(6)", 6, [0x1A, 0x08, 0xFF, 0xFF, 0xFF, C],
+                   access=Access.READ, medium=False)
 def mode_sense6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _mode_sense(lu, cmd, False)
 
 
-@register(0x5A, "MODE SENSE(10)", 10, [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C],
-          access=Access.READ, medium=False)
+@COMMANDS.register(0x5A, "MODE SENSE(10)", 10, [0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C],
+                   access=Access.READ, medium=False)
 def mode_sense10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _mode_sense(lu, cmd, True)
 
@@ -361,14 +364,14 @@ def _mode_select(lu: LogicalUnit, cmd: ScsiCommand, ten: bool) -> ScsiResult:
     return ScsiResult(transfer_length=plen)
 
 
-@register(0x15, "MODE SELECT(6)", 6, [0x15, 0x11, 0, 0, 0xFF, C],
-          access=Access.CONFLICT, medium=False)
+@COMMANDS.register(0x15, "MODE SELECT(6)", 6, [0x15, 0x11, 0, 0, 0xFF, C],
+                   access=Access.CONFLICT, medium=False)
 def mode_select6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _mode_select(lu, cmd, False)
 
 
-@register(0x55, "MODE SELECT(10)", 10, [0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
-          access=Access.CONFLICT, medium=False)
+@COMMANDS.register(0x55, "MODE SELECT(10)", 10, [0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+                   access=Access.CONFLICT, medium=False)
 def mode_select10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return _mode_select(lu, cmd, True)
 
@@ -391,8 +394,8 @@ def report_luns_data(cdb: bytes, luns: Iterable[int]) -> tuple[bytes | None, int
     return data[:alloc], 0
 
 
-@register(0xA0, "REPORT LUNS", 12, [0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          medium=False, ua_exempt=True)
+@COMMANDS.register(0xA0, "REPORT LUNS", 12, [0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   medium=False, ua_exempt=True)
 def report_luns(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     # A ScsiTarget answers REPORT LUNS itself with its whole LUN inventory;
     # a lone logical unit reports just the LUN it was addressed as.
@@ -409,9 +412,9 @@ def _timeouts(spec: CommandSpec) -> bytes:
         + spec.recommended_timeout.to_bytes(4, "big")
 
 
-@register(0xA3, "REPORT SUPPORTED OPERATION CODES", 12,
-          [0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          sa=0x0C, medium=False)
+@COMMANDS.register(0xA3, "REPORT SUPPORTED OPERATION CODES", 12,
+                   [0xA3, 0x0C, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   sa=0x0C, medium=False)
 def report_supported_opcodes(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     rctd = bool(cdb[2] & 0x80)
@@ -449,9 +452,9 @@ SUPPORTED_TMFS = 0xDA
 """ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET RESET."""
 
 
-@register(0xA3, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", 12,
-          [0xA3, 0x0D, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
-          sa=0x0D, medium=False)
+@COMMANDS.register(0xA3, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", 12,
+                   [0xA3, 0x0D, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+                   sa=0x0D, medium=False)
 def report_supported_tmfs(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     cdb = cmd.cdb
     repd = bool(cdb[2] & 0x80)

@@ -28,8 +28,11 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from storaged.scsi.commands import DEFAULT_TABLE, Access, CommandTable, register
+from storaged.scsi.commands import Access, CommandSet
 from storaged.scsi.types import ScsiCommand, ScsiResult
+
+COMMANDS = CommandSet("thin")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
@@ -80,23 +83,6 @@ def configure(lu: LogicalUnit, thin: bool) -> None:
     lu.wsnz = False
 
 
-_thick_cache: tuple[int, CommandTable] | None = None
-
-
-def command_table(thin: bool) -> CommandTable:
-    """The command table for a thin LU (everything) or a fully provisioned
-    one (without UNMAP and SANITIZE BLOCK ERASE, so REPORT SUPPORTED
-    OPERATION CODES does not offer what SBC-3 only allows with LBPME=1;
-    GET LBA STATUS stays and reports every LBA mapped)."""
-    global _thick_cache
-    if thin:
-        return DEFAULT_TABLE
-    if _thick_cache is None or _thick_cache[0] != DEFAULT_TABLE.version:
-        table = DEFAULT_TABLE.copy()
-        table.unregister(UNMAP_OPCODE)
-        table.unregister(*BLOCK_ERASE)
-        _thick_cache = (DEFAULT_TABLE.version, table)
-    return _thick_cache[1]
 
 
 # ---------------------------------------------------------------- medium helpers
@@ -173,8 +159,8 @@ def lba_status(lu: LogicalUnit, lba: int, limit: int) -> list[tuple[int, int, in
 
 
 # ---------------------------------------------------------------- UNMAP
-@register(UNMAP_OPCODE, "UNMAP", 10, [0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
-          access=Access.WRITE, write=True, slow=True)
+@COMMANDS.register(UNMAP_OPCODE, "UNMAP", 10, [0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, C],
+                   access=Access.WRITE, write=True, slow=True)
 def unmap(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """UNMAP (SBC-3 §5.28): deallocate the ranges of the block descriptors.
 
@@ -275,23 +261,24 @@ def _write_same(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, ten: bool) 
     return ScsiResult(transfer_length=want)
 
 
-@register(0x41, "WRITE SAME(10)", 10, [0x41, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, C],
-          access=Access.WRITE, write=True, slow=True)
+@COMMANDS.register(0x41, "WRITE SAME(10)", 10, [0x41, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF,
+                   0xFF, C],
+                   access=Access.WRITE, write=True, slow=True)
 def write_same10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S10.unpack_from(cmd.cdb)
     return _write_same(lu, cmd, lba, n, True)
 
 
-@register(0x93, "WRITE SAME(16)", 16, [0x93, 0xFF] + [0xFF] * 12 + [0x1F, C],
-          access=Access.WRITE, write=True, slow=True)
+@COMMANDS.register(0x93, "WRITE SAME(16)", 16, [0x93, 0xFF] + [0xFF] * 12 + [0x1F, C],
+                   access=Access.WRITE, write=True, slow=True)
 def write_same16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     lba, n = _S16.unpack_from(cmd.cdb)
     return _write_same(lu, cmd, lba, n, False)
 
 
 # ---------------------------------------------------------------- GET LBA STATUS
-@register(0x9E, "GET LBA STATUS", 16, [0x9E, 0x12] + [0xFF] * 12 + [0, C], sa=0x12,
-          access=Access.READ)
+@COMMANDS.register(0x9E, "GET LBA STATUS", 16, [0x9E, 0x12] + [0xFF] * 12 + [0, C], sa=0x12,
+                   access=Access.READ)
 def get_lba_status(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """GET LBA STATUS (SBC-3 §5.6): mapped / deallocated extents from the
     STARTING LOGICAL BLOCK ADDRESS on, as many as fit the allocation length

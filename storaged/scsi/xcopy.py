@@ -41,9 +41,12 @@ from typing import TYPE_CHECKING
 
 from storaged.block.base import BlockDeviceError
 from storaged.scsi import sense, spc
-from storaged.scsi.commands import Access, register
+from storaged.scsi.commands import Access, CommandSet
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
+
+COMMANDS = CommandSet("xcopy")
+"""The commands this module implements (listed in :mod:`storaged.scsi.table`)."""
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -292,8 +295,8 @@ def _copy_aborted(lu: LogicalUnit, segment: int, err: _Abort) -> bytes:
     return bytes(out)
 
 
-@register(0x83, "EXTENDED COPY(LID1)", 16, [0x83, 0x00] + [0] * 8 + [0xFF] * 4 + [0, C],
-          sa=0x00, access=Access.WRITE, slow=True, recommended_timeout=120)
+@COMMANDS.register(0x83, "EXTENDED COPY(LID1)", 16, [0x83, 0x00] + [0] * 8 + [0xFF] * 4 + [0, C],
+                   sa=0x00, access=Access.WRITE, slow=True, recommended_timeout=120)
 def extended_copy(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """EXTENDED COPY (LID1) (SPC-4 §6.4).  See the module docstring."""
     plen = _be32(cmd.cdb, 10)
@@ -394,8 +397,8 @@ def _held(lu: LogicalUnit, cmd: ScsiCommand) -> CopyResult | ScsiResult:
     return result
 
 
-@register(0x84, "RECEIVE COPY STATUS(LID1)", 16, _rcr_usage(COPY_STATUS), sa=COPY_STATUS,
-          medium=False)
+@COMMANDS.register(0x84, "RECEIVE COPY STATUS(LID1)", 16, _rcr_usage(COPY_STATUS), sa=COPY_STATUS,
+                   medium=False)
 def receive_copy_status(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """COPY STATUS (SPC-4 §6.18.3): status of the EXTENDED COPY with this list
     identifier from this I_T nexus (LIST ID USAGE 00b)."""
@@ -411,8 +414,9 @@ def receive_copy_status(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult(data=data[:_rcr_alloc(cmd)])
 
 
-@register(0x84, "RECEIVE COPY FAILURE DETAILS(LID1)", 16, _rcr_usage(FAILED_SEGMENT_DETAILS),
-          sa=FAILED_SEGMENT_DETAILS, medium=False)
+@COMMANDS.register(0x84, "RECEIVE COPY FAILURE DETAILS(LID1)", 16,
+                   _rcr_usage(FAILED_SEGMENT_DETAILS),
+                   sa=FAILED_SEGMENT_DETAILS, medium=False)
 def receive_copy_failure_details(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """FAILED SEGMENT DETAILS (SPC-4 §6.18.5): the sense data a held copy
     ended with (nothing after a copy that succeeded)."""
@@ -455,8 +459,8 @@ def max_segment_length(lu: LogicalUnit) -> int:
     return 0xFFFF * lu.block_size
 
 
-@register(0x84, "RECEIVE COPY OPERATING PARAMETERS", 16, _rcr_usage(OPERATING_PARAMETERS),
-          sa=OPERATING_PARAMETERS, medium=False)
+@COMMANDS.register(0x84, "RECEIVE COPY OPERATING PARAMETERS", 16, _rcr_usage(OPERATING_PARAMETERS),
+                   sa=OPERATING_PARAMETERS, medium=False)
 def receive_copy_operating_parameters(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return ScsiResult(data=operating_parameters(lu)[:_rcr_alloc(cmd)])
 
