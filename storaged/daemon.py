@@ -356,10 +356,21 @@ def _run_loop(coro) -> None:  # noqa: ANN001
         asyncio.run(coro)
 
 
+def _run_or_exit(coro) -> None:  # noqa: ANN001
+    """Run the daemon; a portal that cannot be opened at start is a clear error, exit 1."""
+    from storaged.iscsi.server import PortalError
+
+    try:
+        _run_loop(coro)
+    except PortalError as e:
+        print(f"storaged: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def serve(directory: str, metrics: str | None = None) -> None:
     """Run the daemon in the foreground until SIGINT/SIGTERM."""
     _setup_logging()
-    _run_loop(_run(directory, metrics, None))
+    _run_or_exit(_run(directory, metrics, None))
 
 
 def _create_demo_raid(store: Store, directory: str) -> None:
@@ -444,4 +455,4 @@ def demo(directory: str, iscsi: str = "127.0.0.1:3260", metrics: str | None = No
         *(_nfs_banner(directory, nfs) if nfs else []),
         "  Ctrl-C stops it.",
     ])
-    _run_loop(_run(directory, metrics, banner))
+    _run_or_exit(_run(directory, metrics, banner))

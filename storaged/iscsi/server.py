@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +33,10 @@ from storaged.scsi.target import DIRECT_OTHER, DIRECT_READ, ScsiTarget
 from storaged.scsi.types import ScsiResult
 
 log = logging.getLogger("storaged.iscsi")
+
+class PortalError(OSError):
+    """A portal could not be opened (address in use, not local, no permission)."""
+
 
 class IscsiProtocol(asyncio.BufferedProtocol):
     """One TCP connection; socket reads land directly in the core's buffer."""
@@ -419,15 +424,25 @@ class IscsiServer:
                 srv = self.listeners.pop(addr)
                 srv.close()
                 log.info("stopped listening on %s:%d", *addr)
+        failed: list[str] = []
         for addr in sorted(portals):
             if addr in self.listeners:
                 continue
-            srv = await loop.create_server(lambda: IscsiProtocol(self), addr[0], addr[1],
-                                           reuse_address=True, backlog=256)
+            try:
+                srv = await loop.create_server(lambda: IscsiProtocol(self), addr[0], addr[1],
+                                               reuse_address=True, backlog=256)
+            except OSError as e:
+                why = os.strerror(e.errno) if e.errno else str(e)
+                failed.append(f"{addr[0]}:{addr[1]}: {why}")
+                continue
             self.listeners[addr] = srv
             log.info("listening for iSCSI on %s:%d", *addr)
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick_loop())
+        if failed:
+            raise PortalError("cannot listen for iSCSI on " + "; ".join(failed) +
+                              " (is another target, such as tgtd or LIO, using the port? "
+                              "free it, or drop the portal: storaged portal remove IQN ADDR)")
 
     async def _tick_loop(self) -> None:
         while True:
