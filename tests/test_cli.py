@@ -280,3 +280,13 @@ def test_serve_and_demo_delegate_to_daemon(fake_daemon, monkeypatch):
         ("demo", "/tmp/d", "127.0.0.1:3261", None),
         ("demo", "/srv/st", "127.0.0.1:3260", None),
     ]
+
+
+def test_iscsi_verbs_also_under_storaged_iscsi(env):
+    out = env("iscsi", "backstore", "create", "d1", str(env.tmp / "d1.img"), "--size", "1M").output
+    assert out == f"Created backstore d1 (file {env.tmp / 'd1.img'}, 1.0MiB).\n"
+    env("iscsi", "target", "create", IQN, "--portal", "127.0.0.1:3260")
+    assert env("iscsi", "lun", "add", IQN, "d1").output == f"Target {IQN}: lun0 -> d1.\n"
+    assert "lun0 -> d1" in env("ls").output  # the same store as the top-level verbs
+    r = env("iscsi", "target", "delete", "iqn.2024-01.com.example:nope", code=1)
+    assert "storaged: error:" in r.stderr

@@ -9,7 +9,7 @@ import click
 
 
 def _run(ctx: click.Context, op: str, args: dict[str, Any] | None = None) -> Any:
-    from storaged.cli import run_op
+    from storaged.cli.root import run_op
 
     return run_op(ctx, op, args)
 
@@ -102,7 +102,7 @@ def listen(ctx: click.Context, address: str, portmap: str | None, grace: int | N
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """NFS listener, NLM grace period, NSM state and the client hosts holding locks."""
-    from storaged.cli import socket_path
+    from storaged.cli.root import socket_path
     from storaged.control.client import call, daemon_running
     from storaged.state import Store
     from storaged.state.nsm import NsmMonitor, NsmState

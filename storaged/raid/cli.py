@@ -44,7 +44,7 @@ def _progress_line(name: str, sync: dict[str, Any]) -> str:
 def raid_call(ctx: click.Context, verb: str, args: dict[str, Any], wait: bool = False,
               name: str | None = None) -> Any:
     """Run a raid verb live in the daemon, or offline on the store (then stop the arrays)."""
-    from storaged.cli import socket_path
+    from storaged.cli.root import socket_path
 
     directory = ctx.find_root().obj["dir"]
     sock = socket_path(directory)
@@ -296,7 +296,7 @@ def raid_delete(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def raid_backstore(ctx: click.Context, backstore: str, name: str, block_size: str) -> None:
     """Export array NAME as backstore BACKSTORE (then: storaged lun add IQN BACKSTORE)."""
-    from storaged.cli import run_op
+    from storaged.cli.root import run_op
 
     r = run_op(ctx, "raid_backstore_create", {"name": backstore, "array": name,
                                               "block_size": int(block_size)})

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from storaged.cli import run_op
+from storaged.cli.root import run_op
 
 STATE_HELP = ("active/optimized (ao), active/non-optimized (ano), standby, unavailable, "
               "offline, transitioning")
