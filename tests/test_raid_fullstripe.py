@@ -105,7 +105,7 @@ def test_torn_full_stripe_then_member_loss(tmp_path, level: int, n: int,
 
 def test_torn_large_records(tmp_path) -> None:
     """64 KiB partial rows: records big enough to be written as header + payload apart."""
-    from storaged.raid.array import SPLIT_RECORD
+    from storaged.raid.members import SPLIT_RECORD
     chunk = 64 * 1024
     assert chunk // 2 >= SPLIT_RECORD
     checked = 0

@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from storaged.raid import RaidError, assemble, create
-from storaged.raid.array import FAULTY, IN_SYNC, RECOVERING, REPLACING
 from storaged.raid.manage import open_member
+from storaged.raid.members import FAULTY, IN_SYNC, RECOVERING, REPLACING
 from tests.support import require_tool
 
 FAST = 10**9

@@ -30,8 +30,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from storaged.block.base import BlockDeviceError
 from storaged.raid import RaidError, assemble, create
-from storaged.raid.array import FAULTY, IN_SYNC
 from storaged.raid.manage import open_member
+from storaged.raid.members import FAULTY, IN_SYNC
 
 MEMBER = 4 << 20
 CHUNK = 16 * 1024

@@ -19,16 +19,7 @@ from collections.abc import Callable, Sequence
 from storaged.block.base import BlockDevice
 from storaged.block.file import FileBlockDevice
 from storaged.raid import journal as jrnl
-from storaged.raid.array import (
-    FAULTY,
-    IN_SYNC,
-    RECOVERING,
-    REPLACING,
-    SPARE,
-    Member,
-    RaidArray,
-    RaidError,
-)
+from storaged.raid.array import RaidArray
 from storaged.raid.bitmap import (
     BITMAP_OFFSET_SECTORS,
     BITMAP_SB_SIZE,
@@ -37,6 +28,7 @@ from storaged.raid.bitmap import (
     default_chunk,
 )
 from storaged.raid.layout import DEFAULT_CHUNK, MIN_DISKS, REDUNDANCY, Geometry, layout_code
+from storaged.raid.members import FAULTY, IN_SYNC, RECOVERING, REPLACING, SPARE, Member, RaidError
 from storaged.raid.superblock import (
     DEFAULT_DATA_OFFSET,
     FEATURE_BITMAP_OFFSET,

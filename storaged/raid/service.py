@@ -17,9 +17,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from storaged.control.ops import ConfigError, _op, format_size, parse_size
-from storaged.raid.array import RaidArray, RaidError
+from storaged.raid.array import RaidArray
 from storaged.raid.layout import DEFAULT_CHUNK
 from storaged.raid.manage import assemble, create, open_member
+from storaged.raid.members import RaidError
 from storaged.raid.records import RaidVolume
 from storaged.state import Backstore, Store, Txn
 from storaged.state.validate import normalize_name
