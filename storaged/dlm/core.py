@@ -42,6 +42,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from storaged.dlm import messages
 from storaged.dlm.modes import Flag, Mode, Status, check_name
 from storaged.dlm.resource import Bast, Cast, Resource
 
@@ -60,16 +61,16 @@ _STATUS = {s.value: s for s in Status}
 ViewId = tuple[int, int]
 
 NEW, RUNNING, RECOVERY, FROZEN, STOPPED = "new", "running", "recovery", "frozen", "stopped"
-_NORMAL = frozenset({"req", "cvt", "unl", "can", "cast", "bast", "look", "lookr"})
-_RC = frozenset({"rc1", "rc2", "rcb", "rcd"})
+_NORMAL = messages.NORMAL_KINDS
+#: Message kind -> handler; those from the master do not take the sender.
+_FROM_MASTER = {"cast": "_apply_cast", "bast": "_apply_bast"}
+_FROM_PEER = {"req": "_master_request", "cvt": "_master_convert", "unl": "_master_unlock",
+              "can": "_master_cancel", "look": "_on_look", "lookr": "_on_lookr"}
+_RC = messages.RECOVERY_KINDS
 
 
 def _b(name: bytes) -> str:
     return name.decode("latin-1")
-
-
-def _u(text: str) -> bytes:
-    return text.encode("latin-1")
 
 
 class PLock:
@@ -164,9 +165,7 @@ class LockspaceCore:
         return members[zlib.crc32(name) % len(members)]
 
     def _msg(self, kind: str, **fields: Any) -> dict[str, Any]:
-        fields["t"] = kind
-        fields["ls"] = self.name
-        return fields
+        return messages.build(kind, self.name, **fields)
 
     # -------------------------------------------------------------------- API
 
@@ -409,47 +408,33 @@ class LockspaceCore:
             self.deferred.append((src, msg))
 
     def _handle(self, src: int, msg: dict[str, Any]) -> None:
+        # Arguments in the order storaged.dlm.messages.MESSAGES lists them.
+        args = messages.decode(msg)
         kind = msg["t"]
-        if kind == "cast":
-            lvb = msg.get("lvb")
-            self._apply_cast(int(msg["id"]), int(msg["s"]), int(msg["m"]),
-                             None if lvb is None else _u(lvb), bool(msg.get("ok", True)),
-                             bool(msg.get("d")), int(msg.get("q", 0)))
-        elif kind == "bast":
-            self._apply_bast(int(msg["id"]), int(msg["m"]))
-        elif kind == "req":
-            lvb = msg.get("lvb")
-            self._master_request(src, _u(msg["r"]), int(msg["id"]), int(msg["m"]),
-                                 int(msg["f"]), None if lvb is None else _u(lvb))
-        elif kind == "cvt":
-            lvb = msg.get("lvb")
-            self._master_convert(src, _u(msg["r"]), int(msg["id"]), int(msg["m"]),
-                                 int(msg["f"]), None if lvb is None else _u(lvb))
-        elif kind == "unl":
-            lvb = msg.get("lvb")
-            self._master_unlock(src, _u(msg["r"]), int(msg["id"]),
-                                None if lvb is None else _u(lvb), int(msg.get("f", 0)))
-        elif kind == "can":
-            self._master_cancel(src, _u(msg["r"]), int(msg["id"]))
-        elif kind == "look":
-            name = _u(msg["r"])
-            m = self.directory.get(name)
-            if m is None:
-                m = self.directory[name] = src
-            self.out.append((src, self._msg("lookr", r=msg["r"], m=m)))
-        elif kind == "lookr":
-            if self.state != RUNNING:
-                return  # re-dispatched at resume against the rebuilt directory
-            name = _u(msg["r"])
-            m = int(msg["m"])
-            waiters = self.lookups.pop(name, [])
-            if m not in self.members:
-                self.queued.extend(waiters)
-                return
-            self.masters[name] = m
-            for lk in waiters:
-                if self.locks.get(lk.lkid) is lk:
-                    self._send(m, lk)
+        if kind in _FROM_MASTER:
+            getattr(self, _FROM_MASTER[kind])(*args)
+        else:
+            getattr(self, _FROM_PEER[kind])(src, *args)
+
+    def _on_look(self, src: int, name: bytes) -> None:
+        """Directory node: the master of ``name`` (the asker, if it has none yet)."""
+        m = self.directory.get(name)
+        if m is None:
+            m = self.directory[name] = src
+        self.out.append((src, self._msg("lookr", r=_b(name), m=m)))
+
+    def _on_lookr(self, src: int, name: bytes, m: int) -> None:
+        """The directory's answer: send the waiting requests for ``name`` to master ``m``."""
+        if self.state != RUNNING:
+            return  # re-dispatched at resume against the rebuilt directory
+        waiters = self.lookups.pop(name, [])
+        if m not in self.members:
+            self.queued.extend(waiters)
+            return
+        self.masters[name] = m
+        for lk in waiters:
+            if self.locks.get(lk.lkid) is lk:
+                self._send(m, lk)
 
     # --------------------------------------------------------------- recovery
 
@@ -521,7 +506,8 @@ class LockspaceCore:
         self.masters.clear()
 
     def _receive_rc(self, src: int, msg: dict[str, Any]) -> None:
-        vid = (int(msg["v"][0]), int(msg["v"][1]))
+        args = messages.decode(msg)
+        vid = args[0]
         if self.view_id is None or vid > self.view_id:
             self.future.setdefault(vid, []).append((src, msg))
             return
@@ -534,7 +520,7 @@ class LockspaceCore:
         elif kind == "rc2":
             rc.got2.add(src)
         elif kind == "rcb":
-            rc.batches[src] = msg
+            rc.batches[src] = args
         elif kind == "rcd":
             rc.gotd.add(src)
         self._advance()
@@ -585,7 +571,7 @@ class LockspaceCore:
         for n, b in batches.items():
             msg = self._msg("rcb", v=list(rc.vid), **b)
             if n == self.node:
-                rc.batches[n] = msg
+                rc.batches[n] = messages.decode(msg)
             else:
                 self.out.append((n, msg))
 
@@ -594,39 +580,38 @@ class LockspaceCore:
         infos: dict[bytes, list[list]] = {}
         unlocks: list[tuple[bytes, list]] = []
         for src in rc.members:
-            b = rc.batches[src]
-            for entry in b["locks"]:
-                name = _u(entry[0])
+            # Records as messages.LOCK_RECORD and LVB_RECORD define them.
+            _vid, locks, lvbs = rc.batches[src]
+            for entry in locks:
+                name, lkid, grmode, flags, lvb, lvbseq, unlocking = entry
                 r = staging.get(name)
                 if r is None:
                     r = staging[name] = Resource(name, self.lvb_len)
-                if entry[6]:
+                if unlocking:
                     unlocks.append((name, entry))
                     continue
-                lvb = None if entry[4] is None else _u(entry[4])
-                r.add_recovered(src, int(entry[1]), int(entry[2]), int(entry[3]), lvb,
-                                int(entry[5]))
-            for info in b["lvbs"]:
-                infos.setdefault(_u(info[0]), []).append(info)
+                r.add_recovered(src, lkid, grmode, flags, lvb, lvbseq)
+            for info in lvbs:
+                infos.setdefault(info[0], []).append(info)
         for name, lst in infos.items():
             r = staging.get(name)
             if r is None:
                 r = staging[name] = Resource(name, self.lvb_len)
-            best = max(lst, key=lambda i: (tuple(i[4]), i[2]))
-            r.lvb = None if best[1] is None else _u(best[1])
-            r.lvbseq = int(best[2])
+            best = max(lst, key=lambda i: (i[4], i[2]))
+            r.lvb = best[1]
+            r.lvbseq = best[2]
             r.valnotvalid = not best[3] or any(i[5] for i in lst)
         for name, r in staging.items():
             if name not in infos:
                 self._recover_lvb(r)
         for name, entry in unlocks:
             r = staging[name]
-            grmode, flags = int(entry[2]), int(entry[3])
+            grmode, flags, lvb = entry[2], entry[3], entry[4]
             if grmode >= _PW:
                 if flags & _IVVALBLK:
                     r.valnotvalid = True
-                elif flags & _VALBLK and entry[4] is not None:
-                    r.lvb = _u(entry[4])
+                elif flags & _VALBLK and lvb is not None:
+                    r.lvb = lvb
                     r.lvbseq += 1
                     r.valnotvalid = False
         self.rsbs = staging
