@@ -92,6 +92,7 @@ def test_lock_run_counter_300_increments(tmp_path, cluster3):
     assert counter.read_text().strip() == "300"
 
 
+@pytest.mark.slow
 def test_liveness_after_sigkill_and_lock_ls(tmp_path, cluster3):
     dirs, procs, ready = cluster3
     ready()

@@ -63,6 +63,7 @@ def configured(tmp_path):
     return state
 
 
+@pytest.mark.slow
 def test_save_holds_every_section_and_restores_on_a_fresh_directory(configured, tmp_path):
     backup = str(tmp_path / "save.json")
     r = storaged_cli(configured, "config", "save", backup)
@@ -91,6 +92,7 @@ def test_save_holds_every_section_and_restores_on_a_fresh_directory(configured, 
         assert json.load(f) == data  # serials, WWNs, export ids and handle keys kept
 
 
+@pytest.mark.slow
 def test_ls_shows_raid_arrays_and_cluster(configured):
     out = storaged_cli(configured, "ls").stdout
     assert "raid arrays (1)" in out and "vol: raid5" in out and "backstore rdisk" in out
@@ -98,6 +100,7 @@ def test_ls_shows_raid_arrays_and_cluster(configured):
     assert "nfs exports (1)" in out
 
 
+@pytest.mark.slow
 def test_restore_checks_new_sections_all_or_nothing(configured, tmp_path):
     backup = str(tmp_path / "save.json")
     storaged_cli(configured, "config", "save", backup)
@@ -134,6 +137,7 @@ def test_restore_checks_new_sections_all_or_nothing(configured, tmp_path):
     assert "backstore 'rdisk': raid array 'vol' is not in the config" in r.stderr
 
 
+@pytest.mark.slow
 def test_older_file_without_new_sections_leaves_them_alone(configured, tmp_path):
     old = {"format": "storaged-config", "version": 1, "settings": {}, "backstores": [],
            "targets": []}

@@ -34,6 +34,7 @@ def sync_cache(ini: TcpInitiator) -> int:
     return status
 
 
+@pytest.mark.slow
 def test_acknowledged_durable_writes_survive_sigkill(tmp_path):
     directory = str(tmp_path / "demo")
     port = free_port()

@@ -57,6 +57,7 @@ def feature_skips(output: str) -> list[str]:
     return sorted({s for s in skips if not any(a in s for a in ALLOWED_SKIPS)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backing", ["file", "raid5", "direct"])
 def test_iscsi_test_cu_all(tmp_path, backing):
     """The whole suite against the demo target, on both demo backings and on

@@ -97,6 +97,7 @@ def _status(c: NlmTcp, fh: bytes, **kw: object) -> int:
     return c.nlm("LOCK", lockargs(fh, **kw))["stat"]  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_restart_grace_and_sm_notify(tmp_path, monkeypatch) -> None:
     fake = ThreadedFake()
     monkeypatch.setenv("STORAGED_CLIENT_PORTMAP_PORT", str(fake.port))

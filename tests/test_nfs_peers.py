@@ -38,6 +38,7 @@ def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_nfs_cp_1gib_in_and_out(tmp_path):
     require_tool("nfs-cp", "libnfs-utils")
     src = tmp_path / "src.bin"

@@ -254,6 +254,7 @@ def test_without_aptpl_restart_forgets(tmp_path):
         d.stop()
 
 
+@pytest.mark.slow
 def test_pr_cli_live_and_offline(tmp_path):
     directory = str(tmp_path / "d")
     port = free_port()

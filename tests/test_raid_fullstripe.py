@@ -103,6 +103,7 @@ def test_torn_full_stripe_then_member_loss(tmp_path, level: int, n: int,
     assert checked == 48
 
 
+@pytest.mark.slow
 def test_torn_large_records(tmp_path) -> None:
     """64 KiB partial rows: records big enough to be written as header + payload apart."""
     from storaged.raid.members import SPLIT_RECORD

@@ -44,6 +44,7 @@ def wait_rebuilt(directory: str, timeout: float = 120) -> dict:
     raise AssertionError(f"rebuild did not finish: {status(directory)}")
 
 
+@pytest.mark.slow
 def test_raid6_lun_survives_two_failures_twice(tmp_path):
     require_tool("mdadm", "mdadm")
     image = tmp_path / "random.img"

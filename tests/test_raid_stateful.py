@@ -299,6 +299,7 @@ def machine_for(level: int) -> type[RuleBasedStateMachine]:
     return RaidMachine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", sorted(SHAPES))
 def test_raid_stateful(level: int) -> None:
     machine = machine_for(level)
