@@ -311,6 +311,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     from storaged.cluster.service import start_cluster_node, stop_cluster_node
 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
+    if metrics_addr and cluster_node is not None:
+        metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))
     # Portals open here; the control socket follows at once, so a CLI call made as
     # soon as the iSCSI port answers reaches the daemon (nothing slow in between).
     await runtime.reconcile()

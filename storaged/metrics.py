@@ -113,3 +113,33 @@ class StoragedCollector:
 def serve_metrics(host: str, port: int) -> None:
     """Expose /metrics on host:port in a background thread."""
     start_http_server(port, addr=host, registry=REGISTRY)
+
+
+class ClusterCollector:
+    """Cluster gauges: each node's kernel clock state and measured offset to this node."""
+
+    def __init__(self, status: Callable[[], dict]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            st = self.status()
+        except RuntimeError:   # a dict changed under the scrape thread: next scrape
+            return
+        synced = GaugeMetricFamily("storaged_cluster_clock_synced",
+                                   "1 if the node's kernel clock is synchronized (adjtimex)",
+                                   labels=["node"])
+        maxerr = GaugeMetricFamily("storaged_cluster_clock_maxerror_seconds",
+                                   "The node's kernel clock maxerror (adjtimex)",
+                                   labels=["node"])
+        for node, c in st.get("clock", {}).items():
+            synced.add_metric([node], 1.0 if c["synced"] else 0.0)
+            maxerr.add_metric([node], c["maxerror_ms"] / 1000)
+        skew = GaugeMetricFamily("storaged_cluster_clock_offset_seconds",
+                                 "Measured clock offset of a peer node (peer minus this node)",
+                                 labels=["node"])
+        for node, ms in st.get("skew_ms", {}).items():
+            skew.add_metric([node], ms / 1000)
+        yield synced
+        yield maxerr
+        yield skew

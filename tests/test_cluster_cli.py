@@ -67,6 +67,11 @@ def test_status_and_config_errors(tmp_path, cluster3):
     r = cli(dirs[1], "cluster", "status")
     assert "view 1.1: members [1, 2, 3], quorate (3/3 votes, quorum 2)" in r.stdout
     assert "clock skew: node 1:" in r.stdout
+    # every node's kernel clock state, as adjtimex reports it on this host (the three
+    # nodes share one kernel, so they agree)
+    line = next(ln for ln in r.stdout.splitlines() if "kernel clocks:" in ln)
+    assert all(f"node {n}: " in line for n in (1, 2, 3)), line
+    assert len({"synced" in part for part in line.split(",")}) == 1, line
     r = cli(str(tmp_path / "none"), "cluster", "status", check=False)
     assert r.returncode == 1 and "no cluster configured" in r.stderr
     r = cli(str(tmp_path / "bad"), "cluster", "init", "c", "--id=2", "--node=1=127.0.0.1:1",

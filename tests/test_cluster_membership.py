@@ -154,3 +154,34 @@ def test_clock_skew_is_measured_and_warned():
     assert abs(skew - 2.5) < 0.05
     assert any(isinstance(e, SkewWarning) and e.warn for e in net.events[1])
     assert net.nodes[1].status(net.now)["skew_warn"] == [2]
+
+
+def test_kernel_clock_state_travels_in_heartbeats_and_warns():
+    from storaged.cluster.membership import ClockWarning
+
+    net = Net(cfg(3, clock_warn_ms=500))
+    net.nodes[1].set_local_clock(True, 20_000)        # synced, 20 ms maxerror
+    net.nodes[2].set_local_clock(False, 16_000_000)   # STA_UNSYNC (no NTP client)
+    net.nodes[3].set_local_clock(True, 900_000)       # synced, but 0.9 s > 0.5 s
+    net.run(1.0)
+    clock = net.nodes[1].status(net.now)["clock"]
+    assert clock["1"] == {"synced": True, "maxerror_ms": 20.0, "warn": False}
+    assert clock["2"] == {"synced": False, "maxerror_ms": 16000.0, "warn": True}
+    assert clock["3"]["warn"] and clock["3"]["synced"]
+    warned = {e.node for e in net.events[1] if isinstance(e, ClockWarning) and e.warn}
+    assert warned == {2, 3}
+    net.nodes[2].set_local_clock(True, 10_000)         # an NTP client took over
+    net.run(1.0)
+    assert not net.nodes[1].status(net.now)["clock"]["2"]["warn"]
+    assert any(isinstance(e, ClockWarning) and e.node == 2 and not e.warn
+               for e in net.events[1])
+
+
+def test_read_kernel_clock_reports_a_state():
+    from storaged.cluster.clock import read_kernel_clock
+
+    clock = read_kernel_clock()
+    assert clock is not None  # adjtimex(2) with modes 0 needs no privilege
+    assert clock.maxerror_us >= 0 and isinstance(clock.synced, bool)
+    if clock.status & 0x40:  # STA_UNSYNC
+        assert not clock.synced

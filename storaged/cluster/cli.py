@@ -96,12 +96,15 @@ def cluster() -> None:
 @click.option("--lockspace", "lockspaces", multiple=True, help="Lockspace (default: default).")
 @click.option("--skew-warn-ms", type=int, default=1000, show_default=True,
               help="Warn when a peer's clock differs by more than this.")
+@click.option("--clock-warn-ms", type=int, default=1000, show_default=True,
+              help="Warn when a node's kernel clock is unsynchronized or its maxerror "
+                   "exceeds this.")
 @click.pass_context
 def cluster_init(ctx: click.Context, name: str, nodes: tuple[str, ...], node_id: int,
                  token_ms: int, consensus_ms: int, heartbeat_ms: int, expected_votes: int,
                  two_node: bool, wait_for_all: bool, no_quorum_policy: str, fencer: str,
                  fence_command: str | None, lockspaces: tuple[str, ...],
-                 skew_warn_ms: int) -> None:
+                 skew_warn_ms: int, clock_warn_ms: int) -> None:
     """Create cluster NAME in this state directory (copy the same command to every node,
     changing --id, or use 'storaged cluster join')."""
     entries = dict(_parse_node(n) for n in nodes)
@@ -110,7 +113,8 @@ def cluster_init(ctx: click.Context, name: str, nodes: tuple[str, ...], node_id:
         heartbeat_ms=heartbeat_ms, expected_votes=expected_votes, two_node=two_node,
         wait_for_all=wait_for_all, no_quorum_policy=no_quorum_policy, fencer=fencer,
         fence_command=fence_command.split() if fence_command else [],
-        lockspaces=list(lockspaces) or ["default"], skew_warn_ms=skew_warn_ms)
+        lockspaces=list(lockspaces) or ["default"], skew_warn_ms=skew_warn_ms,
+        clock_warn_ms=clock_warn_ms)
     if node_id not in entries:
         _fail(f"--id {node_id} is not one of the --node ids")
     save(_dir(ctx), cfg, node_id)
@@ -227,6 +231,10 @@ def cluster_status(ctx: click.Context, as_json: bool) -> None:
     skew = ", ".join(f"node {n}: {ms:+.1f} ms" for n, ms in live["skew_ms"].items())
     warn = f"  WARNING: above threshold for {live['skew_warn']}" if live["skew_warn"] else ""
     click.echo(f"  clock skew: {skew or 'n/a'}{warn}")
+    clocks = ", ".join(
+        f"node {n}: {'synced' if c['synced'] else 'UNSYNCED'} maxerror {c['maxerror_ms']:g} ms"
+        f"{' (WARNING)' if c['warn'] else ''}" for n, c in live.get("clock", {}).items())
+    click.echo(f"  kernel clocks: {clocks or 'n/a'}")
     click.echo("  lockspaces: " + ", ".join(f"{n} ({s})" for n, s in live["lockspaces"].items()))
 
 

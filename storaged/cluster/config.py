@@ -70,6 +70,8 @@ class ClusterConfig(Record):
     fence_command: list[str] = field(default_factory=list)
     fence_delay_ms: int = 0
     skew_warn_ms: int = 1000
+    #: a node whose kernel clock is unsynchronized or whose maxerror exceeds this warns
+    clock_warn_ms: int = 1000
     lockspaces: list[str] = field(default_factory=lambda: ["default"])
     version: int = 1
 
@@ -130,6 +132,7 @@ class ClusterConfig(Record):
         for name, lo, hi in (("token_ms", 10, 600_000), ("consensus_ms", 0, 600_000),
                              ("heartbeat_ms", 0, 60_000), ("expected_votes", 0, 65535),
                              ("fence_delay_ms", 0, 3_600_000), ("skew_warn_ms", 1, 3_600_000),
+                             ("clock_warn_ms", 1, 3_600_000),
                              ("version", 1, 2**62)):
             try:
                 check_int(getattr(self, name), name, lo, hi)

@@ -117,6 +117,17 @@ class SkewWarning:
 
 
 @dataclass(frozen=True)
+class ClockWarning:
+    """Node ``node``'s kernel clock became (``warn``) or stopped being unsynchronized
+    or too uncertain (``maxerror_us`` above the configured threshold)."""
+
+    node: int
+    synced: bool
+    maxerror_us: int
+    warn: bool
+
+
+@dataclass(frozen=True)
 class Reset:
     """This node was removed from the cluster: it continues as a new incarnation."""
 
@@ -164,6 +175,9 @@ class Membership:
         self.skew: dict[int, float] = {}
         self.rtt: dict[int, float] = {}
         self.skew_warned: set[int] = set()
+        # Kernel clock state per node (this one's from set_local_clock): (synced, maxerror us)
+        self.clocks: dict[int, tuple[bool, int]] = {}
+        self.clock_warned: set[int] = set()
         self._echo: dict[int, tuple[float, float]] = {}
         self.next_hb = now
         self.left = False
@@ -202,7 +216,21 @@ class Membership:
             "pending_fence": sorted(n for n, _ in self.pending_fence),
             "skew_ms": {str(n): round(s * 1000, 3) for n, s in sorted(self.skew.items())},
             "skew_warn": sorted(self.skew_warned),
+            "clock": {str(n): {"synced": s, "maxerror_ms": round(e / 1000, 3),
+                               "warn": n in self.clock_warned}
+                      for n, (s, e) in sorted(self.clocks.items())},
         }
+
+    def set_local_clock(self, synced: bool, maxerror_us: int) -> None:
+        """This host's kernel clock state (storaged.cluster.clock), sent in heartbeats."""
+        self._clock_state(self.node, synced, maxerror_us)
+
+    def _clock_state(self, node: int, synced: bool, maxerror_us: int) -> None:
+        self.clocks[node] = (synced, maxerror_us)
+        warn = not synced or maxerror_us > self.config.clock_warn_ms * 1000
+        if warn != (node in self.clock_warned):
+            (self.clock_warned.add if warn else self.clock_warned.discard)(node)
+            self.events.append(ClockWarning(node, synced, maxerror_us, warn))
 
     # ----------------------------------------------------------------- input
 
@@ -273,6 +301,9 @@ class Membership:
                 continue
             msg: dict[str, Any] = {"t": "hb", "v": vid, "ts": wall,
                                    "cv": self.config.version}
+            clock = self.clocks.get(self.node)
+            if clock is not None:
+                msg["ck"] = [int(clock[0]), clock[1]]
             echo = self._echo.get(n)
             if echo is not None:
                 msg["e"] = [echo[0], echo[1], wall]
@@ -290,6 +321,10 @@ class Membership:
             vid = (int(v[0]), int(v[1]))
             self.peer_view[src] = vid
             self.max_seq = max(self.max_seq, vid[0])
+        ck = msg.get("ck")
+        if (isinstance(ck, list) and len(ck) == 2 and type(ck[1]) is int
+                and ck[1] >= 0 and ck[0] in (0, 1)):
+            self._clock_state(src, bool(ck[0]), ck[1])
         ts = msg.get("ts")
         if isinstance(ts, (int, float)):
             self._echo[src] = (float(ts), wall)

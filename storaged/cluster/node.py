@@ -33,9 +33,11 @@ from typing import Any
 
 import zmq
 
+from storaged.cluster.clock import read_kernel_clock
 from storaged.cluster.config import ClusterConfig
 from storaged.cluster.fencing import Fencer, make_fencer
 from storaged.cluster.membership import (
+    ClockWarning,
     Fenced,
     FenceRequest,
     Membership,
@@ -336,8 +338,15 @@ class ClusterNode:
 
     async def _tick_loop(self) -> None:
         period = min(0.05, self.config.heartbeat / 4)
+        next_clock = 0.0
         while True:
-            self.membership.tick(time.monotonic(), time.time())
+            now = time.monotonic()
+            if now >= next_clock:   # the kernel clock state, once a second
+                next_clock = now + 1.0
+                clock = read_kernel_clock()
+                if clock is not None:
+                    self.membership.set_local_clock(clock.synced, clock.maxerror_us)
+            self.membership.tick(now, time.time())
             self._flush_membership()
             self._on_router()
             await asyncio.sleep(period)
@@ -366,6 +375,16 @@ class ClusterNode:
                                 self.config.skew_warn_ms / 1000)
                 else:
                     log.info("clock skew to node %d back to %.3f s", ev.node, ev.skew)
+            elif isinstance(ev, ClockWarning):
+                who = "this node's" if ev.node == self.node_id else f"node {ev.node}'s"
+                if ev.warn:
+                    log.warning("%s kernel clock is %s (maxerror %.3f s, threshold %.3f s): "
+                                "run an NTP client (chrony, systemd-timesyncd) on every node",
+                                who, "synchronized" if ev.synced else "NOT synchronized",
+                                ev.maxerror_us / 1e6, self.config.clock_warn_ms / 1000)
+                else:
+                    log.info("%s kernel clock is synchronized again (maxerror %.3f s)", who,
+                             ev.maxerror_us / 1e6)
             elif isinstance(ev, Reset):
                 log.warning("removed from the cluster: rejoining as incarnation %d "
                             "(every lock held here is lost)", ev.new_inc)
