@@ -178,3 +178,13 @@ def test_registry_lists_every_record_kind_and_operation_module():
                     op_modules.add(name)
     assert classes == set(RECORD_KINDS)
     assert op_modules == set(OPERATION_MODULES)
+
+
+def test_duplicates_are_named_the_way_each_kind_is():
+    from storaged.control.backup import parse_config
+
+    raid = {"name": "a", "uuid": "x", "level": 1, "members": ["/a"]}
+    errors = parse_config({"alua_groups": [{"id": 3}, {"id": 3}], "raid_arrays": [raid, raid],
+                           "targets": [{"iqn": IQN}, {"iqn": IQN}]})[1]
+    assert errors == [f"target {IQN} is defined twice", "alua group 3 is defined twice",
+                      "raid array 'a' is defined twice"]

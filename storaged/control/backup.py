@@ -127,7 +127,7 @@ def parse_config(data: Any) -> tuple[dict[str, list[Record]], list[str]]:
     names |= {b["name"] for b in invalid.get("backstores", [])
               if isinstance(b, dict) and isinstance(b.get("name"), str)}
     for t in sections.get("targets", []):
-        errors += _missing_backstores(Target.config_label(t.to_dict(), 0), t.luns, names)
+        errors += _missing_backstores(Target.config_ref(t.iqn), t.luns, names)
     for item in invalid.get("targets", []):
         if isinstance(item, dict):
             errors += _missing_backstores(Target.config_label(item, 0), item.get("luns"), names)

@@ -10,7 +10,7 @@ port identifier an initiator sees is the TPGT.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from storaged.state.errors import ValidationError
 from storaged.state.records import Record, _collect
@@ -72,9 +72,8 @@ class AluaGroup(Record):
     CONFIG_LABEL: ClassVar[str] = "alua group"
 
     @classmethod
-    def check_section(cls, records: list[Any]) -> list[str]:
-        ids = [g.id for g in records]
-        return [f"alua group {i} is defined twice" for n, i in enumerate(ids) if i in ids[:n]]
+    def config_ref(cls, key: str) -> str:
+        return f"alua group {key}"
 
     id: int
     state: str = "active/optimized"

@@ -98,8 +98,13 @@ class Record:
 
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
-        """How errors name item ``index`` of this kind's config section."""
+        """How errors name item ``index`` of this kind's config section (maybe invalid)."""
         return f"{cls.CONFIG_LABEL} #{index + 1}"
+
+    @classmethod
+    def config_ref(cls, key: str) -> str:
+        """How errors name the valid record with key ``key``."""
+        return f"{cls.CONFIG_LABEL} {key!r}"
 
     @classmethod
     def check_section(cls, records: list[Any]) -> list[str]:
@@ -108,7 +113,7 @@ class Record:
         errors: list[str] = []
         for r in records:
             if r.key in seen:
-                errors.append(f"{cls.CONFIG_LABEL} {r.key!r} is defined twice")
+                errors.append(f"{cls.config_ref(r.key)} is defined twice")
             seen.add(r.key)
         return errors
 
@@ -243,7 +248,7 @@ class Backstore(Record):
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
         if isinstance(item, dict) and isinstance(item.get("name"), str):
-            return f"backstore {item['name']!r}"
+            return cls.config_ref(item["name"])
         return f"backstores[{index}]"
 
     @classmethod
@@ -320,18 +325,12 @@ class Target(Record):
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
         if isinstance(item, dict) and isinstance(item.get("iqn"), str):
-            return f"target {item['iqn']}"
+            return cls.config_ref(item["iqn"])
         return f"targets[{index}]"
 
     @classmethod
-    def check_section(cls, records: list[Any]) -> list[str]:
-        iqns: set[str] = set()
-        errors: list[str] = []
-        for t in records:
-            if t.iqn in iqns:
-                errors.append(f"target {t.iqn} is defined twice")
-            iqns.add(t.iqn)
-        return errors
+    def config_ref(cls, key: str) -> str:
+        return f"target {key}"
 
     @property
     def key(self) -> str:
