@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from storaged.block.base import BlockDevice
+from storaged.block.base import BlockDevice, BlockDeviceError
 from storaged.clusterfs import txn as txnmod
 from storaged.clusterfs.format import (
     DIR_BUCKET_HEAD,
@@ -215,6 +215,10 @@ class ClusterFS:
             if isinstance(e, LockLost):
                 self.withdrawn = str(e)
             raise _err(errno.EIO, str(e)) from None
+        except BlockDeviceError as e:
+            # The device failed us (or fenced us off): write nothing more, ever.
+            self.withdrawn = f"I/O error: {e}"
+            raise _err(errno.EIO, self.withdrawn) from None
 
     # ------------------------------------------------------------- inodes
     def iget(self, t: Txn, ino: int, mode: str = PR) -> Inode:
