@@ -59,9 +59,10 @@ def wait_ready(lt: LoopThread, node: Any, members: int | None = None,
     lt.call(node.wait_ready(members, timeout=timeout))
 
 
-def stop_node(lt: LoopThread, node: Any) -> None:
-    """Stop ``node`` (its locks are released by the others' recovery)."""
-    lt.call(node.stop(), 30)
+def stop_node(lt: LoopThread, node: Any, leave: bool = True) -> None:
+    """Stop ``node``: with ``leave`` a clean leave (peers do not fence it), else a plain
+    stop that peers see as a failure."""
+    lt.call(node.leave() if leave else node.stop(), 30)
 
 
 def dlm_locks(lt: LoopThread, node: Any, lockspace: str = "default") -> DlmLocks:

@@ -540,9 +540,11 @@ class ClusterFS:
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
         now = time.time_ns()
 
-        def fn(ip: Inode) -> None:
-            ip.f["atime_ns"] = now if atime_ns is None else atime_ns
-            ip.f["mtime_ns"] = now if mtime_ns is None else mtime_ns
+        def fn(ip: Inode) -> None:  # None: now; -1: leave as it is (UTIME_OMIT)
+            if atime_ns != -1:
+                ip.f["atime_ns"] = now if atime_ns is None else atime_ns
+            if mtime_ns != -1:
+                ip.f["mtime_ns"] = now if mtime_ns is None else mtime_ns
         self._change(path, fn)
 
     # ------------------------------------------------------------- creating

@@ -37,6 +37,19 @@ def _ctx() -> tuple[int, int]:
     return uid, gid
 
 
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+def _utime(ns: int) -> int | None:
+    """A utimensat time as the core takes it: None = now, -1 = leave as it is."""
+    if ns == UTIME_NOW:
+        return None
+    if ns == UTIME_OMIT:
+        return -1
+    return ns
+
+
 class FuseOps(mfusepy.Operations):
     """Path-based FUSE operations; OSError errnos pass through to the kernel."""
 
@@ -68,8 +81,10 @@ class FuseOps(mfusepy.Operations):
             st.pop("st_atime_ns"), st.pop("st_mtime_ns"), st.pop("st_ctime_ns"))
         return st
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [name for name, _ino, _typ in self.fs.readdir(path)]
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        # with use_ino the inode number must be given: glibc skips d_ino 0 entries
+        return [(name, {"st_ino": ino, "st_mode": typ << 12}, 0)
+                for name, ino, typ in self.fs.readdir(path)]
 
     def mkdir(self, path: str, mode: int) -> int:
         self.fs.mkdir(path, mode, *_ctx())
@@ -132,7 +147,7 @@ class FuseOps(mfusepy.Operations):
         if times is None:
             self.fs.utimens(path, None, None)
         else:
-            self.fs.utimens(path, int(times[0]), int(times[1]))
+            self.fs.utimens(path, *(_utime(int(t)) for t in times))
         return 0
 
     def statfs(self, path: str) -> dict[str, int]:
