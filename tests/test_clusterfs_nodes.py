@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from storaged.cluster.fencing import TestFencer
+from storaged.cluster.fencing import ManualFencer, TestFencer
 from storaged.clusterfs.cluster import LoopThread, dlm_locks, start_node, stop_node
 from storaged.clusterfs.fs import ClusterFS
-from storaged.clusterfs.memdev import MemoryBlockDevice
+from storaged.clusterfs.memdev import Crashed, MemoryBlockDevice
 from storaged.clusterfs.mkfs import check, mkfs
 from tests.test_cluster_nodes import config
 
@@ -105,3 +105,87 @@ def test_concurrent_operations_from_three_nodes_stay_consistent(cluster3):
     assert rep.problems == [], rep.problems
     for m in mounts:  # the fixture unmounts again: remount so that is harmless
         m.mount()
+
+
+class NodeDevice:
+    """One node's path to the shared image: dies (every I/O fails) after ``fail_after``."""
+
+    def __init__(self, shared: MemoryBlockDevice) -> None:
+        self.shared = shared
+        self.block_size = shared.block_size
+        self.read_only = False
+        self.fail_after: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.shared.size
+
+    def _tick(self) -> None:
+        if self.fail_after is not None:
+            if self.fail_after <= 0:
+                raise Crashed("node killed")
+            self.fail_after -= 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.shared.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._tick()
+        self.shared.write(offset, data, fua)
+
+    def flush(self) -> None:
+        self._tick()
+        self.shared.flush()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_survivor_replays_a_dead_nodes_journal_only_after_fencing(seed):
+    rng = random.Random(seed)
+    lt = LoopThread()
+    cfg = config(3)
+    fencers = {n: ManualFencer() for n in cfg.nodes}
+    nodes = [start_node(lt, cfg, n, fencer=fencers[n], wait=False) for n in cfg.nodes]
+    try:
+        for node in nodes:
+            lt.call(node.wait_ready(3, timeout=15))
+        shared = MemoryBlockDevice(64 << 20)
+        mkfs(shared, 3, rg_data=2048, journal_blocks=64)
+        a = ClusterFS(shared, dlm_locks(lt, nodes[0])).mount()
+        b = ClusterFS(shared, dlm_locks(lt, nodes[1])).mount()
+        cdev = NodeDevice(shared)
+        c = ClusterFS(cdev, dlm_locks(lt, nodes[2])).mount()
+        a.mkdir("/w", 0o755)
+        done: dict[str, bytes] = {}
+        cdev.fail_after = rng.randint(20, 300)
+        with pytest.raises(OSError) as e:
+            for i in range(200):  # node 3 works until its "kill"
+                body = rng.randbytes(rng.randint(1, 9000))
+                c.create(f"/w/c{i}", 0o644)
+                c.write(f"/w/c{i}", body, 0)
+                done[f"/w/c{i}"] = body
+        assert e.value.errno == errno.EIO
+        stop_node(lt, nodes[2], leave=False)  # its cluster node dies too
+        # The survivor may replay only once the fencer confirmed: until then the
+        # dead node's journal lock is not released.
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(a.recover(c.slot)))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and not result
+        nodes[0].fence_ack(3)
+        t.join(20)
+        assert result and result[0] >= 0
+        for name, body in done.items():  # everything node 3 finished is there
+            assert b.read(name, 1 << 20, 0) == body
+        b.create("/w/after", 0o644)  # and the others carry on
+        assert "after" in {n for n, _, _ in a.readdir("/w")}
+        a.umount()
+        b.umount()
+        rep = check(shared)
+        # only node 3's journal is left marked in use (it never unmounted); nothing else
+        assert rep.problems == [f"journal {c.slot}: not cleanly unmounted (nothing to replay)"]
+    finally:
+        for node in nodes[:2]:
+            stop_node(lt, node)
+        lt.stop()
