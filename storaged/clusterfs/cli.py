@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -189,11 +190,16 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
     os.makedirs(run_dir(), exist_ok=True)
     sock = _sock_for(mountpoint)
     serve_status(sock, status)
+    done = threading.Event()
+    if node is not None and not read_only:
+        threading.Thread(target=_recovery_loop, args=(fsobj, done), daemon=True,
+                         name="clusterfs-recovery").start()
     try:
         run_fuse(fsobj, mountpoint, read_only=read_only, fsname=os.path.basename(device))
     except OSError as e:
         _fail(str(e.strerror))
     finally:
+        done.set()
         fsobj.umount()  # idempotent: destroy() already did it on a clean unmount
         if os.path.exists(sock):
             os.unlink(sock)
@@ -204,6 +210,20 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
             finally:
                 lt.stop()
         dev.close()
+
+
+def _recovery_loop(fsobj: Any, done: threading.Event, interval: float = 1.0) -> None:
+    """Replay the journal of any node that is gone: its journal lock is free only once
+    the membership fenced it and the DLM purged its locks (so this is safe to poll)."""
+    while not done.wait(interval):
+        try:
+            n = fsobj.recover_all()
+        except OSError as e:
+            click.echo(f"storaged: recovery poll failed: {e}", err=True)
+            continue
+        if n:
+            click.echo(f"storaged: replayed {n} block(s) of a departed node's journal",
+                       err=True)
 
 
 def _query(sock: str) -> dict[str, Any] | None:

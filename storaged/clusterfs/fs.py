@@ -29,6 +29,7 @@ from storaged.clusterfs.format import (
     DIRENT_HEAD,
     INODE,
     INODE_HEAD,
+    JH_CLEAN,
     NAME_MAX,
     RGRP,
     SUPERBLOCK,
@@ -125,13 +126,17 @@ class ClusterFS:
         if self.read_only:
             return self
         slots = range(self.geo.journals) if self.want_slot is None else [self.want_slot]
-        for s in slots:
-            try:
-                self._jlock = self.locks.lock(self.jname(s), EX, noqueue=True)
-            except WouldBlock:
-                continue
-            self.slot = s
-            break
+        for attempt in range(5):  # a free slot may be held a moment by a recovery poll
+            for s in slots:
+                try:
+                    self._jlock = self.locks.lock(self.jname(s), EX, noqueue=True)
+                except WouldBlock:
+                    continue
+                self.slot = s
+                break
+            if self.slot is not None:
+                break
+            time.sleep(0.1 * (attempt + 1))
         if self.slot is None:
             raise _err(errno.EBUSY, f"all {self.geo.journals} journal slots are in use "
                        "(storaged fs add-journal is not implemented yet; mkfs --journals N)")
@@ -153,10 +158,23 @@ class ClusterFS:
         except WouldBlock:
             return 0
         try:
-            n = Journal(self.dev, self.geo, slot).replay()
+            j = Journal(self.dev, self.geo, slot)
+            n = j.replay()
+            if not self.read_only and not j.header()["flags"] & JH_CLEAN:
+                j.write_header(j.seq, clean=True)  # recovered: the slot is free and clean
         finally:
             self.locks.unlock(h)
         self.stats["replayed"] += n
+        return n
+
+    def recover_all(self) -> int:
+        """Replay every other slot whose lock is free (its node is gone and fenced)."""
+        if self.withdrawn is not None or self.journal is None:
+            return 0
+        n = 0
+        for s in range(self.geo.journals):
+            if s != self.slot:
+                n += self.recover(s, wait=False)
         return n
 
     def umount(self) -> None:
