@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 import stat
 
@@ -291,3 +292,49 @@ def test_crash_at_random_point_then_replay_is_consistent(seed):
     fs2.umount()
     rep = check(image)
     assert rep.problems == [], rep.problems
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("CLUSTERFS_FUZZ", "30"))))
+def test_fuzzed_metadata_gives_errnos_or_check_problems_never_a_crash(seed):
+    rng = random.Random(seed)
+    dev = MemoryBlockDevice(8 << 20)
+    mkfs(dev, 1, block_size=512, rg_data=4096, journal_blocks=64)
+    fs = ClusterFS(dev, LocalLocks()).mount()
+    fs.mkdir("/d", 0o755)
+    for i in range(40):
+        fs.create(f"/d/f{i}", 0o644)
+        fs.write(f"/d/f{i}", bytes([i]) * rng.randint(0, 3000), 0)
+    fs.symlink("/d/l", "f1")
+    fs.setxattr("/d/f2", "user.a", b"x")
+    fs.umount()
+    rep = check(dev)
+    assert rep.problems == []
+    # metadata blocks: superblock, journal, group headers and bitmaps, inodes, buckets
+    g = fs.geo
+    meta = [0, g.journal_block(0), g.journal_block(0) + 1, g.rg_block(0), g.rg_block(0) + 1]
+    meta += [g.root_ino] + [ino for _, ino, _ in fs.readdir("/d")]
+    meta += [b for b in range(g.rg_block(0) + 2, g.rg_block(0) + 200)]
+    for _ in range(rng.randint(1, 6)):
+        blk = rng.choice(meta)
+        raw = bytearray(dev.read(blk * 512, 512))
+        for _ in range(rng.randint(1, 8)):
+            raw[rng.randrange(512)] = rng.randrange(256)
+        dev.write(blk * 512, bytes(raw))
+    try:
+        fs2 = ClusterFS(dev, LocalLocks()).mount()
+    except (OSError, FormatError):
+        fs2 = None
+    if fs2 is not None:
+        for op in (lambda: fs2.readdir("/d"), lambda: fs2.getattr("/d/f3"),
+                   lambda: fs2.read("/d/f5", 4096, 0), lambda: fs2.readlink("/d/l"),
+                   lambda: fs2.create("/d/new", 0o644), lambda: fs2.unlink("/d/f7"),
+                   lambda: fs2.write("/d/f9", b"z" * 700, 100),
+                   lambda: fs2.rename("/d/f10", "/moved"), lambda: fs2.statfs(),
+                   lambda: fs2.listxattr("/d/f2"), lambda: fs2.truncate("/d/f11", 1)):
+            try:
+                op()
+            except OSError:
+                pass  # EIO, ENOENT...: fine; anything else fails the test
+    rep = check(dev)
+    check(dev, repair=True)  # repair must not crash either
+    assert isinstance(rep.problems, list)

@@ -229,7 +229,7 @@ class ClusterFS:
             self.stats["ops"] += 1
         try:
             return txnmod.run(self, body, first)
-        except (LockLost, FormatError) as e:
+        except (LockLost, FormatError, struct.error) as e:  # struct.error: corrupt bytes
             if isinstance(e, LockLost):
                 self.withdrawn = str(e)
             raise _err(errno.EIO, str(e)) from None
@@ -260,6 +260,12 @@ class ClusterFS:
 
     def bmap(self, t: Txn, ip: Inode, idx: int, alloc: bool = False) -> int:
         """Device block of logical block ``idx`` (0 = hole); allocates with ``alloc``."""
+        blk = self._bmap(t, ip, idx, alloc)
+        if blk and not self.geo.rg_start <= blk < self.geo.total_blocks:
+            raise FormatError(f"inode {ip.ino}: block pointer {blk} outside the data area")
+        return blk
+
+    def _bmap(self, t: Txn, ip: Inode, idx: int, alloc: bool) -> int:
         if idx >= max_file_blocks(self.bs):
             raise _err(errno.EFBIG)
         nd, p = self.ndirect, self.ppb
@@ -617,7 +623,7 @@ class ClusterFS:
             ip = self.walk(t, parts)
             if not stat.S_ISLNK(ip.mode):
                 raise _err(errno.EINVAL)
-            return self._read(t, ip, 0, ip.f["size"]).decode()
+            return self._read(t, ip, 0, ip.f["size"]).decode(errors="surrogateescape")
         return self.run(body)
 
     def link(self, target: str, path: str) -> None:
@@ -919,14 +925,15 @@ class ClusterFS:
 
         def body(t: Txn) -> bytes:
             xa = self._xattrs(t, self.walk(t, parts))
-            if name.encode() not in xa:
+            if name.encode(errors="surrogateescape") not in xa:
                 raise _err(errno.ENODATA)
-            return xa[name.encode()]
+            return xa[name.encode(errors="surrogateescape")]
         return self.run(body)
 
     def listxattr(self, path: str) -> list[str]:
         parts = split_path(path)
-        return self.run(lambda t: [k.decode() for k in self._xattrs(t, self.walk(t, parts))])
+        return self.run(lambda t: [k.decode(errors="surrogateescape")
+                                  for k in self._xattrs(t, self.walk(t, parts))])
 
     def removexattr(self, path: str, name: str) -> None:
         parts = split_path(path)

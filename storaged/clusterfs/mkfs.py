@@ -166,19 +166,28 @@ def check(dev: BlockDevice, repair: bool = False) -> CheckReport:
     def ptrs(buf: bytes, lo: int, hi: int) -> list[int]:
         return list(struct.unpack_from(f"<{hi - lo}Q", buf, 8 * lo))
 
+    first_data = geo.rg_start
+
+    def valid(ino: int, b: int) -> bool:
+        if first_data <= b < geo.total_blocks:
+            return True
+        rep.problems.append(f"inode {ino}: block pointer {b} outside the data area")
+        return False
+
     def data_blocks(ino: int, buf: bytes) -> list[tuple[int, int]]:
-        out = [(i, b) for i, b in enumerate(ptrs(buf, 16, 16 + nd)) if b]
+        out = [(i, b) for i, b in enumerate(ptrs(buf, 16, 16 + nd)) if b and valid(ino, b)]
         ind, dind = ptrs(buf, bs // 8 - 2, bs // 8)
-        if ind:
+        if ind and valid(ino, ind):
             used.add(ind)
-            out += [(nd + i, b) for i, b in enumerate(ptrs(rd(ind), 0, p)) if b]
-        if dind:
+            out += [(nd + i, b) for i, b in enumerate(ptrs(rd(ind), 0, p))
+                    if b and valid(ino, b)]
+        if dind and valid(ino, dind):
             used.add(dind)
             for j, sub in enumerate(ptrs(rd(dind), 0, p)):
-                if sub:
+                if sub and valid(ino, sub):
                     used.add(sub)
                     out += [(nd + p + j * p + i, b) for i, b in enumerate(ptrs(rd(sub), 0, p))
-                            if b]
+                            if b and valid(ino, b)]
         return out
 
     stack = [(geo.root_ino, geo.root_ino)]
@@ -198,7 +207,7 @@ def check(dev: BlockDevice, repair: bool = False) -> CheckReport:
         rep.inodes += 1
         used.add(ino)
         nlink[ino] = f["nlink"]
-        if f["xattr_block"]:
+        if f["xattr_block"] and valid(ino, f["xattr_block"]):
             used.add(f["xattr_block"])
         blocks = data_blocks(ino, buf)
         used.update(b for _, b in blocks)
@@ -216,7 +225,8 @@ def check(dev: BlockDevice, repair: bool = False) -> CheckReport:
                     name = bytes(bb[off + 10:off + 10 + nl])
                     off += 10 + nl
                     try:
-                        cf = INODE.unpack(rd(child)) if 0 < child < geo.total_blocks else None
+                        cf = INODE.unpack(rd(child)) if first_data <= child < geo.total_blocks \
+                            else None
                     except FormatError:
                         cf = None
                     if cf is None:
