@@ -331,3 +331,27 @@ def test_sigkill_of_a_node_survivor_replays_and_fsynced_writes_survive(two_nodes
     # does not replay without --repair, it would report the slot)
     r = storaged("fs", "check", img, env=env)
     assert "0 problem(s)" in r.stdout, r.stdout
+
+
+def test_read_only_mount_claims_no_slot_and_refuses_writes(tmp_path, env):
+    need_fuse()
+    img, mnt = str(tmp_path / "img"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    storaged("fs", "mkfs", img, "-j", "1", env=env)
+    pids: list[int] = []
+    try:
+        storaged("fs", "mount", img, mnt, "-o", "local", env=env)
+        with open(os.path.join(mnt, "f"), "wb") as f:
+            f.write(b"data")
+        storaged("fs", "umount", mnt, env=env)
+        storaged("fs", "mount", img, mnt, "-o", "local,ro", env=env)
+        pids = mount_pids(env)
+        assert open(os.path.join(mnt, "f"), "rb").read() == b"data"
+        assert errno_of(os.mkdir, os.path.join(mnt, "x")) == errno.EROFS
+        assert errno_of(open, os.path.join(mnt, "f"), "ab") == errno.EROFS
+        st = json.loads(storaged("fs", "status", "--json", env=env).stdout)
+        assert st[0]["read_only"] is True and st[0]["slot"] is None
+    finally:
+        teardown_mount(mnt, env, pids)
