@@ -1,0 +1,327 @@
+"""``storaged fs``: make, mount, unmount, check and inspect clusterfs filesystems."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+import click
+
+RUN_DIR_ENV = "STORAGED_FS_RUNDIR"
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"storaged: error: {message}", err=True)
+    sys.exit(1)
+
+
+def run_dir() -> str:
+    """Where mount processes put their status sockets (``$STORAGED_FS_RUNDIR``)."""
+    return os.environ.get(RUN_DIR_ENV) or "/run/storaged/fs"
+
+
+def _sock_for(mountpoint: str) -> str:
+    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(run_dir(), f"{key}.sock")
+
+
+def _open_device(path: str, read_only: bool = False) -> Any:
+    from storaged.block.file import FileBlockDevice
+    if path.startswith("iscsi://"):
+        _fail("iscsi:// devices need the userspace initiator (not available yet): "
+              "use the kernel initiator's /dev/sdX")
+    if not os.path.exists(path):
+        _fail(f"{path}: no such file or device")
+    try:
+        return FileBlockDevice(path, block_size=512, read_only=read_only)
+    except OSError as e:
+        _fail(f"cannot open {path}: {e.strerror}")
+
+
+@click.group()
+def fs() -> None:
+    """Shared-disk cluster filesystem (GFS2/OCFS2 style, through FUSE)."""
+
+
+@fs.command("mkfs")
+@click.argument("device")
+@click.option("--journals", "-j", type=int, required=True,
+              help="Journal slots: how many nodes may mount at once.")
+@click.option("--block-size", type=int, default=4096, show_default=True)
+@click.option("--journal-blocks", type=int, default=512, show_default=True,
+              help="Blocks per journal.")
+@click.option("--label", default="", help="Filesystem label (up to 32 bytes).")
+@click.option("--force", is_flag=True, help="Overwrite a device that holds a filesystem.")
+def fs_mkfs(device: str, journals: int, block_size: int, journal_blocks: int, label: str,
+            force: bool) -> None:
+    """Make a filesystem on DEVICE (a file or block device every node opens)."""
+    from storaged.clusterfs.mkfs import MkfsError, mkfs
+    dev = _open_device(device)
+    try:
+        geo = mkfs(dev, journals, block_size=block_size, journal_blocks=journal_blocks,
+                   label=label, force=force)
+    except MkfsError as e:
+        _fail(f"{device}: {e}")
+    finally:
+        dev.close()
+    click.echo(f"{device}: clusterfs, {geo.total_blocks} blocks of {geo.bs} bytes, "
+               f"{geo.journals} journals, {geo.rg_count} resource groups, "
+               f"uuid {geo.uuid.hex()}")
+
+
+def _parse_opts(opts: tuple[str, ...]) -> dict[str, str | bool]:
+    out: dict[str, str | bool] = {}
+    for group in opts:
+        for item in group.split(","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            out[key] = val if eq else True
+    known = {"ro", "rw", "noatime", "relatime", "local", "lockspace"}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        _fail(f"unknown mount option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return out
+
+
+@fs.command("mount")
+@click.argument("device")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-o", "options", multiple=True,
+              help="Comma-separated: ro, noatime, relatime, local, lockspace=NAME.")
+@click.option("--cluster", "cluster_dir", type=click.Path(file_okay=False),
+              help="State directory of this host's cluster config (storaged cluster init); "
+                   "the mount runs that cluster node.  Required unless -o local.")
+@click.option("--foreground", "-f", is_flag=True, help="Serve in the foreground.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for cluster quorum and the mount.")
+def fs_mount(device: str, mountpoint: str, options: tuple[str, ...], cluster_dir: str | None,
+             foreground: bool, timeout: float) -> None:
+    """Mount DEVICE at MOUNTPOINT on this node."""
+    opts = _parse_opts(options)
+    if not opts.get("local") and not cluster_dir:
+        _fail("cluster mode needs --cluster DIR (a directory set up with 'storaged cluster "
+              "init/join'); use -o local for a single-node mount")
+    if not os.path.isdir(mountpoint):
+        _fail(f"{mountpoint}: mount point is not a directory")
+    if os.path.ismount(mountpoint):
+        _fail(f"{mountpoint}: something is already mounted there")
+    if not os.path.exists(device):
+        _fail(f"{device}: no such file or device")
+    if not foreground:
+        _background(sys.argv, mountpoint, timeout)
+        return
+    _serve(device, mountpoint, opts, cluster_dir, timeout)
+
+
+def _background(argv: list[str], mountpoint: str, timeout: float) -> None:
+    args = [sys.executable, "-m", "storaged"] + argv[1:] + ["--foreground"]
+    os.makedirs(run_dir(), exist_ok=True)
+    logpath = _sock_for(mountpoint)[:-5] + ".log"
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout + 5
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(logpath, "rb") as f:
+                tail = f.read().decode(errors="replace").strip().splitlines()[-3:]
+            _fail(f"mount failed: {' / '.join(tail) or 'exit status ' + str(proc.returncode)}")
+        if os.path.ismount(mountpoint) and os.path.exists(_sock_for(mountpoint)):
+            click.echo(f"mounted on {mountpoint} (pid {proc.pid})")
+            return
+        time.sleep(0.05)
+    proc.kill()
+    _fail(f"mount of {mountpoint} did not come up within {timeout:g}s")
+
+
+def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
+           cluster_dir: str | None, timeout: float) -> None:
+    from storaged.clusterfs.format import FormatError
+    from storaged.clusterfs.fs import ClusterFS
+    from storaged.clusterfs.fuse import run_fuse, serve_status
+    from storaged.clusterfs.locks import LocalLocks
+
+    device, mountpoint = os.path.abspath(device), os.path.abspath(mountpoint)  # libfuse chdirs
+    read_only = bool(opts.get("ro"))
+    dev = _open_device(device, read_only=read_only)
+    lt = node = None
+    if opts.get("local"):
+        locks: Any = LocalLocks()
+        mode = "local"
+    else:
+        from storaged.cluster.cli import load
+        from storaged.clusterfs.cluster import LoopThread, dlm_locks, start_node
+        cfg, node_id = load(cluster_dir or ".")
+        lockspace = str(opts.get("lockspace") or "default")
+        if lockspace not in cfg.lockspaces:
+            _fail(f"lockspace {lockspace!r} is not in cluster {cfg.name!r} "
+                  f"({', '.join(cfg.lockspaces)})")
+        lt = LoopThread()
+        try:
+            node = start_node(lt, cfg, node_id, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - reported as a CLI error
+            _fail(f"cluster node {node_id} did not join a quorate view: {e}")
+        locks = dlm_locks(lt, node, lockspace)
+        mode = f"cluster {cfg.name} node {node_id}"
+    try:
+        fsobj = ClusterFS(dev, locks, read_only=read_only).mount()
+    except FormatError as e:
+        _fail(f"{device}: not a clusterfs filesystem ({e})")
+    except OSError as e:
+        _fail(f"{device}: {e.strerror}{': ' + e.filename if e.filename else ''}")
+    started = time.time()
+
+    def status() -> dict[str, Any]:
+        return {"device": os.path.realpath(device), "mountpoint": os.path.realpath(mountpoint),
+                "pid": os.getpid(), "mode": mode, "slot": fsobj.slot,
+                "read_only": read_only, "withdrawn": fsobj.withdrawn,
+                "uptime_s": round(time.time() - started, 1), "stats": dict(fsobj.stats),
+                "lock_stats": dict(getattr(locks, "stats", {}))}
+
+    os.makedirs(run_dir(), exist_ok=True)
+    sock = _sock_for(mountpoint)
+    serve_status(sock, status)
+    done = threading.Event()
+    if node is not None and not read_only:
+        threading.Thread(target=_recovery_loop, args=(fsobj, done), daemon=True,
+                         name="clusterfs-recovery").start()
+    try:
+        run_fuse(fsobj, mountpoint, read_only=read_only, fsname=os.path.basename(device))
+    except OSError as e:
+        _fail(str(e.strerror))
+    finally:
+        done.set()
+        fsobj.umount()  # idempotent: destroy() already did it on a clean unmount
+        if os.path.exists(sock):
+            os.unlink(sock)
+        if node is not None and lt is not None:
+            from storaged.clusterfs.cluster import stop_node
+            try:
+                stop_node(lt, node)
+            finally:
+                lt.stop()
+        dev.close()
+
+
+def _recovery_loop(fsobj: Any, done: threading.Event, interval: float = 1.0) -> None:
+    """Replay the journal of any node that is gone: its journal lock is free only once
+    the membership fenced it and the DLM purged its locks (so this is safe to poll)."""
+    while not done.wait(interval):
+        try:
+            n = fsobj.recover_all()
+        except OSError as e:
+            click.echo(f"storaged: recovery poll failed: {e}", err=True)
+            continue
+        if n:
+            click.echo(f"storaged: replayed {n} block(s) of a departed node's journal",
+                       err=True)
+
+
+def _query(sock: str) -> dict[str, Any] | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(sock)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        return json.loads(buf)
+    except (OSError, ValueError):
+        return None
+    finally:
+        s.close()
+
+
+@fs.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def fs_umount(mountpoint: str, timeout: float) -> None:
+    """Unmount cleanly: journal flushed and marked clean, slot released."""
+    info = _query(_sock_for(mountpoint))
+    if info is None:
+        _fail(f"{mountpoint}: no clusterfs mount here")
+    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        _fail(f"fusermount3 -u {mountpoint}: {r.stderr.strip()}")
+    pid = info["pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo(f"unmounted {mountpoint}")
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    _fail(f"the mount process {pid} did not exit within {timeout:g}s (sent SIGTERM)")
+
+
+@fs.command("check")
+@click.argument("device")
+@click.option("--repair", is_flag=True, help="Replay journals and fix what is found.")
+@click.option("--json", "as_json", is_flag=True)
+def fs_check(device: str, repair: bool, as_json: bool) -> None:
+    """Check DEVICE offline (it must not be mounted anywhere); exit 1 if problems remain."""
+    from storaged.clusterfs.mkfs import check
+    for info in _all_status():
+        if info.get("device") == os.path.realpath(device):
+            _fail(f"{device} is mounted on {info['mountpoint']} (pid {info['pid']}): "
+                  "unmount it on every node first")
+    dev = _open_device(device, read_only=not repair)
+    try:
+        rep = check(dev, repair=repair)
+    finally:
+        dev.close()
+    if as_json:
+        click.echo(json.dumps(rep.as_dict(), indent=2))
+    else:
+        for p in rep.problems:
+            click.echo(f"problem: {p}")
+        for r in rep.repaired:
+            click.echo(f"repaired: {r}")
+        click.echo(f"{device}: {rep.inodes} inodes, {rep.used_blocks} blocks in use, "
+                   f"{len(rep.problems)} problem(s), {len(rep.repaired)} repaired")
+    if rep.problems and not repair:
+        sys.exit(1)
+
+
+def _all_status() -> list[dict[str, Any]]:
+    out = []
+    d = run_dir()
+    if not os.path.isdir(d):
+        return out
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".sock"):
+            info = _query(os.path.join(d, name))
+            if info is not None:
+                out.append(info)
+    return out
+
+
+@fs.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def fs_status(as_json: bool) -> None:
+    """This host's clusterfs mounts: device, journal slot, mode, PIDs, counters."""
+    mounts = _all_status()
+    if as_json:
+        click.echo(json.dumps(mounts, indent=2))
+        return
+    if not mounts:
+        click.echo("no clusterfs mounts")
+    for m in mounts:
+        w = f" WITHDRAWN ({m['withdrawn']})" if m["withdrawn"] else ""
+        click.echo(f"{m['mountpoint']}: {m['device']} journal {m['slot']} {m['mode']} "
+                   f"pid {m['pid']}{w}; ops {m['stats']['ops']} commits "
+                   f"{m['stats']['commits']} restarts {m['stats']['restarts']}")
