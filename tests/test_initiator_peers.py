@@ -6,9 +6,11 @@ Data written through our initiator is checked by an independent initiator
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -163,3 +165,112 @@ def test_reservation_fences_the_other_node(daemon):
     finally:
         a.close()
         b.close()
+
+
+# ------------------------------------------------------------------- tgt
+TGT_IQN = "iqn.2026-11.org.storaged:tgtpeer"
+
+
+@dataclass
+class Tgt:
+    port: int
+    ctl: int
+    iqn: str = TGT_IQN
+    lun: int = 1
+
+
+def tgtadm(ctl: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["tgtadm", "-C", str(ctl), "--lld", "iscsi", *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 or not check, r.stderr
+    return r
+
+
+@pytest.fixture()
+def tgt(tmp_path):
+    """tgtd on its own portal and control number, stock parameters
+    (InitialR2T=Yes, 8 KiB segments: the R2T path), LUN 1 on a 64 MiB file."""
+    tgtd = require_tool("tgtd", "tgt")
+    require_tool("tgtadm", "tgt")
+    img = tmp_path / "lun1.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    port = free_port()
+    ctl = random.randrange(2000, 9000)   # tgtd's -C is a small instance number
+    log = open(tmp_path / "tgtd.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([tgtd, "-f", "-C", str(ctl), "--iscsi", f"portal=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while tgtadm(ctl, "--op", "show", "--mode", "target", check=False).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, "tgtd did not start"
+            time.sleep(0.1)
+        tgtadm(ctl, "--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN)
+        tgtadm(ctl, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+               "-b", str(img))
+        tgtadm(ctl, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        yield Tgt(port, ctl)
+    finally:
+        tgtadm(ctl, "--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
+        subprocess.run(["tgtadm", "-C", str(ctl), "--op", "delete", "--mode", "system"],
+                       capture_output=True, timeout=30)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@pytest.mark.parametrize("digest", ["None", "CRC32C"])
+def test_round_trip_tgt(tgt, image, digest):
+    if digest != "None":
+        for key in ("HeaderDigest", "DataDigest"):
+            tgtadm(tgt.ctl, "--op", "update", "--mode", "target", "--tid", "1",
+                   "--name", key, "--value", "CRC32C,None")
+    url = (f"iscsi://127.0.0.1:{tgt.port}/{tgt.iqn}/{tgt.lun}"
+           f"?header_digest={digest}&data_digest={digest}")
+    with RemoteBlockDevice(url) as dev:
+        assert dev.client.params["HeaderDigest"] == digest
+        assert dev.client.params["InitialR2T"] == "Yes"
+        assert dev.size == 64 << 20 and dev.identifiers
+        copy_in(dev, image)
+        with open(image, "rb") as f:
+            assert dev.read(0, SIZE) == f.read()
+    qemu_compare(image, tgt.port, tgt.iqn, tgt.lun, digest.lower())
+
+
+def test_chap_tgt(tgt):
+    p, c = tgt.port, tgt.ctl
+    tgtadm(c, "--op", "new", "--mode", "account", "--user", "bob", "--password", SECRET)
+    tgtadm(c, "--op", "new", "--mode", "account", "--user", "tgt", "--password", MUTUAL)
+    tgtadm(c, "--op", "bind", "--mode", "account", "--tid", "1", "--user", "bob")
+    base = f"iscsi://bob%{SECRET}@127.0.0.1:{p}/{tgt.iqn}/{tgt.lun}"
+    with RemoteBlockDevice(base) as dev:
+        assert len(dev.read(0, 4096)) == 4096
+    with pytest.raises(BlockDeviceError, match="0x0201"):
+        RemoteBlockDevice(base.replace(SECRET, "wrong-secret-99"))
+    tgtadm(c, "--op", "bind", "--mode", "account", "--tid", "1", "--user", "tgt", "--outgoing")
+    with RemoteBlockDevice(f"{base}?target_user=tgt&target_password={MUTUAL}") as dev:
+        assert len(dev.read(0, 4096)) == 4096
+    with pytest.raises(BlockDeviceError, match="mutual"):
+        RemoteBlockDevice(f"{base}?target_user=tgt&target_password=not-the-secret1")
+
+
+def test_connection_drop_during_write_loop_tgt(tgt):
+    """Abort the TCP connection under a write loop: the session is
+    reinstated with the same ISID and the unanswered writes are resent."""
+    url = f"iscsi://127.0.0.1:{tgt.port}/{tgt.iqn}/{tgt.lun}"
+    with RemoteBlockDevice(url) as dev:
+        isid = dev.client.opt.isid
+        futs = []
+        blobs = [os.urandom(256 << 10) for _ in range(64)]
+        for i, blob in enumerate(blobs):
+            futs.append(dev.submit(dev.awrite(i * len(blob), blob)))
+            if i in (20, 45):
+                dev._lt.loop.call_soon_threadsafe(dev.client.drop_connection)
+        for f in futs:
+            f.result(60)
+        assert dev.client.reconnects >= 1 and dev.client.opt.isid == isid
+        for i, blob in enumerate(blobs):
+            assert dev.read(i * len(blob), len(blob)) == blob, i
