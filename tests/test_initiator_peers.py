@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -274,3 +275,27 @@ def test_connection_drop_during_write_loop_tgt(tgt):
         assert dev.client.reconnects >= 1 and dev.client.opt.isid == isid
         for i, blob in enumerate(blobs):
             assert dev.read(i * len(blob), len(blob)) == blob, i
+
+
+def test_hung_target_noop_timeout_and_replacement_timeout(tmp_path):
+    """SIGSTOP the target: the NOP-Out ping times out, reconnecting fails
+    until replacement_timeout, and the write fails with that reason; after
+    SIGCONT the next write logs in again and succeeds."""
+    with running(str(tmp_path / "demo")) as d:
+        dev = RemoteBlockDevice(d.url + "?noop_interval=0.5&noop_timeout=0.5"
+                                "&replacement_timeout=2&login_timeout=0.5")
+        try:
+            dev.write(0, b"1" * 4096)
+            d.proc.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(BlockDeviceError, match="replacement timeout"):
+                    dev.write(0, b"2" * 4096)
+                assert time.monotonic() - t0 < 15
+            finally:
+                d.proc.send_signal(signal.SIGCONT)
+            dev.write(4096, b"3" * 4096)
+            assert dev.read(4096, 4096) == b"3" * 4096
+            assert dev.client.reconnects >= 1
+        finally:
+            dev.close()

@@ -71,7 +71,6 @@ class IscsiClient:
         self._reconnecting: asyncio.Task | None = None
         self._last_rx = 0.0
         self.reconnects = 0
-        self._replacement_failed: Exception | None = None
 
     # ------------------------------------------------------------- session
     async def connect(self) -> None:
@@ -95,6 +94,9 @@ class IscsiClient:
             except TimeoutError as e:
                 writer.close()
                 raise IscsiError(f"login to {host}:{port} timed out") from e
+            except OSError as e:      # reset while logging in (target restarting)
+                writer.close()
+                raise IscsiError(f"login to {host}:{port}: {e}") from e
             if isinstance(ev, s.Redirected):
                 writer.close()
                 log.info("login redirected to %s:%s", ev.host, ev.port)
@@ -191,9 +193,8 @@ class IscsiClient:
                 try:
                     await self._login()    # same ISID, TSIH 0: reinstatement (§6.3.5)
                     self.reconnects += 1
-                    self._replacement_failed = None
                     break
-                except IscsiError as e:
+                except (IscsiError, OSError) as e:
                     if loop.time() + delay > deadline:
                         self._fail_all(IscsiError(
                             f"no connection to {self.host}:{self.port} within the "
@@ -213,7 +214,6 @@ class IscsiClient:
             if not fut.done():
                 fut.set_exception(exc)
         self._jobs.clear()
-        self._replacement_failed = exc
 
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -248,9 +248,10 @@ class IscsiClient:
     async def _run(self, args: tuple) -> s.Event:
         if self._closing:
             raise IscsiError("session closed")
-        exc = self._replacement_failed
-        if exc is not None and self.core is None and self._reconnecting is None:
-            raise exc
+        if self.core is None and self._reconnecting is None:
+            # The replacement timeout expired earlier: new I/O tries again
+            # (and fails after another replacement_timeout).
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
         fut = asyncio.get_running_loop().create_future()
         self._jobs[fut] = args
         try:
