@@ -248,6 +248,10 @@ class RemoteBlockDevice:
     async def aread(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         bs = self.block_size
+        if length <= MAX_TRANSFER:     # one command: no task per part
+            ev = await self.ascsi(struct.pack(">BBQIBB", 0x88, 0, offset // bs, length // bs,
+                                              0, 0), length, what="READ(16)")
+            return ev.data
         parts = []
         for off in range(offset, offset + length, MAX_TRANSFER):
             n = min(MAX_TRANSFER, offset + length - off)
@@ -256,9 +260,14 @@ class RemoteBlockDevice:
         return b"".join(ev.data for ev in await asyncio.gather(*parts))
 
     async def awrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        data = bytes(data)
         self._check(offset, len(data))
         bs = self.block_size
+        if len(data) <= MAX_TRANSFER:
+            cdb = struct.pack(">BBQIBB", 0x8A, 0x08 if fua else 0, offset // bs,
+                              len(data) // bs, 0, 0)
+            await self.ascsi(cdb, data_out=data, what="WRITE(16)")
+            return
+        data = bytes(data)
         parts = []
         for off in range(0, len(data), MAX_TRANSFER):
             chunk = data[off:off + MAX_TRANSFER]

@@ -247,8 +247,11 @@ class InitiatorConnection:
         """Feed bytes from the socket; handles every complete PDU."""
         if self.closed:
             return
-        buf = self._rbuf
-        buf += data
+        if self._rbuf:
+            self._rbuf += data
+            buf: bytearray | bytes = self._rbuf
+        else:
+            buf = bytes(data)
         pos = 0
         mv = memoryview(buf)
         try:
@@ -277,7 +280,10 @@ class InitiatorConnection:
             self._drop(str(e))
         finally:
             mv.release()
-            del buf[:pos]
+            if buf is self._rbuf:
+                del self._rbuf[:pos]
+            else:
+                self._rbuf = bytearray(buf[pos:])
 
     # --------------------------------------------------------------- login
     def start(self) -> None:
@@ -699,13 +705,19 @@ class InitiatorConnection:
         if pdu.w36 != cmd.datasn:
             raise InitiatorError(f"Data-In DataSN {pdu.w36}, expected {cmd.datasn}")
         cmd.datasn += 1
+        if status and off == 0 and cmd.got == 0:
+            # The whole read in one PDU (the common small read): no reassembly copy.
+            del self.cmds[cmd.tag]
+            resid = pdu.w44 if pdu.flags & 0x06 else 0
+            self._events.append(CommandDone(cmd.tag, pdu.b3, b"", pdu.data, resid))
+            return
         cmd.buf[off:off + n] = pdu.data
         cmd.got = max(cmd.got, off + n)
         if status:
             del self.cmds[cmd.tag]
             resid = pdu.w44 if pdu.flags & 0x06 else 0
-            self._events.append(CommandDone(cmd.tag, pdu.b3, b"", bytes(cmd.buf[:cmd.got]),
-                                            resid))
+            data = cmd.buf if cmd.got == len(cmd.buf) else cmd.buf[:cmd.got]
+            self._events.append(CommandDone(cmd.tag, pdu.b3, b"", bytes(data), resid))
 
     def _scsi_rsp(self, pdu: Pdu) -> None:
         self._update_sn(pdu.w24, pdu.w28, pdu.w32)
