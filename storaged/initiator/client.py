@@ -71,6 +71,7 @@ class IscsiClient:
         self._reconnecting: asyncio.Task | None = None
         self._last_rx = 0.0
         self.reconnects = 0
+        self._flush_soon = False
 
     # ------------------------------------------------------------- session
     async def connect(self) -> None:
@@ -165,6 +166,10 @@ class IscsiClient:
                 dropped = True
         return dropped
 
+    def _flush_later(self) -> None:
+        self._flush_soon = False
+        self._flush()
+
     def _flush(self) -> None:
         if self.core is not None and self._writer is not None:
             out = self.core.data_to_send()
@@ -257,7 +262,10 @@ class IscsiClient:
         try:
             if self.core is not None:
                 self._submit(fut, args)
-                self._flush()
+                if not self._flush_soon:
+                    # One write for every command submitted in this loop turn.
+                    self._flush_soon = True
+                    asyncio.get_running_loop().call_soon(self._flush_later)
             return await fut
         finally:
             self._jobs.pop(fut, None)
