@@ -219,3 +219,25 @@ def test_header_digest_error_drops(tmp_path):
     out[10] ^= 0xFF
     p.ini.receive_data(bytes(out))
     assert "digest" in only(p.ini.next_events(), s.Dropped).reason
+
+
+def test_url_parsing_and_fence_key():
+    from storaged.initiator.device import fence_scsi_key, options_from_url, parse_url
+    u = parse_url("iscsi://bob%s3cr%40t@[fd00::5]:3261/iqn.2026-11.x:y/3"
+                  "?target_password=tp&header_digest=CRC32C&replacement_timeout=7")
+    assert (u.host, u.port, u.iqn, u.lun, u.user, u.password) == \
+        ("fd00::5", 3261, "iqn.2026-11.x:y", 3, "bob", "s3cr@t")
+    opts, t = options_from_url(u)
+    assert opts.target_password == "tp" and opts.header_digest == "CRC32C"
+    assert t.replacement_timeout == 7 and t.noop_interval == 5 and t.noop_timeout == 5
+    assert parse_url("iscsi://h/iqn.2026-11.x:y").lun == 0
+    assert parse_url("iscsi://h/iqn.2026-11.x:y").port == 3260
+    for bad in ("http://h/i/0", "iscsi://h/", "iscsi:///iqn/0"):
+        try:
+            parse_url(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+    # fence_scsi: first 4 hex digits of md5(cluster name), node id as 4 digits.
+    assert fence_scsi_key("demo", 1) == 0xFE010001
+    assert fence_scsi_key("demo", 12) == 0xFE010012
