@@ -178,6 +178,8 @@ class Tgt:
     ctl: int
     iqn: str = TGT_IQN
     lun: int = 1
+    proc: subprocess.Popen | None = None
+    img: object = None
 
 
 def tgtadm(ctl: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -187,31 +189,27 @@ def tgtadm(ctl: int, *args: str, check: bool = True) -> subprocess.CompletedProc
     return r
 
 
-@pytest.fixture()
-def tgt(tmp_path):
-    """tgtd on its own portal and control number, stock parameters
-    (InitialR2T=Yes, 8 KiB segments: the R2T path), LUN 1 on a 64 MiB file."""
+def start_tgtd(tmp_path, img, port: int, ctl: int) -> subprocess.Popen:
+    """tgtd on its own portal and control number with LUN 1 on ``img``."""
     tgtd = require_tool("tgtd", "tgt")
     require_tool("tgtadm", "tgt")
-    img = tmp_path / "lun1.img"
-    with open(img, "wb") as f:
-        f.truncate(64 << 20)
-    port = free_port()
-    ctl = random.randrange(2000, 9000)   # tgtd's -C is a small instance number
-    log = open(tmp_path / "tgtd.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "tgtd.log", "ab")  # noqa: SIM115 - kept by the process
     proc = subprocess.Popen([tgtd, "-f", "-C", str(ctl), "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 15
-        while tgtadm(ctl, "--op", "show", "--mode", "target", check=False).returncode:
-            assert proc.poll() is None and time.monotonic() < deadline, "tgtd did not start"
-            time.sleep(0.1)
-        tgtadm(ctl, "--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN)
-        tgtadm(ctl, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-               "-b", str(img))
-        tgtadm(ctl, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        yield Tgt(port, ctl)
-    finally:
+    log.close()
+    deadline = time.monotonic() + 15
+    while tgtadm(ctl, "--op", "show", "--mode", "target", check=False).returncode:
+        assert proc.poll() is None and time.monotonic() < deadline, "tgtd did not start"
+        time.sleep(0.1)
+    tgtadm(ctl, "--op", "new", "--mode", "target", "--tid", "1", "-T", TGT_IQN)
+    tgtadm(ctl, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+           "-b", str(img))
+    tgtadm(ctl, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+    return proc
+
+
+def stop_tgtd(proc: subprocess.Popen, ctl: int) -> None:
+    if proc.poll() is None:
         tgtadm(ctl, "--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
         subprocess.run(["tgtadm", "-C", str(ctl), "--op", "delete", "--mode", "system"],
                        capture_output=True, timeout=30)
@@ -220,7 +218,22 @@ def tgt(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-        log.close()
+
+
+@pytest.fixture()
+def tgt(tmp_path):
+    """tgtd with stock parameters (InitialR2T=Yes, 8 KiB segments: the R2T
+    path), LUN 1 on a 64 MiB file."""
+    img = tmp_path / "lun1.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    ep = Tgt(free_port(), random.randrange(2000, 9000))  # -C: a small instance number
+    ep.proc = start_tgtd(tmp_path, img, ep.port, ep.ctl)
+    ep.img = img
+    try:
+        yield ep
+    finally:
+        stop_tgtd(ep.proc, ep.ctl)
 
 
 @pytest.mark.parametrize("digest", ["None", "CRC32C"])
@@ -299,3 +312,47 @@ def test_hung_target_noop_timeout_and_replacement_timeout(tmp_path):
             assert dev.client.reconnects >= 1
         finally:
             dev.close()
+
+
+def test_tgt_restart_during_write_loop(tgt, tmp_path):
+    """kill -9 tgtd under a FUA write loop and start it again on the same
+    file: the loop continues and every acknowledged write reads back."""
+    url = (f"iscsi://127.0.0.1:{tgt.port}/{tgt.iqn}/{tgt.lun}"
+           "?noop_interval=1&noop_timeout=1&replacement_timeout=30&login_timeout=2")
+    acked: dict[int, bytes] = {}
+    done = [0]          # writes acknowledged in all
+    errors: list[Exception] = []
+    with RemoteBlockDevice(url) as dev:
+        stop = threading.Event()
+
+        def loop() -> None:
+            i = 0
+            try:
+                while not stop.is_set():
+                    data = os.urandom(64 << 10)
+                    dev.write((i % 900) * (64 << 10), data, fua=True)
+                    acked[i % 900] = data
+                    i += 1
+                    done[0] = i
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            time.sleep(1.0)
+            before = done[0]
+            tgt.proc.kill()
+            tgt.proc.wait(5)
+            time.sleep(0.5)
+            tgt.proc = start_tgtd(tmp_path, tgt.img, tgt.port, tgt.ctl)
+            restarted = done[0]
+            time.sleep(2.0)
+        finally:
+            stop.set()
+            t.join(60)
+        assert not errors, errors
+        assert dev.client.reconnects >= 1 and before > 0
+        assert done[0] > restarted        # the loop went on after the restart
+        for i, data in acked.items():
+            assert dev.read(i * (64 << 10), len(data)) == data, i
