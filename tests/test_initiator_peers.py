@@ -84,6 +84,16 @@ def test_round_trip_storaged(daemon, image, digest):
     qemu_compare(image, daemon.port, DEMO_IQN, 0, digest.lower(), same=False)
 
 
+def test_lun_reset_reports_unit_attention(daemon):
+    with RemoteBlockDevice(daemon.url) as dev:
+        dev.write(0, b"r" * 4096)
+        dev.unit_attentions.clear()       # the power-on one seen at open
+        dev.lun_reset()
+        assert dev.read(0, 4096) == b"r" * 4096
+        # SAM-5: the reset leaves a unit attention (29h/xx), reported and retried.
+        assert any(asc == 0x29 for asc, _ in dev.unit_attentions), dev.unit_attentions
+
+
 def test_chap_one_way_mutual_and_wrong_secret(daemon):
     d = daemon.directory
     storaged("chap", "set", DEMO_IQN, "--user", "bob", "--password", SECRET,

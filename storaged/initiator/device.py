@@ -366,6 +366,17 @@ class RemoteBlockDevice:
         n = int.from_bytes(ev.data[4:8], "big") // 8
         return [int.from_bytes(ev.data[8 + 8 * i:16 + 8 * i], "big") for i in range(n)]
 
+    # ----------------------------------------------------- task management
+    def lun_reset(self) -> None:
+        """LOGICAL UNIT RESET (RFC 7143 §11.5.1 function 5): the target aborts
+        every task of the LU; raises unless it answered Function Complete."""
+        try:
+            rsp = self._lt.run(self.client.task_management(5, self.url.lun))
+        except IscsiError as e:
+            raise BlockDeviceError(f"LUN RESET: {e}") from e
+        if rsp != 0:
+            raise BlockDeviceError(f"LUN RESET refused by the target (response {rsp})")
+
     # -------------------------------------------------------------- close
     def close(self) -> None:
         lt = getattr(self, "_lt", None)
