@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from storaged.cli.lazy import LazyGroup
 from storaged.cli.root import fail, op_command, pairs, run_op
 
 
@@ -364,10 +365,14 @@ def pr_clear(ctx: click.Context, backstore_name: str) -> None:
 
 # ------------------------------------------------------------ storaged iscsi
 
-@click.group()
+@click.group(cls=LazyGroup)
 def iscsi() -> None:
-    """iSCSI: the target's backstores, targets, LUNs, portals, ACLs, CHAP and PR."""
+    """iSCSI: the target's backstores, targets, LUNs, portals, ACLs, CHAP and PR;
+    the initiator's discover, inq and dd."""
 
 
 for _group in (backstore, target, lun, portal, acl, chap, settings, pr):
     iscsi.add_command(_group)
+# The initiator's verbs (storaged.initiator.cli).
+for _verb in ("discover", "inq", "dd"):
+    iscsi.add_lazy(_verb, f"storaged.initiator.cli:{_verb}")
