@@ -134,10 +134,13 @@ class Runtime:
 
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
+        from storaged.control.fence_ops import fenced_initiators
+
         self.raid.reconcile()
         with self.store.read() as txn:
             backstores = {b.name: b for b in txn.list(Backstore)}
             targets = txn.list(Target)
+            fenced_names, fenced_keys = fenced_initiators(txn)
         for name, b in backstores.items():
             cur = self.devices.get(name)
             if cur is not None and (cur.record.path, cur.record.block_size) == \
@@ -165,6 +168,9 @@ class Runtime:
         for name in list(self.devices):
             if name not in backstores:
                 self.devices.pop(name).device.close()
+        if fenced_names or fenced_keys:
+            self._preempt_fenced(fenced_names, fenced_keys)
+        denied = frozenset(fenced_names)
         wanted: set[tuple[str, int]] = set()
         seen: set[str] = set()
         for t in targets:
@@ -181,6 +187,7 @@ class Runtime:
             ctx.chap = _creds(t.chap)
             ctx.params = dict(t.params)
             ctx.queue_depth = t.queue_depth
+            ctx.denied = denied
             luns = {lun: self.devices[bs].lu for lun, bs in t.luns.items()
                     if bs in self.devices}
             if luns != ctx.scsi.luns:
@@ -188,7 +195,9 @@ class Runtime:
             wanted.update(ctx.portals)
             # Sessions of initiators no longer allowed end now.
             for conn in self.registry.connections(t.iqn):
-                if not ctx.allowed(conn.initiator):
+                if conn.initiator in denied:
+                    conn.drop("initiator fenced")
+                elif not ctx.allowed(conn.initiator):
                     conn.drop("initiator removed from the ACL")
         for name in list(self.registry.targets):
             if name not in seen:
@@ -198,6 +207,16 @@ class Runtime:
         self._reconcile_alua(targets)
         await self.server.set_portals(wanted)
         await self.nfs.reconcile()
+
+    def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
+        """Fenced nodes lose their registrations on every open LU, as after a
+        PREEMPT AND ABORT (their tasks aborted, UAs for the others)."""
+        for name, d in self.devices.items():
+            removed = d.lu.pr.admin_preempt(names, keys)
+            if removed["registrations"]:
+                log.warning("fence: backstore %s: preempted %d registration(s) of fenced "
+                            "initiators%s", name, removed["registrations"],
+                            ", reservation released" if removed["released"] else "")
 
     def _reconcile_alua(self, targets: list[Target]) -> None:
         """Target port groups from the store; unchanged groups keep live state."""
