@@ -69,6 +69,8 @@ class Runtime:
                                   nop_timeout=settings.nop_timeout)
         from storaged.nfs.service import NfsRuntime
         self.nfs = NfsRuntime(store)
+        from storaged.control.mgmt_server import MgmtServer
+        self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -207,6 +209,7 @@ class Runtime:
         self._reconcile_alua(targets)
         await self.server.set_portals(wanted)
         await self.nfs.reconcile()
+        await self.mgmt.reconcile()
 
     def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
@@ -361,6 +364,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         await stop_control_server(control, sock_path)
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
+        await runtime.mgmt.close()
         await runtime.server.shutdown()
         await runtime.nfs.shutdown()
         for d in runtime.devices.values():

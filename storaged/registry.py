@@ -15,6 +15,7 @@ from storaged.nas.exports import Export, NfsSettings
 from storaged.raid.records import RaidVolume
 from storaged.state.alua import AluaGroup
 from storaged.state.fence import FenceEvent, FenceNode
+from storaged.state.mgmt import MgmtEndpoint, MgmtUser
 from storaged.state.nsm import NsmMonitor, NsmState
 from storaged.state.pr import PrRecord
 from storaged.state.records import Backstore, Record, Settings, Target
@@ -25,6 +26,7 @@ RECORD_KINDS: tuple[type[Record], ...] = (
     Settings, Backstore, Target, AluaGroup, RaidVolume, Export, NfsSettings,
     ClusterConfig, LocalNode,
     PrRecord, NsmState, NsmMonitor, FenceNode, FenceEvent,
+    MgmtEndpoint, MgmtUser,
 )
 
 #: The kinds that are configuration (they name a ``CONFIG_SECTION``).

@@ -128,3 +128,58 @@ def fence_history(ctx: click.Context, node: str | None, limit: int, as_json: boo
     for e in r["events"]:
         detail = f"  ({e['detail']})" if e["detail"] else ""
         click.echo(f"{_when(e['at'])}  {e['node']:<16} {e['action']:<6} by {e['by']}{detail}")
+
+
+@click.group()
+def mgmt() -> None:
+    """The network management endpoint fence agents use (off by default)."""
+
+
+@mgmt.command("listen")
+@click.argument("address", metavar="IP:PORT|off")
+@click.option("--tls-cert", default=None, metavar="PEM", help="Serve TLS with this certificate.")
+@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.pass_context
+def mgmt_listen(ctx: click.Context, address: str, tls_cert: str | None,
+                tls_key: str | None) -> None:
+    """Listen for fence agents on ADDRESS (ip:port), or stop ('off')."""
+    r = run_op(ctx, "mgmt_set", {"address": address, "tls_cert": tls_cert, "tls_key": tls_key})
+    click.echo(f"Management endpoint on {r['address']}{' (TLS)' if r['tls'] else ''}."
+               if r["address"] else "Management endpoint off.")
+
+
+@mgmt.command("user-add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--replace", is_flag=True, help="Change an existing user's password.")
+@click.pass_context
+def mgmt_user_add(ctx: click.Context, name: str, password_stdin: bool, replace: bool) -> None:
+    """Add a user the fence agent logs in as (only a salted verifier is stored)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    r = run_op(ctx, "mgmt_user_add", {"name": name, "password": password, "replace": replace})
+    click.echo(f"User {r['user']} {'updated' if replace else 'added'}.")
+
+
+@mgmt.command("user-remove")
+@click.argument("name")
+@click.pass_context
+def mgmt_user_remove(ctx: click.Context, name: str) -> None:
+    """Remove an endpoint user."""
+    run_op(ctx, "mgmt_user_remove", {"name": name})
+    click.echo(f"User {name} removed.")
+
+
+@mgmt.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def mgmt_ls(ctx: click.Context, as_json: bool) -> None:
+    """The endpoint's address and users."""
+    r = run_op(ctx, "mgmt_ls")
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"address: {r['address'] or 'off'}{'  (TLS)' if r['tls'] else ''}")
+    click.echo(f"users: {', '.join(r['users']) or '(none)'}")

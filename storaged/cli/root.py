@@ -126,6 +126,7 @@ GROUPS: dict[str, str] = {
     "cluster": "storaged.cluster.cli:cluster",
     "lock": "storaged.cluster.lockcli:lock",
     "fence": "storaged.cli.fence:fence",
+    "mgmt": "storaged.cli.fence:mgmt",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)

@@ -12,12 +12,15 @@ appended to the history with who asked for it.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
+from storaged.control.mgmt_auth import make_verifier
 from storaged.control.ops import ConfigError, _op
 from storaged.state import Txn
 from storaged.state.fence import FenceEvent, FenceNode, normalize_node, normalize_pr_key
+from storaged.state.mgmt import MgmtEndpoint, MgmtUser
 from storaged.state.validate import normalize_iscsi_name
 
 #: history kept per store; older events are dropped first
@@ -142,3 +145,63 @@ def fenced_initiators(txn: Txn) -> tuple[set[str], set[int]]:
             names.update(rec.initiators)
             keys.update(rec.keys)
     return names, keys
+
+
+# ------------------------------------------------- the management endpoint
+
+def describe_endpoint(rec: MgmtEndpoint) -> dict[str, Any]:
+    return {"address": rec.address or None, "tls": bool(rec.tls_cert),
+            "tls_cert": rec.tls_cert or None}
+
+
+@_op()
+def mgmt_set(txn: Txn, address: str | None = None, tls_cert: str | None = None,
+             tls_key: str | None = None) -> dict[str, Any]:
+    """Where the network management endpoint listens ("" or "off" = not at all),
+    and its TLS certificate/key ("" = plain TCP)."""
+    rec = txn.get(MgmtEndpoint, MgmtEndpoint.KEY) or MgmtEndpoint()
+    if address is not None:
+        rec.address = "" if address.strip().lower() in ("", "off") else address
+    if tls_cert is not None:
+        rec.tls_cert = tls_cert
+    if tls_key is not None:
+        rec.tls_key = tls_key
+    rec.validate()
+    for path in (rec.tls_cert, rec.tls_key):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"TLS file {path} does not exist")
+    txn.put(rec)
+    return describe_endpoint(rec)
+
+
+@_op()
+def mgmt_user_add(txn: Txn, name: str, password: str, replace: bool = False
+                  ) -> dict[str, Any]:
+    """Add (or with ``replace``, change the password of) an endpoint user.
+    Only a salted SCRAM-SHA-256 verifier is stored."""
+    if not isinstance(password, str) or len(password) < 8:
+        raise ConfigError("password must be at least 8 characters")
+    if txn.get(MgmtUser, name) is not None and not replace:
+        raise ConfigError(f"user {name!r} already exists (use --replace to change its "
+                          "password)")
+    v = make_verifier(password)
+    rec = MgmtUser(name=name, salt=v.salt.hex(), iterations=v.iterations,
+                   stored_key=v.stored_key.hex(), server_key=v.server_key.hex())
+    rec.validate()
+    txn.put(rec)
+    return {"user": rec.name, "iterations": rec.iterations}
+
+
+@_op()
+def mgmt_user_remove(txn: Txn, name: str) -> dict[str, Any]:
+    """Remove an endpoint user."""
+    if not txn.delete(MgmtUser, name):
+        raise ConfigError(f"user {name!r} does not exist")
+    return {"user": name, "removed": True}
+
+
+@_op(mutating=False)
+def mgmt_ls(txn: Txn) -> dict[str, Any]:
+    """The endpoint's address and its users (names only)."""
+    rec = txn.get(MgmtEndpoint, MgmtEndpoint.KEY) or MgmtEndpoint()
+    return {**describe_endpoint(rec), "users": [u.name for u in txn.list(MgmtUser)]}
