@@ -24,6 +24,7 @@ APT_PACKAGES=(
     etcd-server
     nfs-ganesha nfs-ganesha-vfs
     libisal2
+    pacemaker-cli-utils resource-agents libxml2-utils fence-agents
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
