@@ -127,6 +127,7 @@ GROUPS: dict[str, str] = {
     "lock": "storaged.cluster.lockcli:lock",
     "fence": "storaged.cli.fence:fence",
     "mgmt": "storaged.cli.fence:mgmt",
+    "ocf": "storaged.ocf.cli:ocf",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)
