@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "iscsi": ("storaged.bench.iscsi", "storaged vs tgt on loopback (qemu-img bench, iscsi-perf)"),
     "nfs": ("storaged.bench.nfs", "NFSv3: storaged vs nfs-ganesha (qemu-img, nfs-cp, nfs-ls)"),
     "dlm": ("storaged.bench.dlm", "DLM lock+unlock pairs/s and latency vs etcd 3.4"),
+    "fence": ("storaged.bench.fence", "fence_storaged: request to refused I/O / agent success"),
 }
 
 
