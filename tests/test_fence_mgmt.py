@@ -4,12 +4,15 @@ fencing operations, refusals logged; against a real daemon on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from fence.client import AuthFailed, Endpoint, OpFailed
+from fence.client import AuthFailed, Endpoint, EndpointError, OpFailed
 from storaged.control import mgmt_auth as auth
 from tests.support import free_port, running, storaged
 
@@ -104,3 +107,28 @@ def test_mgmt_bad_input(tmp_path):
              input=PASSWORD + "\n")
     out = json.loads(storaged("mgmt", "ls", "--json", directory=directory).stdout)
     assert out == {"address": None, "tls": False, "tls_cert": None, "users": ["a"]}
+
+
+def test_endpoint_over_tls(tmp_path):
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl missing: install Debian package openssl"
+    key, cert = str(tmp_path / "k.pem"), str(tmp_path / "c.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj",
+                    "/CN=localhost", "-keyout", key, "-out", cert, "-days", "1"],
+                   check=True, capture_output=True)
+    directory = str(tmp_path / "d")
+    with running(directory):
+        port = _setup(directory)
+        storaged("mgmt", "listen", f"127.0.0.1:{port}", "--tls-cert", cert, "--tls-key", key,
+                 directory=directory)
+        _wait(port)
+        with Endpoint("127.0.0.1", port, "agent", PASSWORD, use_ssl=True) as ep:
+            assert ep.sock.version().startswith("TLS")
+            assert ep.call("fence_status", {"node": "node1"})["fenced"] is False
+        r = subprocess.run([sys.executable, "-m", "fence.storaged_agent"], text=True,
+                           capture_output=True, timeout=60,
+                           input=f"action=status\nip=127.0.0.1\nipport={port}\nusername=agent\n"
+                                 f"password={PASSWORD}\nplug=node1\nssl_insecure=1\n")
+        assert (r.returncode, r.stdout.strip()) == (0, "Status: ON"), r.stderr
+        with pytest.raises(EndpointError):      # plain TCP to a TLS port fails
+            Endpoint("127.0.0.1", port, "agent", PASSWORD, timeout=3)
