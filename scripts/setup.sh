@@ -25,6 +25,7 @@ APT_PACKAGES=(
     nfs-ganesha nfs-ganesha-vfs
     libisal2
     fuse3 ctdb
+    pacemaker-cli-utils resource-agents libxml2-utils fence-agents
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }

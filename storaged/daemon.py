@@ -69,6 +69,8 @@ class Runtime:
                                   nop_timeout=settings.nop_timeout)
         from storaged.nfs.service import NfsRuntime
         self.nfs = NfsRuntime(store)
+        from storaged.control.mgmt_server import MgmtServer
+        self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -134,10 +136,13 @@ class Runtime:
 
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
+        from storaged.control.fence_ops import fenced_initiators
+
         self.raid.reconcile()
         with self.store.read() as txn:
             backstores = {b.name: b for b in txn.list(Backstore)}
             targets = txn.list(Target)
+            fenced_names, fenced_keys = fenced_initiators(txn)
         for name, b in backstores.items():
             cur = self.devices.get(name)
             if cur is not None and (cur.record.path, cur.record.block_size) == \
@@ -165,6 +170,9 @@ class Runtime:
         for name in list(self.devices):
             if name not in backstores:
                 self.devices.pop(name).device.close()
+        if fenced_names or fenced_keys:
+            self._preempt_fenced(fenced_names, fenced_keys)
+        denied = frozenset(fenced_names)
         wanted: set[tuple[str, int]] = set()
         seen: set[str] = set()
         for t in targets:
@@ -181,6 +189,7 @@ class Runtime:
             ctx.chap = _creds(t.chap)
             ctx.params = dict(t.params)
             ctx.queue_depth = t.queue_depth
+            ctx.denied = denied
             luns = {lun: self.devices[bs].lu for lun, bs in t.luns.items()
                     if bs in self.devices}
             if luns != ctx.scsi.luns:
@@ -188,7 +197,9 @@ class Runtime:
             wanted.update(ctx.portals)
             # Sessions of initiators no longer allowed end now.
             for conn in self.registry.connections(t.iqn):
-                if not ctx.allowed(conn.initiator):
+                if conn.initiator in denied:
+                    conn.drop("initiator fenced")
+                elif not ctx.allowed(conn.initiator):
                     conn.drop("initiator removed from the ACL")
         for name in list(self.registry.targets):
             if name not in seen:
@@ -198,6 +209,17 @@ class Runtime:
         self._reconcile_alua(targets)
         await self.server.set_portals(wanted)
         await self.nfs.reconcile()
+        await self.mgmt.reconcile()
+
+    def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
+        """Fenced nodes lose their registrations on every open LU, as after a
+        PREEMPT AND ABORT (their tasks aborted, UAs for the others)."""
+        for name, d in self.devices.items():
+            removed = d.lu.pr.admin_preempt(names, keys)
+            if removed["registrations"]:
+                log.warning("fence: backstore %s: preempted %d registration(s) of fenced "
+                            "initiators%s", name, removed["registrations"],
+                            ", reservation released" if removed["released"] else "")
 
     def _reconcile_alua(self, targets: list[Target]) -> None:
         """Target port groups from the store; unchanged groups keep live state."""
@@ -342,6 +364,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         await stop_control_server(control, sock_path)
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
+        await runtime.mgmt.close()
         await runtime.server.shutdown()
         await runtime.nfs.shutdown()
         for d in runtime.devices.values():

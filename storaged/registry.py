@@ -14,6 +14,8 @@ from storaged.cluster.config import ClusterConfig, LocalNode
 from storaged.nas.exports import Export, NfsSettings
 from storaged.raid.records import RaidVolume
 from storaged.state.alua import AluaGroup
+from storaged.state.fence import FenceEvent, FenceNode
+from storaged.state.mgmt import MgmtEndpoint, MgmtUser
 from storaged.state.nsm import NsmMonitor, NsmState
 from storaged.state.pr import PrRecord
 from storaged.state.records import Backstore, Record, Settings, Target
@@ -23,7 +25,8 @@ from storaged.state.records import Backstore, Record, Settings, Target
 RECORD_KINDS: tuple[type[Record], ...] = (
     Settings, Backstore, Target, AluaGroup, RaidVolume, Export, NfsSettings,
     ClusterConfig, LocalNode,
-    PrRecord, NsmState, NsmMonitor,
+    PrRecord, NsmState, NsmMonitor, FenceNode, FenceEvent,
+    MgmtEndpoint, MgmtUser,
 )
 
 #: The kinds that are configuration (they name a ``CONFIG_SECTION``).
@@ -35,6 +38,7 @@ OPERATION_MODULES: tuple[str, ...] = (
     "storaged.control.alua_ops",
     "storaged.nas.ops",
     "storaged.raid.service",
+    "storaged.control.fence_ops",
 )
 
 

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "nfs": ("storaged.bench.nfs", "NFSv3: storaged vs nfs-ganesha (qemu-img, nfs-cp, nfs-ls)"),
     "dlm": ("storaged.bench.dlm", "DLM lock+unlock pairs/s and latency vs etcd 3.4"),
     "initiator": ("storaged.bench.initiator", "storaged initiator vs libiscsi (qemu-img bench)"),
+    "fence": ("storaged.bench.fence", "fence_storaged: request to refused I/O / agent success"),
 }
 
 

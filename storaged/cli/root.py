@@ -126,6 +126,9 @@ GROUPS: dict[str, str] = {
     "cluster": "storaged.cluster.cli:cluster",
     "lock": "storaged.cluster.lockcli:lock",
     "fs": "storaged.clusterfs.cli:fs",
+    "fence": "storaged.cli.fence:fence",
+    "mgmt": "storaged.cli.fence:mgmt",
+    "ocf": "storaged.ocf.cli:ocf",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)

@@ -121,6 +121,63 @@ def cluster_init(ctx: click.Context, name: str, nodes: tuple[str, ...], node_id:
     click.echo(f"Cluster {name}: {len(entries)} node(s), this is node {node_id}.")
 
 
+@cluster.command("fencing")
+@click.option("--fencer", type=click.Choice(FENCERS), default=None)
+@click.option("--agent", default=None, metavar="AGENT",
+              help="fence-agents agent for --fencer agent (e.g. fence_storaged).")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE",
+              help="An option passed to the agent on stdin (repeatable; NAME= removes one).")
+@click.option("--delay-ms", type=int, default=None, help="Static delay before any fence.")
+@click.option("--delay-max-ms", type=int, default=None,
+              help="Random extra delay 0..N ms before fencing (like pcmk_delay_max).")
+@click.option("--node-name", "node_names", multiple=True, metavar="ID=NAME",
+              help="The name fence agents know node ID by (pacemaker's plug).")
+@click.option("--node-delay-ms", "node_delays", multiple=True, metavar="ID=MS",
+              help="Static delay before node ID is fenced (like pcmk_delay_base).")
+@click.pass_context
+def cluster_fencing(ctx: click.Context, fencer: str | None, agent: str | None,
+                    options: tuple[str, ...], delay_ms: int | None, delay_max_ms: int | None,
+                    node_names: tuple[str, ...], node_delays: tuple[str, ...]) -> None:
+    """Configure how this node fences others (run the same on every node)."""
+    directory = _dir(ctx)
+    cfg, node_id = load(directory)
+    if fencer is not None:
+        cfg.fencer = fencer
+    if agent is not None:
+        cfg.fence_agent = agent
+    for item in options:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _fail(f"--option expects NAME=VALUE, got {item!r}")
+        if v:
+            cfg.fence_options[k.strip()] = v
+        else:
+            cfg.fence_options.pop(k.strip(), None)
+    if delay_ms is not None:
+        cfg.fence_delay_ms = delay_ms
+    if delay_max_ms is not None:
+        cfg.fence_delay_max_ms = delay_max_ms
+    for items, attr in ((node_names, "name"), (node_delays, "fence_delay_ms")):
+        for item in items:
+            k, sep, v = item.partition("=")
+            if not sep or not k.strip().isdigit() or int(k) not in cfg.nodes:
+                _fail(f"expected ID=VALUE with a node id of the cluster, got {item!r}")
+            if attr == "fence_delay_ms":
+                if not v.strip().isdigit():
+                    _fail(f"node delay must be milliseconds, got {v!r}")
+                setattr(cfg.nodes[int(k)], attr, int(v))
+            else:
+                setattr(cfg.nodes[int(k)], attr, v.strip())
+    cfg.version += 1
+    try:
+        cfg.validate()
+    except ValidationError as e:
+        _fail(str(e))
+    save(directory, cfg, node_id)
+    click.echo(f"Fencer {cfg.fencer}" + (f" ({cfg.fence_agent})" if cfg.fencer == "agent"
+                                        else "") + f", config version {cfg.version}.")
+
+
 @cluster.command("join")
 @click.option("--peer", required=True, metavar="ADDR:PORT", help="A running member.")
 @click.option("--id", "node_id", type=int, required=True, help="This host's node id.")

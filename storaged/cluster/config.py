@@ -8,6 +8,7 @@ state store like every other piece of configuration.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from storaged.state.records import Record
 from storaged.state.validate import check_bool, check_int, normalize_portal, split_portal
 
 NO_QUORUM_POLICIES = ("stop", "freeze", "ignore")
-FENCERS = ("manual", "test", "command")
+FENCERS = ("manual", "test", "command", "agent")
 MAX_NODE_ID = 4095
 
 
@@ -26,9 +27,21 @@ class NodeEntry(Record):
 
     address: str
     votes: int = 1
+    name: str = ""
+    """The node's name for fence agents (pacemaker's ``plug``); "" = ``node<id>``."""
+    fence_delay_ms: int = 0
+    """Static delay before this node is fenced (like pcmk_delay_base): in a
+    two-node cluster give it to one node, so that node wins a fence race."""
 
     def problems(self) -> list[str]:
         errors: list[str] = []
+        if not isinstance(self.name, str) or (self.name and not all(
+                c.isalnum() or c in "-_." for c in self.name)) or len(self.name) > 63:
+            errors.append(f"node name must be [A-Za-z0-9._-], at most 63, got {self.name!r}")
+        try:
+            check_int(self.fence_delay_ms, "fence_delay_ms", 0, 3_600_000)
+        except ValidationError as e:
+            errors.append(str(e))
         try:
             self.address = normalize_portal(self.address)
         except ValidationError as e:
@@ -69,6 +82,12 @@ class ClusterConfig(Record):
     fencer: str = "manual"
     fence_command: list[str] = field(default_factory=list)
     fence_delay_ms: int = 0
+    fence_delay_max_ms: int = 0
+    """Random extra delay 0..this before fencing (like pcmk_delay_max)."""
+    fence_agent: str = ""
+    """For fencer 'agent': a fence-agents agent (name in /usr/sbin or a path)."""
+    fence_options: dict[str, str] = field(default_factory=dict)
+    """For fencer 'agent': stdin options passed to it as stonithd does (ip, username...)."""
     skew_warn_ms: int = 1000
     #: a node whose kernel clock is unsynchronized or whose maxerror exceeds this warns
     clock_warn_ms: int = 1000
@@ -99,6 +118,20 @@ class ClusterConfig(Record):
     def votes(self) -> dict[int, int]:
         """Votes of every configured node."""
         return {n: e.votes for n, e in self.nodes.items()}
+
+    def node_name(self, node: int) -> str:
+        """The name fence agents know ``node`` by (``plug``)."""
+        entry = self.nodes.get(node)
+        return entry.name if entry is not None and entry.name else f"node{node}"
+
+    def fence_delay(self, node: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before fencing ``node``: the cluster's and the node's
+        static delay plus a random 0..fence_delay_max_ms (pcmk_delay_base/max)."""
+        entry = self.nodes.get(node)
+        ms = self.fence_delay_ms + (entry.fence_delay_ms if entry is not None else 0)
+        if self.fence_delay_max_ms:
+            ms += (rng or random).uniform(0, self.fence_delay_max_ms)
+        return ms / 1000
 
     def address(self, node: int) -> tuple[str, int]:
         """(host, port) of ``node``."""
@@ -131,7 +164,8 @@ class ClusterConfig(Record):
                 seen[entry.address] = nid
         for name, lo, hi in (("token_ms", 10, 600_000), ("consensus_ms", 0, 600_000),
                              ("heartbeat_ms", 0, 60_000), ("expected_votes", 0, 65535),
-                             ("fence_delay_ms", 0, 3_600_000), ("skew_warn_ms", 1, 3_600_000),
+                             ("fence_delay_ms", 0, 3_600_000),
+                             ("fence_delay_max_ms", 0, 3_600_000), ("skew_warn_ms", 1, 3_600_000),
                              ("clock_warn_ms", 1, 3_600_000),
                              ("version", 1, 2**62)):
             try:
@@ -152,6 +186,17 @@ class ClusterConfig(Record):
             errors.append("fence_command must be a list of strings")
         elif self.fencer == "command" and not self.fence_command:
             errors.append("fencer 'command' needs fence_command")
+        if not isinstance(self.fence_agent, str):
+            errors.append("fence_agent must be a string")
+        elif self.fencer == "agent" and not self.fence_agent:
+            errors.append("fencer 'agent' needs fence_agent (e.g. fence_storaged)")
+        if not isinstance(self.fence_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                and "\n" not in k + v for k, v in self.fence_options.items()):
+            errors.append("fence_options must map option names to values (no '=' in names, "
+                          "no newlines)")
+        elif {"action", "plug", "port"} & set(self.fence_options):
+            errors.append("fence_options must not set action or plug (the fencer does)")
         if not isinstance(self.lockspaces, list) or not self.lockspaces or not all(
                 isinstance(n, str) and 0 < len(n) <= 64 for n in self.lockspaces):
             errors.append("lockspaces must be a non-empty list of names (1-64 characters)")

@@ -9,15 +9,27 @@ for every node that left uncleanly and recovery waits until it returns True
   (like ``fence_ack_manual``);
 * :class:`TestFencer`: confirms after a fixed delay and records the calls;
 * :class:`CommandFencer`: runs a fence-agent-like command with the node id
-  as its last argument; exit status 0 means fenced.
+  as its last argument; exit status 0 means fenced;
+* :class:`AgentFencer`: runs any fence-agents agent (``fence_storaged``,
+  ``fence_scsi``, ``fence_ipmilan``...) the way pacemaker's stonithd does:
+  no arguments, ``action=off``, ``plug=<node name>`` and the configured
+  options as ``name=value`` lines on stdin; exit status 0 means fenced.
+  Before fencing it asks the agent for its own node's status: a node that
+  was fenced itself (status exit 2) does not fence back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import time
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storaged.cluster.config import ClusterConfig
 
 log = logging.getLogger("storaged.cluster.fencing")
 
@@ -107,8 +119,92 @@ class CommandFencer(Fencer):
         return rc == 0
 
 
-def make_fencer(kind: str, command: list[str] | None = None, delay: float = 0.0) -> Fencer:
+AGENT_DIRS = ("/usr/sbin", "/usr/local/sbin")
+STATUS_OFF = 2  # fence-agents: "status" of a node that is off (fenced)
+
+
+def find_agent(agent: str) -> str:
+    """The agent's path: as given if it has a '/', else found where stonithd
+    looks (/usr/sbin), then on PATH."""
+    if "/" in agent:
+        return agent
+    for d in AGENT_DIRS:
+        path = os.path.join(d, agent)
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which(agent)
+    if found is None:
+        raise FileNotFoundError(f"fence agent {agent!r} not found in "
+                                f"{', '.join(AGENT_DIRS)} or PATH")
+    return found
+
+
+class AgentFencer(Fencer):
+    """Runs a fence-agents agent with stdin options, as stonithd does."""
+
+    name = "agent"
+
+    def __init__(self, agent: str, options: dict[str, str], names: dict[int, str],
+                 self_name: str | None = None, timeout: float = 60.0) -> None:
+        self.agent = agent
+        self.options = dict(options)
+        self.names = dict(names)
+        self.self_name = self_name
+        self.timeout = timeout
+        self.calls: list[tuple[str, str, int]] = []
+        """(action, plug, exit code) of every agent run, for status and tests."""
+
+    def stdin(self, action: str, plug: str) -> bytes:
+        lines = [f"action={action}", f"plug={plug}"]
+        lines += [f"{k}={v}" for k, v in self.options.items()]
+        return ("\n".join(lines) + "\n").encode()
+
+    async def run(self, action: str, plug: str) -> int:
+        """Run the agent once; its exit code (-1: it could not run or timed out)."""
+        try:
+            path = find_agent(self.agent)
+            proc = await asyncio.create_subprocess_exec(
+                path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            log.error("fence agent %s: %s", self.agent, e)
+            return -1
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(self.stdin(action, plug)),
+                                              self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.error("fence agent %s %s %s timed out after %.0f s", self.agent, action, plug,
+                      self.timeout)
+            self.calls.append((action, plug, -1))
+            return -1
+        rc = proc.returncode if proc.returncode is not None else -1
+        self.calls.append((action, plug, rc))
+        if rc not in (0, STATUS_OFF) or (rc and action != "status"):
+            log.error("fence agent %s %s %s exited with %d: %s", self.agent, action, plug, rc,
+                      err.decode(errors="replace").strip()[-500:])
+        return rc
+
+    async def fence(self, node: int, incarnation: int) -> bool:
+        plug = self.names.get(node, f"node{node}")
+        if self.self_name:
+            if await self.run("status", self.self_name) == STATUS_OFF:
+                log.error("not fencing %s: this node (%s) is fenced itself", plug,
+                          self.self_name)
+                return False
+        return await self.run("off", plug) == 0
+
+
+def make_fencer(kind: str, command: list[str] | None = None, delay: float = 0.0, *,
+                config: ClusterConfig | None = None, node_id: int | None = None) -> Fencer:
     """The fencer named by the cluster config."""
+    if kind == "agent":
+        if config is None:
+            raise ValueError("the agent fencer needs the cluster config")
+        names = {n: config.node_name(n) for n in config.nodes}
+        return AgentFencer(config.fence_agent, config.fence_options, names,
+                           names.get(node_id) if node_id is not None else None)
     if kind == "manual":
         return ManualFencer()
     if kind == "test":

@@ -85,7 +85,8 @@ class ClusterNode:
         self.config = config
         self.node_id = node_id
         self.inc = incarnation or new_incarnation()
-        self.fencer = fencer or make_fencer(config.fencer, config.fence_command)
+        self.fencer = fencer or make_fencer(config.fencer, config.fence_command, config=config,
+                                            node_id=node_id)
         self.control_path = control_path
         self.test_hooks = test_hooks
         self.on_config = on_config
@@ -428,8 +429,9 @@ class ClusterNode:
 
         async def run() -> None:
             try:
-                if self.config.fence_delay_ms:
-                    await asyncio.sleep(self.config.fence_delay_ms / 1000)
+                delay = self.config.fence_delay(node)
+                if delay:
+                    await asyncio.sleep(delay)
                 while pair in self.membership.pending_fence:
                     v = self.membership.view
                     if v is None or v.coordinator != self.node_id or not v.quorate:

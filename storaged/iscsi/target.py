@@ -32,10 +32,15 @@ class TargetContext:
     params: dict[str, str] = field(default_factory=dict)
     queue_depth: int = 128
     alias: str = ""
+    denied: frozenset[str] = frozenset()
+    """Fenced initiators (storaged.control.fence_ops): refused whatever the ACL says."""
 
     def allowed(self, initiator: str) -> bool:
         """May this initiator log in and see the target (ACL or open access)?"""
-        return self.open_access or initiator.lower() in self.acls
+        name = initiator.lower()
+        if name in self.denied:
+            return False
+        return self.open_access or name in self.acls
 
     def credentials(self, initiator: str) -> Credentials | None:
         """CHAP credentials this initiator must present, or None for no CHAP."""

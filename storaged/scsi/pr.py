@@ -446,6 +446,42 @@ class PersistentReservations:
                                    "could not be deleted")
             return before
 
+    def admin_preempt(self, initiators: Iterable[str], keys: Iterable[int]) -> dict[str, Any]:
+        """SAN-level fencing: remove the registrations of a fenced host as a
+        PREEMPT AND ABORT from another registrant would (SPC-4 §5.14.11.5).
+
+        Registrations whose initiator device name (or port name) is one of
+        ``initiators``, or whose key is one of ``keys``, are removed; their
+        live nexuses get REGISTRATIONS PREEMPTED and their tasks are aborted
+        (``abort_hooks``).  If that removes the reservation holder, the
+        reservation is released and, as for a release of a registrants-only
+        or all-registrants reservation (SPC-4 §5.14.11.2.2), the remaining
+        registrants get RESERVATIONS RELEASED.  Returns what was removed."""
+        names = {normalize_port(i) for i in initiators}
+        key_set = set(keys)
+        with self.lock:
+            removed = [r for r in self.regs.values()
+                       if r.initiator.partition(",")[0] in names or r.initiator in names
+                       or r.key in key_set]
+            if not removed:
+                return {"registrations": 0, "released": False}
+            nexuses = self._nexuses(removed)
+            old_type = self.type
+            released = self._remove(removed)
+            self._ua(removed, UA_REGISTRATIONS_PREEMPTED, None)
+            if released and old_type in REGISTRANTS_TYPES:
+                self._ua(self.regs.values(), UA_RESERVATIONS_RELEASED, None)
+            self._bump()
+            self._changed()
+        for n in nexuses:
+            for hook in list(self.lu.abort_hooks):
+                try:
+                    hook(self.lu, n)
+                except Exception:  # noqa: BLE001 - the fence itself must complete
+                    log.exception("%s: aborting tasks of %s failed", self.lu.name,
+                                  n.initiator_port)
+        return {"registrations": len(removed), "released": released}
+
     # ------------------------------------------------------------ resets, nexus loss
     def _on_reset(self, lu: LogicalUnit, asc: int, ascq: int) -> None:
         # LUN reset / target reset release SPC-2 reservations (SPC-2 §5.5.1);

@@ -1,0 +1,1 @@
+"""OCF resource agents for pacemaker (``storaged ocf install``)."""
