@@ -77,7 +77,7 @@ def fold_name(name: str) -> int:
     return zlib.crc32(name.lower().encode()) & 0xFFFFFFFF
 
 
-@dataclass
+@dataclass(eq=False)
 class Dest:
     """One real server of a virtual service (``struct ip_vs_dest``)."""
 
