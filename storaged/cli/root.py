@@ -125,6 +125,7 @@ GROUPS: dict[str, str] = {
     "raid": "storaged.raid.cli:raid",
     "cluster": "storaged.cluster.cli:cluster",
     "lock": "storaged.cluster.lockcli:lock",
+    "lb": "storaged.lb.cli:lb",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)
