@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from storaged.cluster.config import ClusterConfig, LocalNode
+from storaged.lb.records import VirtualService
 from storaged.nas.exports import Export, NfsSettings
 from storaged.raid.records import RaidVolume
 from storaged.state.alua import AluaGroup
@@ -24,7 +25,7 @@ from storaged.state.records import Backstore, Record, Settings, Target
 #: sections in a ``config save`` file and in ``storaged ls``.
 RECORD_KINDS: tuple[type[Record], ...] = (
     Settings, Backstore, Target, AluaGroup, RaidVolume, Export, NfsSettings,
-    ClusterConfig, LocalNode,
+    ClusterConfig, LocalNode, VirtualService,
     PrRecord, NsmState, NsmMonitor, FenceNode, FenceEvent,
     MgmtEndpoint, MgmtUser,
 )
@@ -39,6 +40,7 @@ OPERATION_MODULES: tuple[str, ...] = (
     "storaged.nas.ops",
     "storaged.raid.service",
     "storaged.control.fence_ops",
+    "storaged.lb.ops",
 )
 
 

@@ -129,6 +129,7 @@ GROUPS: dict[str, str] = {
     "fence": "storaged.cli.fence:fence",
     "mgmt": "storaged.cli.fence:mgmt",
     "ocf": "storaged.ocf.cli:ocf",
+    "lb": "storaged.lb.cli:lb",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)
