@@ -130,6 +130,7 @@ GROUPS: dict[str, str] = {
     "mgmt": "storaged.cli.fence:mgmt",
     "ocf": "storaged.ocf.cli:ocf",
     "lb": "storaged.lb.cli:lb",
+    "vip": "storaged.vip.cli:vip",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)

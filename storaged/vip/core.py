@@ -1,0 +1,298 @@
+"""Who holds which floating address, and what to do about it (sans-IO).
+
+The shell (:mod:`storaged.vip.service`) feeds the core what it observes and
+executes the actions the core appends to ``actions``, in order:
+
+* inputs: :meth:`VipCore.configure` (the stored addresses),
+  :meth:`VipCore.health` (is this node quorate, and is its *lease* fresh),
+  :meth:`VipCore.granted` / :meth:`VipCore.lost` (the DLM lock of an
+  address), :meth:`VipCore.add_failed` (the kernel refused the address),
+  :meth:`VipCore.tick` (time) and :meth:`VipCore.shutdown`;
+* actions: :class:`Acquire` / :class:`Release` the address's EX lock,
+  :class:`AddAddress` / :class:`RemoveAddress` on the interface,
+  :class:`Serve` / :class:`Unserve` its iSCSI portals, :class:`Announce`
+  (one gratuitous ARP).
+
+Ownership is the EX lock ``vip:ADDRESS`` in the cluster's DLM: the DLM
+grants it to one node at a time, grants it to no one while its holder's
+fate is unknown, and recovers it from a dead holder only after the
+membership layer reports that node fenced.  The core only adds an address
+while it holds the lock *and* the node is quorate *and* its lease is fresh:
+
+* quorate: a node outside a quorate view drops its addresses at once
+  (no-quorum stop, whatever the DLM's own no-quorum policy is);
+* lease: the shell reports the lease stale when the members that carry
+  quorum were not all heard within ``token - 2 x heartbeat``.  A partitioned
+  holder therefore drops its addresses before the other side can even
+  declare it failed (``token`` after the last heartbeat it got), so the
+  address is never up on two nodes, even with an instant fencer.
+
+Address moves are make-before-announce on one node and break-before-make
+across nodes: the old holder removes the address before it unlocks, and the
+new holder adds it only once granted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storaged.vip.records import FloatingAddress
+
+#: Retry a lock request this long after the kernel refused to add the address.
+ADD_RETRY = 5.0
+#: Keep this many history entries per address.
+HISTORY = 32
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Request the EX lock ``name`` (queue behind the holder)."""
+
+    key: str
+    name: str
+    lockspace: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """Unlock (or cancel the request for) the address lock."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    vip: FloatingAddress
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    vip: FloatingAddress
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Open the iSCSI portals on this address."""
+
+    ip: str
+
+
+@dataclass(frozen=True)
+class Unserve:
+    """Close the portals on this address and end the sessions that came in on it."""
+
+    ip: str
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Send one gratuitous ARP for the address on its interface."""
+
+    vip: FloatingAddress
+
+
+Action = Acquire | Release | AddAddress | RemoveAddress | Serve | Unserve | Announce
+
+# Lock states.
+NONE, WAITING, HELD = "none", "waiting", "held"
+
+
+@dataclass
+class _Entry:
+    vip: FloatingAddress
+    lock: str = NONE
+    up: bool = False
+    request_at: float | None = None      #: when to ask for the lock (None: not scheduled)
+    garp_left: int = 0
+    next_garp: float = 0.0
+    error: str = ""
+    held_since: float | None = None
+    history: list[tuple[float, str]] = field(default_factory=list)
+
+
+class VipCore:
+    """The floating addresses of one node; see the module docstring for the protocol."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.entries: dict[str, _Entry] = {}
+        self.quorate = False
+        self.lease_ok = False
+        self.stopping = False
+        self.actions: list[Action] = []
+
+    # ---------------------------------------------------------------- inputs
+
+    @property
+    def eligible(self) -> bool:
+        """May this node hold addresses right now?"""
+        return self.quorate and self.lease_ok and not self.stopping
+
+    def configure(self, vips: list[FloatingAddress], now: float) -> None:
+        """The stored addresses: start competing for new ones, give up removed ones."""
+        wanted = {v.key: v for v in vips}
+        for key in list(self.entries):
+            e = self.entries[key]
+            new = wanted.get(key)
+            if new is None:
+                self._note(e, now, "deleted")
+                self._give_up(e)
+                del self.entries[key]
+            elif new != e.vip:
+                changed_iface = (new.address, new.dev) != (e.vip.address, e.vip.dev)
+                if e.up and changed_iface:
+                    self._take_down(e, now, "reconfigured")
+                e.vip = new
+        for key, v in wanted.items():
+            if key not in self.entries:
+                e = self.entries[key] = _Entry(v)
+                self._note(e, now, "configured")
+                self._schedule(e, now)
+        self._step(now)
+
+    def health(self, quorate: bool, lease_ok: bool, now: float) -> None:
+        """Quorum of the installed view, and whether the quorum was heard recently."""
+        was = self.eligible
+        self.quorate, self.lease_ok = quorate, lease_ok
+        if self.eligible and not was:
+            for e in self.entries.values():
+                if e.lock == NONE:  # preference delays count from the moment of quorum
+                    delay = e.vip.rank(self.node_id) * e.vip.preference_delay_ms / 1000
+                    e.request_at = max(e.request_at or 0.0, now + delay)
+        elif was and not self.eligible:
+            why = "no quorum" if not quorate else "lease expired (quorum not heard)"
+            for e in self.entries.values():
+                if e.up:
+                    self._take_down(e, now, why)
+        self._step(now)
+
+    def granted(self, key: str, now: float) -> None:
+        """The EX lock of ``key`` was granted."""
+        e = self.entries.get(key)
+        if e is None or e.lock != WAITING:
+            return
+        e.lock = HELD
+        self._note(e, now, "lock granted")
+        self._step(now)
+
+    def lost(self, key: str, now: float, why: str = "lock lost", retry: float = 0.0) -> None:
+        """The lock (or the request for it) of ``key`` is gone; ask again after the
+        preference delay, and not before ``retry`` seconds."""
+        e = self.entries.get(key)
+        if e is None:
+            return
+        if e.up:
+            self._take_down(e, now, why)
+        elif e.lock != NONE:
+            self._note(e, now, why)
+        e.lock = NONE
+        e.held_since = None
+        self._schedule(e, now)
+        if retry and e.request_at is not None:
+            e.request_at = max(e.request_at, now + retry)
+        self._step(now)
+
+    def add_failed(self, key: str, error: str, now: float) -> None:
+        """The kernel refused the address: let another node have it, retry later."""
+        e = self.entries.get(key)
+        if e is None:
+            return
+        e.up = False
+        e.error = error
+        e.held_since = None
+        self._note(e, now, f"add failed: {error}")
+        self.actions.append(Unserve(e.vip.ip))
+        if e.lock != NONE:
+            self.actions.append(Release(key))
+            e.lock = NONE
+        e.request_at = now + ADD_RETRY
+
+    def tick(self, now: float) -> None:
+        """Timers: delayed lock requests, gratuitous ARP trains, re-announcements."""
+        self._step(now)
+
+    def shutdown(self, now: float) -> None:
+        """Clean stop: remove every address, then release its lock (never the reverse)."""
+        self.stopping = True
+        for e in self.entries.values():
+            self._note(e, now, "shutdown")
+            self._give_up(e)
+
+    # --------------------------------------------------------------- queries
+
+    def state(self, key: str) -> str:
+        """One word for ``vip ls``: held, standby, waiting, no-quorum, failed, stopped."""
+        e = self.entries[key]
+        if e.up:
+            return "held"
+        if self.stopping:
+            return "stopped"
+        if not self.quorate:
+            return "no-quorum"
+        if not self.lease_ok:
+            return "lease-expired"
+        if e.error and e.lock == NONE:
+            return "failed"
+        if e.lock == HELD:
+            return "taking"
+        return "standby"
+
+    def held(self) -> list[str]:
+        """Keys of the addresses up on this node."""
+        return [k for k, e in self.entries.items() if e.up]
+
+    # -------------------------------------------------------------- internal
+
+    def _note(self, e: _Entry, now: float, what: str) -> None:
+        e.history.append((now, what))
+        del e.history[:-HISTORY]
+
+    def _schedule(self, e: _Entry, now: float) -> None:
+        if e.lock == NONE and e.request_at is None:
+            e.request_at = now + e.vip.rank(self.node_id) * e.vip.preference_delay_ms / 1000
+
+    def _take_down(self, e: _Entry, now: float, why: str) -> None:
+        e.up = False
+        e.held_since = None
+        e.garp_left = 0
+        self._note(e, now, f"dropped: {why}")
+        self.actions.append(RemoveAddress(e.vip))
+        self.actions.append(Unserve(e.vip.ip))
+
+    def _give_up(self, e: _Entry) -> None:
+        if e.up:
+            e.up = False
+            self.actions.append(RemoveAddress(e.vip))
+            self.actions.append(Unserve(e.vip.ip))
+        if e.lock != NONE:
+            self.actions.append(Release(e.vip.key))
+            e.lock = NONE
+        e.request_at = None
+
+    def _step(self, now: float) -> None:
+        eligible = self.eligible
+        for key, e in self.entries.items():
+            v = e.vip
+            if eligible and e.lock == NONE and e.request_at is not None and now >= e.request_at:
+                e.request_at = None
+                e.lock = WAITING
+                self.actions.append(Acquire(key, v.lock_name, v.lockspace))
+            if eligible and e.lock == HELD and not e.up:
+                e.up = True
+                e.error = ""
+                e.held_since = now
+                self._note(e, now, "taken")
+                self.actions.append(AddAddress(v))
+                self.actions.append(Serve(v.ip))
+                e.garp_left, e.next_garp = v.garp_count, now
+            if not e.up:
+                continue
+            if e.garp_left > 0 and now >= e.next_garp:
+                # One per tick, at least garp_interval apart (IPaddr2: 5 at 200 ms).
+                self.actions.append(Announce(v))
+                e.garp_left -= 1
+                e.next_garp = now + (v.garp_interval_ms / 1000 if e.garp_left
+                                     else v.reannounce_s)
+            elif e.garp_left == 0 and v.reannounce_s and now >= e.next_garp:
+                self.actions.append(Announce(v))
+                e.next_garp = now + v.reannounce_s
