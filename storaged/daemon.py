@@ -71,6 +71,11 @@ class Runtime:
         self.nfs = NfsRuntime(store)
         from storaged.control.mgmt_server import MgmtServer
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
+        # Floating addresses (storaged.vip): portals on one open only while it is held here.
+        self.vip = None  # the VipService, when a cluster node runs in this daemon
+        self.floating: set[str] = set()
+        self.held_floating: set[str] = set()
+        self._wanted: set[tuple[str, int]] = set()
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -137,12 +142,14 @@ class Runtime:
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
         from storaged.control.fence_ops import fenced_initiators
+        from storaged.vip.records import FloatingAddress
 
         self.raid.reconcile()
         with self.store.read() as txn:
             backstores = {b.name: b for b in txn.list(Backstore)}
             targets = txn.list(Target)
             fenced_names, fenced_keys = fenced_initiators(txn)
+            vips = txn.list(FloatingAddress)
         for name, b in backstores.items():
             cur = self.devices.get(name)
             if cur is not None and (cur.record.path, cur.record.block_size) == \
@@ -207,9 +214,49 @@ class Runtime:
                 for conn in self.registry.connections(name):
                     conn.drop("target deleted")
         self._reconcile_alua(targets)
-        await self.server.set_portals(wanted)
+        self._wanted = wanted
+        self.floating = {v.ip for v in vips}
+        await self.server.set_portals(self._portals())
+        if self.vip is not None:
+            await self.vip.configure(vips)
+        elif vips:
+            log.warning("floating addresses are configured but no cluster node runs here: "
+                        "their portals stay closed (storaged cluster init)")
         await self.nfs.reconcile()
         await self.mgmt.reconcile()
+
+    def _portals(self) -> set[tuple[str, int]]:
+        """The portals to listen on: floating addresses' only while held here."""
+        return {p for p in self._wanted if p[0] not in self.floating
+                or p[0] in self.held_floating}
+
+    async def serve_floating(self, ip: str, on: bool) -> None:
+        """The VipService took (``on``) or dropped floating address ``ip``.
+
+        Dropping closes its listeners and ends every connection that came in on
+        it, so a node that lost quorum stops serving through the address at once.
+        """
+        from storaged.iscsi.server import PortalError
+
+        (self.held_floating.add if on else self.held_floating.discard)(ip)
+        try:
+            await self.server.set_portals(self._portals())
+        except PortalError as e:
+            log.error("floating address %s: %s", ip, e)
+        if not on:
+            for proto in list(self.server.protocols):
+                conn = proto.conn
+                if conn is not None and conn.local[0] == ip and not conn.closed:
+                    conn.drop(f"floating address {ip} released")
+
+    def vip_ls(self, args: dict) -> dict:
+        """Live floating addresses (``storaged vip ls``)."""
+        from storaged.vip.ops import vip_ls
+
+        if self.vip is None:
+            with self.store.read() as txn:
+                return vip_ls(txn)
+        return {"live": True, "node": self.vip.node.node_id, "vips": self.vip.status()}
 
     def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
@@ -335,15 +382,21 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
     if metrics_addr and cluster_node is not None:
         metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))
+    if cluster_node is not None:
+        from storaged.vip.service import VipService
+        runtime.vip = VipService(cluster_node, runtime.serve_floating)
     # Portals open here; the control socket follows at once, so a CLI call made as
     # soon as the iSCSI port answers reaches the daemon (nothing slow in between).
     await runtime.reconcile()
+    if runtime.vip is not None:
+        runtime.vip.start()
     sock_path = os.path.join(directory, "control.sock")
     control = await start_control_server(sock_path, store, runtime.reconcile,
                                          extra_ops={"status": lambda *_a, **_k: runtime.status(),
                                                     "pr_ls": runtime.pr_ls,
                                                     "pr_clear": runtime.pr_clear,
                                                     "alua_ls": runtime.alua_ls,
+                                                    "vip_ls": runtime.vip_ls,
                                                     **runtime.raid.control_ops()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -362,6 +415,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         log.info("shutting down")
         _notify("STOPPING=1")
         await stop_control_server(control, sock_path)
+        if runtime.vip is not None:
+            await runtime.vip.stop()  # addresses removed, locks released: a survivor takes over
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
         await runtime.mgmt.close()
