@@ -42,6 +42,11 @@ from storaged.vip.records import FloatingAddress
 ADD_RETRY = 5.0
 #: Keep this many history entries per address.
 HISTORY = 32
+#: Nodes with a request queued for an address: the holder and the next in preference
+#: order among the view's members.  Only they queue, so when the holder fails the DLM
+#: has one waiter to grant, the most preferred survivor; the next one queues behind
+#: it ``preference_delay`` later.
+CANDIDATES = 2
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class _Entry:
     lock: str = NONE
     up: bool = False
     request_at: float | None = None      #: when to ask for the lock (None: not scheduled)
+    retry_at: float = 0.0                #: not before this (after a failure)
     garp_left: int = 0
     next_garp: float = 0.0
     error: str = ""
@@ -119,6 +125,7 @@ class VipCore:
         self.quorate = False
         self.lease_ok = False
         self.stopping = False
+        self.members: tuple[int, ...] = ()
         self.actions: list[Action] = []
 
     # ---------------------------------------------------------------- inputs
@@ -147,18 +154,23 @@ class VipCore:
             if key not in self.entries:
                 e = self.entries[key] = _Entry(v)
                 self._note(e, now, "configured")
-                self._schedule(e, now)
         self._step(now)
 
-    def health(self, quorate: bool, lease_ok: bool, now: float) -> None:
-        """Quorum of the installed view, and whether the quorum was heard recently."""
+    def health(self, quorate: bool, lease_ok: bool, now: float,
+               members: tuple[int, ...] = ()) -> None:
+        """Quorum of the installed view, whether the quorum was heard recently, and the
+        view's members (empty: unknown, this node is always a candidate)."""
         was = self.eligible
         self.quorate, self.lease_ok = quorate, lease_ok
+        if tuple(members) != self.members:
+            self.members = tuple(members)
+            for e in self.entries.values():
+                if e.lock == NONE:  # preference delays count from the view change
+                    e.request_at = None
         if self.eligible and not was:
             for e in self.entries.values():
-                if e.lock == NONE:  # preference delays count from the moment of quorum
-                    delay = e.vip.rank(self.node_id) * e.vip.preference_delay_ms / 1000
-                    e.request_at = max(e.request_at or 0.0, now + delay)
+                if e.lock == NONE:  # ... and from the moment of quorum
+                    e.request_at = None
         elif was and not self.eligible:
             why = "no quorum" if not quorate else "lease expired (quorum not heard)"
             for e in self.entries.values():
@@ -187,9 +199,8 @@ class VipCore:
             self._note(e, now, why)
         e.lock = NONE
         e.held_since = None
-        self._schedule(e, now)
-        if retry and e.request_at is not None:
-            e.request_at = max(e.request_at, now + retry)
+        e.request_at = None
+        e.retry_at = now + retry
         self._step(now)
 
     def add_failed(self, key: str, error: str, now: float) -> None:
@@ -205,7 +216,8 @@ class VipCore:
         if e.lock != NONE:
             self.actions.append(Release(key))
             e.lock = NONE
-        e.request_at = now + ADD_RETRY
+        e.request_at = None
+        e.retry_at = now + ADD_RETRY
 
     def tick(self, now: float) -> None:
         """Timers: delayed lock requests, gratuitous ARP trains, re-announcements."""
@@ -247,9 +259,12 @@ class VipCore:
         e.history.append((now, what))
         del e.history[:-HISTORY]
 
-    def _schedule(self, e: _Entry, now: float) -> None:
-        if e.lock == NONE and e.request_at is None:
-            e.request_at = now + e.vip.rank(self.node_id) * e.vip.preference_delay_ms / 1000
+    def position(self, v: FloatingAddress) -> int:
+        """This node's place among the view's members in ``v``'s preference order."""
+        if not self.members:
+            return v.rank(self.node_id)
+        order = sorted(self.members, key=lambda n: (v.rank(n), n))
+        return order.index(self.node_id) if self.node_id in order else len(order)
 
     def _take_down(self, e: _Entry, now: float, why: str) -> None:
         e.up = False
@@ -273,10 +288,23 @@ class VipCore:
         eligible = self.eligible
         for key, e in self.entries.items():
             v = e.vip
-            if eligible and e.lock == NONE and e.request_at is not None and now >= e.request_at:
+            place = self.position(v)
+            candidate = place < CANDIDATES
+            if e.lock == WAITING and not candidate:
+                # Better placed members joined: leave the queue to them, so the DLM's
+                # order (arbitrary after a recovery) cannot pick a less preferred node.
+                self._note(e, now, "standing down for better placed members")
+                self.actions.append(Release(key))
+                e.lock = NONE
+            if e.lock != NONE or not candidate:
                 e.request_at = None
-                e.lock = WAITING
-                self.actions.append(Acquire(key, v.lock_name, v.lockspace))
+            elif eligible and now >= e.retry_at:
+                if e.request_at is None:
+                    e.request_at = now + place * v.preference_delay_ms / 1000
+                if now >= e.request_at:
+                    e.request_at = None
+                    e.lock = WAITING
+                    self.actions.append(Acquire(key, v.lock_name, v.lockspace))
             if eligible and e.lock == HELD and not e.up:
                 e.up = True
                 e.error = ""

@@ -1,9 +1,11 @@
 """The kernel side of floating addresses: pyroute2 for addresses, AF_PACKET for ARP.
 
 Everything here acts on the network namespace the process runs in (a
-daemon started with ``ip netns exec`` manages that namespace's links), and
-every call is a short synchronous netlink or socket operation (well under
-a millisecond), so the asyncio shell calls them inline.
+daemon started with ``ip netns exec`` manages that namespace's links).
+Every call is a short synchronous netlink or socket operation; the asyncio
+shell runs them in a worker thread, because pyroute2's synchronous API runs
+an event loop of its own (and uvloop, the daemon's loop, cannot open
+netlink sockets for its asynchronous API).
 """
 
 from __future__ import annotations

@@ -107,8 +107,7 @@ class VipService:
                 # before competing for the lock (IPaddr2's stop does the same).
                 self._cleaned.add(v.key)
                 try:
-                    if net.has_address(v.dev, v.ip) and net.remove_address(v.dev, v.ip,
-                                                                             v.prefixlen):
+                    if await asyncio.to_thread(net.remove_address, v.dev, v.ip, v.prefixlen):
                         log.warning("removed stale floating address %s from %s", v.address,
                                     v.dev)
                 except net.NetError as e:
@@ -130,7 +129,9 @@ class VipService:
         """One tick: health, lock checks, timers, actions."""
         now = time.monotonic()
         core = self.core
-        core.health(self.node.quorate(), lease_fresh(self.node, now), now)
+        view = self.node.view
+        core.health(self.node.quorate(), lease_fresh(self.node, now), now,
+                    view.nodes if view is not None else ())
         for key, (ls_name, lk) in list(self.locks.items()):
             e = core.entries.get(key)
             if e is not None and e.lock == HELD and not self._granted(ls_name, lk):
@@ -164,7 +165,7 @@ class VipService:
         elif isinstance(a, AddAddress):
             v = a.vip
             try:
-                net.add_address(v.dev, v.ip, v.prefixlen)
+                await asyncio.to_thread(net.add_address, v.dev, v.ip, v.prefixlen)
             except net.NetError as e:
                 log.error("%s", e)
                 self.core.add_failed(v.key, str(e), now)
@@ -174,7 +175,7 @@ class VipService:
         elif isinstance(a, RemoveAddress):
             v = a.vip
             try:
-                net.remove_address(v.dev, v.ip, v.prefixlen)
+                await asyncio.to_thread(net.remove_address, v.dev, v.ip, v.prefixlen)
             except net.NetError as e:
                 log.error("%s", e)
             log.warning("floating address %s removed from %s", v.address, v.dev)
@@ -183,7 +184,7 @@ class VipService:
                 await self.serve(a.ip, isinstance(a, Serve))
         elif isinstance(a, Announce):
             try:
-                net.send_garp(a.vip.dev, a.vip.ip)
+                await asyncio.to_thread(net.send_garp, a.vip.dev, a.vip.ip)
                 self.garps[a.vip.key] = self.garps.get(a.vip.key, 0) + 1
             except net.NetError as e:
                 log.warning("%s", e)
