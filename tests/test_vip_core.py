@@ -290,3 +290,25 @@ def test_cli_add_ls_del_offline(tmp_path):
     assert "no floating address 10.77.0.101" in r.output
     assert "deleted" in run("vip", "del", "10.77.0.100/24").output
     assert "No floating addresses." in run("vip", "ls").output
+
+
+def test_after_a_lease_gap_the_same_view_must_settle_before_retaking():
+    """A partition healed before this node saw a view change: the others may have removed
+    it and given the address away; it waits ``settle`` (or a new view) before re-adding."""
+    c = VipCore(1, settle=2.2)
+    c.configure([VIP], 0.0)
+    c.health(True, True, 0.0, (1, 2, 3), (1, 1))
+    c.granted(VIP.key, 0.0)
+    c.actions.clear()
+    c.health(True, False, 1.0, (1, 2, 3), (1, 1))
+    assert kinds(c) == ["RemoveAddress", "Unserve"]
+    c.health(True, True, 1.5, (1, 2, 3), (1, 1))   # heard again, same view
+    c.health(True, True, 3.0, (1, 2, 3), (1, 1))
+    assert kinds(c) == [] and c.state(VIP.key) == "lease-expired"
+    c.health(True, True, 3.7, (1, 2, 3), (1, 1))   # settled: nobody removed us
+    assert kinds(c)[:2] == ["AddAddress", "Serve"]
+    # A new quorate view with this node in it ends the doubt at once.
+    c.health(True, False, 4.0, (1, 2, 3), (1, 1))
+    c.actions.clear()
+    c.health(True, True, 4.1, (1, 2, 3), (2, 1))
+    assert kinds(c)[:2] == ["AddAddress", "Serve"]

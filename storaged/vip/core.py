@@ -119,11 +119,15 @@ class _Entry:
 class VipCore:
     """The floating addresses of one node; see the module docstring for the protocol."""
 
-    def __init__(self, node_id: int) -> None:
+    def __init__(self, node_id: int, settle: float = 0.0) -> None:
         self.node_id = node_id
+        self.settle = settle
         self.entries: dict[str, _Entry] = {}
         self.quorate = False
         self.lease_ok = False
+        self.view: object = None
+        self.suspect_view: object = None    #: the view in which the lease last expired
+        self.fresh_since: float | None = None
         self.stopping = False
         self.members: tuple[int, ...] = ()
         self.actions: list[Action] = []
@@ -157,10 +161,32 @@ class VipCore:
         self._step(now)
 
     def health(self, quorate: bool, lease_ok: bool, now: float,
-               members: tuple[int, ...] = ()) -> None:
-        """Quorum of the installed view, whether the quorum was heard recently, and the
-        view's members (empty: unknown, this node is always a candidate)."""
+               members: tuple[int, ...] = (), view: object = None) -> None:
+        """Quorum of the installed view, whether the quorum was heard recently, the
+        view's members (empty: unknown, this node is always a candidate) and its id.
+
+        A lease that expired stays expired in the same view until it has been fresh
+        again for ``settle`` seconds (token + consensus): the others may have removed
+        this node meanwhile, and their view (or the order to rejoin, which drops the
+        node's locks) reaches it only after it hears them again.  A new view that
+        this node is a quorate member of ends the doubt at once.
+        """
         was = self.eligible
+        if not lease_ok:
+            if quorate:
+                self.suspect_view = view
+            self.fresh_since = None
+        elif self.suspect_view is not None:
+            if view != self.suspect_view:
+                self.suspect_view = None
+            else:
+                if self.fresh_since is None:
+                    self.fresh_since = now
+                if now - self.fresh_since >= self.settle:
+                    self.suspect_view = None
+                else:
+                    lease_ok = False
+        self.view = view
         self.quorate, self.lease_ok = quorate, lease_ok
         if tuple(members) != self.members:
             self.members = tuple(members)

@@ -75,7 +75,7 @@ class VipService:
     def __init__(self, node: ClusterNode,
                  serve: Callable[[str, bool], Awaitable[None]] | None = None) -> None:
         self.node = node
-        self.core = VipCore(node.node_id)
+        self.core = VipCore(node.node_id, settle=node.config.token + node.config.consensus)
         self.serve = serve
         self.locks: dict[str, tuple[str, PLock]] = {}   # key -> (lockspace, handle)
         self.requests: dict[str, asyncio.Future] = {}   # key -> completion of the request
@@ -131,7 +131,8 @@ class VipService:
         core = self.core
         view = self.node.view
         core.health(self.node.quorate(), lease_fresh(self.node, now), now,
-                    view.nodes if view is not None else ())
+                    view.nodes if view is not None else (),
+                    view.id if view is not None else None)
         for key, (ls_name, lk) in list(self.locks.items()):
             e = core.entries.get(key)
             if e is not None and e.lock == HELD and not self._granted(ls_name, lk):
