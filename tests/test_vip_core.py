@@ -286,6 +286,7 @@ def test_cli_add_ls_del_offline(tmp_path):
     run("config", "save", str(tmp_path / "saved.json"))
     saved = json.loads((tmp_path / "saved.json").read_text())
     assert saved["vips"][0]["address"] == "10.77.0.100/24"
+    assert "10.77.0.100/24 dev eth0 preference 2,1" in run("ls").output
     r = run("vip", "del", "10.77.0.101", code=1)
     assert "no floating address 10.77.0.101" in r.output
     assert "deleted" in run("vip", "del", "10.77.0.100/24").output

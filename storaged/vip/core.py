@@ -330,6 +330,7 @@ class VipCore:
                 if now >= e.request_at:
                     e.request_at = None
                     e.lock = WAITING
+                    self._note(e, now, "lock requested")
                     self.actions.append(Acquire(key, v.lock_name, v.lockspace))
             if eligible and e.lock == HELD and not e.up:
                 e.up = True
