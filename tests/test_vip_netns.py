@@ -11,6 +11,7 @@ two connected nodes have the address at once.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -102,7 +103,7 @@ def test_address_on_one_node_garp_and_failover_after_fencing(lab):
         assert holder == 1, f"node-preference 1,2,3 but node {holder} took the address"
         taken = time.monotonic()
         # iSCSI through the floating address (the portal opens with the address).
-        _inq_ok(lab, inq, time.monotonic() + 15)
+        first = _inq_ok(lab, inq, time.monotonic() + 15)
         r = lab.iscsi_inq(inq)
         assert "storaged" in r.stdout.lower() or "Vendor" in r.stdout, r.stdout
         # Five gratuitous ARPs from the holder's MAC, about 200 ms apart.
@@ -113,7 +114,10 @@ def test_address_on_one_node_garp_and_failover_after_fencing(lab):
         g = _garps(capture, mac1)
         assert len(g) == 5, g
         gaps = [b["t"] - a["t"] for a, b in zip(g, g[1:], strict=False)]
-        assert all(0.15 <= d <= 0.6 for d in gaps), gaps
+        # Decided >= 200 ms apart; sent from a worker thread, so a loaded machine adds
+        # jitter to single gaps but not to the train as a whole.
+        assert all(0.1 <= d <= 0.6 for d in gaps), gaps
+        assert 0.75 <= g[-1]["t"] - g[0]["t"] <= 1.6, gaps
         assert all(a["dst"] == "ff:ff:ff:ff:ff:ff" and a["op"] == 1 for a in g)
         # vip ls: live state on the holder and on a standby.
         ls1, ls2 = lab.vip_ls(1), lab.vip_ls(2)
@@ -121,7 +125,7 @@ def test_address_on_one_node_garp_and_failover_after_fencing(lab):
         assert ls1["vips"][0]["garps_sent"] == 5
         assert ls2["vips"][0]["state"] == "standby", ls2
         assert not lab.has_vip(2) and not lab.has_vip(3)
-        print(f"\nnode 1 took {VIP} and answered iSCSI {time.monotonic() - taken:.2f}s later")
+        print(f"\nnode 1 took {VIP} and answered iSCSI {first - taken:.2f}s later")
 
         # The holder dies: the address moves only after it was fenced.
         t0 = time.time()
@@ -168,7 +172,13 @@ def test_partitioned_holder_drops_the_address_before_a_survivor_takes_it(lab):
     try:
         _start_all(lab)
         assert lab.wait_holder() == 1
-        time.sleep(0.5)
+        # A client connection to the portal on node 1, open when the partition starts.
+        client = lab.hold_connection()
+        deadline = time.monotonic() + 10
+        while "connection 10.77.0.50" not in lab.log(1) and "10.77.0.50" not in \
+                lab.sessions(1):
+            assert time.monotonic() < deadline, "the client connection never arrived"
+            time.sleep(0.05)
         t0 = time.monotonic()
         lab.link(1, up=False)  # cable pulled: node 1 hears nobody
         dropped = None
@@ -206,6 +216,16 @@ def test_partitioned_holder_drops_the_address_before_a_survivor_takes_it(lab):
             time.sleep(0.2)
         assert st["state"] == "standby", st
         assert lab.holders() == [holder]
+        # Node 1 ended the connection that came in on the address when it dropped it.
+        assert f"dropped: floating address {VIP} released" in lab.log(1), lab.log(1)
+        client.kill()
+        client.wait()
+        # A clean stop (SIGTERM) hands the address over without waiting for detection.
+        m0 = time.monotonic()
+        lab.kill(holder, signal.SIGTERM)
+        new = lab.wait_holder(among=[n for n in lab.ids if n != holder])
+        print(f"SIGTERM of holder {holder} -> address on node {new} after "
+              f"{time.monotonic() - m0:.2f}s")
     finally:
         sampler.stop()
     assert not sampler.doubles, f"address held twice: {sampler.doubles[:5]}"

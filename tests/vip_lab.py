@@ -69,6 +69,7 @@ class Lab:
         self.bridge_ns = f"{self.tag}b"
         self.procs: dict[int, subprocess.Popen] = {}
         self.capture: subprocess.Popen | None = None
+        self.procs_extra: list[subprocess.Popen] = []
         self.namespaces: list[str] = []
         self.fence_log = tmp / "fenced.log"
 
@@ -204,6 +205,22 @@ class Lab:
                                f"iscsi://{VIP}:{ISCSI_PORT}/{IQN}/0"],
                               capture_output=True, text=True, timeout=timeout)
 
+    def sessions(self, node: int) -> str:
+        """``ss -tn`` inside the node's namespace (established TCP connections)."""
+        return run("ip", "netns", "exec", self.ns(node), "ss", "-tn", check=False).stdout
+
+    def hold_connection(self) -> subprocess.Popen:
+        """A TCP connection from the client to the portal on the address, kept open."""
+        code = ("import socket, sys, time\n"
+                f"s = socket.create_connection(('{VIP}', {ISCSI_PORT}), timeout=5)\n"
+                "print('connected', flush=True)\n"
+                "time.sleep(60)\n")
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns("c"), PY, "-c", code],
+                             stdout=subprocess.PIPE, text=True)
+        self.procs_extra.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "connected"
+        return p
+
     # --------------------------------------------------------------- actions
 
     def kill(self, node: int, sig: int = signal.SIGKILL) -> None:
@@ -216,7 +233,8 @@ class Lab:
         run("ip", "-n", self.bridge_ns, "link", "set", self.port(node), "up" if up else "down")
 
     def close(self) -> None:
-        for p in [*self.procs.values(), *([self.capture] if self.capture else [])]:
+        for p in [*self.procs.values(), *self.procs_extra,
+                  *([self.capture] if self.capture else [])]:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
