@@ -203,7 +203,7 @@ def test_partitioned_holder_drops_the_address_before_a_survivor_takes_it(lab):
         assert any("dropped" in h["event"] for h in st["history"]), st["history"]
         # The portal is closed on node 1 (nothing listens on the address there any more).
         from tests.vip_lab import run
-        r = run("ip", "netns", "exec", lab.ns(1), "ss", "-ltn", check=False)
+        r = run("ip", "netns", "exec", lab.ns(1), "ss", "-ltn")
         assert f"{VIP}:{ISCSI_PORT}" not in r.stdout, r.stdout
         # Healing the link: node 1 rejoins as a standby; the address does not fail back.
         lab.link(1, up=True)
