@@ -313,3 +313,19 @@ def test_after_a_lease_gap_the_same_view_must_settle_before_retaking():
     c.actions.clear()
     c.health(True, True, 4.1, (1, 2, 3), (2, 1))
     assert kinds(c)[:2] == ["AddAddress", "Serve"]
+
+
+def test_unsynchronized_clock_keeps_a_node_from_taking_only_when_asked():
+    strict = FloatingAddress("10.77.0.100/24", "eth0", require_synced_clock=True)
+    c = VipCore(1)
+    c.configure([strict], 0.0)
+    c.health(True, True, 0.0, (1, 2), (1, 1), clock_ok=False)
+    assert kinds(c) == [] and c.state(strict.key) == "clock-unsynced"
+    c.health(True, True, 1.0, (1, 2), (1, 1), clock_ok=True)
+    assert kinds(c) == ["Acquire"]
+    c.health(True, True, 1.5, (1, 2), (1, 1), clock_ok=False)   # waiting: stands down
+    assert kinds(c) == ["Release"]
+    relaxed = quorate_core(1)          # default: warn only
+    relaxed.health(True, True, 0.1, (1, 2, 3), None, clock_ok=False)
+    relaxed.granted(VIP.key, 0.2)
+    assert kinds(relaxed)[:3] == ["Acquire", "AddAddress", "Serve"]

@@ -17,8 +17,11 @@ import time
 
 import pytest
 
+from storaged.cluster.clock import read_kernel_clock
 from tests.support import require_tool
 from tests.vip_lab import ISCSI_PORT, TOKEN_MS, VIP, Lab
+
+STRICT = "10.77.0.101"
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -94,6 +97,9 @@ def _start_all(lab: Lab) -> None:
 @pytest.mark.peer
 def test_address_on_one_node_garp_and_failover_after_fencing(lab):
     inq = require_tool("iscsi-inq", "libiscsi-bin")
+    # A second address that asks for a synchronized kernel clock (the clock check).
+    for n in lab.ids:
+        lab.cli(n, "vip", "add", f"{STRICT}/24", "--dev", "eth0", "--require-synced-clock")
     capture = lab.start_capture()
     sampler = Sampler(lab)
     sampler.start()
@@ -121,9 +127,20 @@ def test_address_on_one_node_garp_and_failover_after_fencing(lab):
         assert all(a["dst"] == "ff:ff:ff:ff:ff:ff" and a["op"] == 1 for a in g)
         # vip ls: live state on the holder and on a standby.
         ls1, ls2 = lab.vip_ls(1), lab.vip_ls(2)
+        ls1["vips"] = [v for v in ls1["vips"] if v["address"] == f"{VIP}/24"]
+        ls2["vips"] = [v for v in ls2["vips"] if v["address"] == f"{VIP}/24"]
         assert ls1["live"] and ls1["vips"][0]["state"] == "held", ls1
         assert ls1["vips"][0]["garps_sent"] == 5
         assert ls2["vips"][0]["state"] == "standby", ls2
+        # This host's kernel clock decides whether anyone may take the strict address.
+        clock = read_kernel_clock()
+        synced = clock is not None and clock.synced and clock.maxerror_us <= 1_000_000
+        strict = [v for n in lab.ids for v in lab.vip_ls(n)["vips"] if v["address"] ==
+                  f"{STRICT}/24"]
+        if synced:
+            assert sorted(v["state"] for v in strict).count("held") == 1, strict
+        else:
+            assert {v["state"] for v in strict} == {"clock-unsynced"}, strict
         assert not lab.has_vip(2) and not lab.has_vip(3)
         print(f"\nnode 1 took {VIP} and answered iSCSI {first - taken:.2f}s later")
 
@@ -161,8 +178,8 @@ def test_address_on_one_node_garp_and_failover_after_fencing(lab):
         sampler.stop()
     assert sampler.samples > 20
     assert not sampler.doubles, f"address held twice: {sampler.doubles[:5]}"
-    assert lab.vip_ls(2)["vips"] == []
-    ls = lab.vip_ls(3)["vips"][0]
+    assert [v["address"] for v in lab.vip_ls(2)["vips"]] == [f"{STRICT}/24"]
+    ls = next(v for v in lab.vip_ls(3)["vips"] if v["address"] == f"{VIP}/24")
     assert ls["state"] == "held" and any("taken" in h["event"] for h in ls["history"])
 
 

@@ -45,16 +45,20 @@ def vip() -> None:
               help="Send a gratuitous ARP every N seconds while held (0: never).")
 @click.option("--lockspace", default="default", show_default=True,
               help="DLM lockspace of the address lock.")
+@click.option("--require-synced-clock", is_flag=True,
+              help="Never take the address while this node's kernel clock is unsynchronized "
+                   "(default: the cluster only warns).")
 @click.pass_context
 def vip_add(ctx: click.Context, address: str, dev: str, preference: str | None,
             preference_delay_ms: int, garp_count: int, garp_interval_ms: int,
-            reannounce_s: int, lockspace: str) -> None:
+            reannounce_s: int, lockspace: str, require_synced_clock: bool) -> None:
     """Add floating address ADDRESS/PREFIX (run the same on every node that may hold it)."""
     r = run_op(ctx, "vip_add", {"address": address, "dev": dev,
                                 "preference": _preference(preference),
                                 "preference_delay_ms": preference_delay_ms,
                                 "garp_count": garp_count, "garp_interval_ms": garp_interval_ms,
-                                "reannounce_s": reannounce_s, "lockspace": lockspace})
+                                "reannounce_s": reannounce_s, "lockspace": lockspace,
+                                "require_synced_clock": require_synced_clock})
     click.echo(f"Floating address {r['address']} on {r['dev']} added.")
 
 

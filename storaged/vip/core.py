@@ -130,6 +130,7 @@ class VipCore:
         self.fresh_since: float | None = None
         self.stopping = False
         self.members: tuple[int, ...] = ()
+        self.clock_ok = True
         self.actions: list[Action] = []
 
     # ---------------------------------------------------------------- inputs
@@ -161,7 +162,8 @@ class VipCore:
         self._step(now)
 
     def health(self, quorate: bool, lease_ok: bool, now: float,
-               members: tuple[int, ...] = (), view: object = None) -> None:
+               members: tuple[int, ...] = (), view: object = None,
+               clock_ok: bool = True) -> None:
         """Quorum of the installed view, whether the quorum was heard recently, the
         view's members (empty: unknown, this node is always a candidate) and its id.
 
@@ -170,7 +172,11 @@ class VipCore:
         this node meanwhile, and their view (or the order to rejoin, which drops the
         node's locks) reaches it only after it hears them again.  A new view that
         this node is a quorate member of ends the doubt at once.
+
+        ``clock_ok`` False (this node's kernel clock warns) keeps the node from taking
+        addresses that ask for a synchronized clock; it does not drop held ones.
         """
+        self.clock_ok = clock_ok
         was = self.eligible
         if not lease_ok:
             if quorate:
@@ -259,7 +265,8 @@ class VipCore:
     # --------------------------------------------------------------- queries
 
     def state(self, key: str) -> str:
-        """One word for ``vip ls``: held, standby, waiting, no-quorum, failed, stopped."""
+        """One word for ``vip ls``: held, standby, taking, no-quorum, lease-expired,
+        failed, clock-unsynced, stopped."""
         e = self.entries[key]
         if e.up:
             return "held"
@@ -271,6 +278,8 @@ class VipCore:
             return "lease-expired"
         if e.error and e.lock == NONE:
             return "failed"
+        if e.vip.require_synced_clock and not self.clock_ok and e.lock == NONE:
+            return "clock-unsynced"
         if e.lock == HELD:
             return "taking"
         return "standby"
@@ -315,11 +324,12 @@ class VipCore:
         for key, e in self.entries.items():
             v = e.vip
             place = self.position(v)
-            candidate = place < CANDIDATES
+            candidate = place < CANDIDATES and (self.clock_ok or not v.require_synced_clock)
             if e.lock == WAITING and not candidate:
                 # Better placed members joined: leave the queue to them, so the DLM's
                 # order (arbitrary after a recovery) cannot pick a less preferred node.
-                self._note(e, now, "standing down for better placed members")
+                self._note(e, now, "standing down: better placed members"
+                           if self.clock_ok else "standing down: kernel clock not synchronized")
                 self.actions.append(Release(key))
                 e.lock = NONE
             if e.lock != NONE or not candidate:

@@ -18,12 +18,13 @@ from storaged.vip.records import FloatingAddress, parse_address
 @_op()
 def vip_add(txn: Txn, address: str, dev: str, preference: list[int] | None = None,
             preference_delay_ms: int = 500, garp_count: int = 5, garp_interval_ms: int = 200,
-            reannounce_s: int = 0, lockspace: str = "default") -> dict[str, Any]:
+            reannounce_s: int = 0, lockspace: str = "default",
+            require_synced_clock: bool = False) -> dict[str, Any]:
     """A new floating address ``ADDRESS/PREFIX`` on interface ``dev``."""
     vip = FloatingAddress(address=address, dev=dev, preference=list(preference or []),
                           preference_delay_ms=preference_delay_ms, garp_count=garp_count,
                           garp_interval_ms=garp_interval_ms, reannounce_s=reannounce_s,
-                          lockspace=lockspace)
+                          lockspace=lockspace, require_synced_clock=require_synced_clock)
     vip.validate()
     if txn.get(FloatingAddress, vip.key) is not None:
         raise ConfigError(f"floating address {vip.ip} already exists (storaged vip del {vip.ip} "

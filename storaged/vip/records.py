@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from storaged.state.errors import ValidationError
 from storaged.state.records import Record
-from storaged.state.validate import check_int
+from storaged.state.validate import check_bool, check_int
 
 #: Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no '/', no whitespace.
 MAX_IFNAME = 15
@@ -76,6 +76,9 @@ class FloatingAddress(Record):
     """Send one more gratuitous ARP every this many seconds while held (0: never)."""
     lockspace: str = "default"
     """The DLM lockspace holding the address locks (``vip:ADDRESS``, EX)."""
+    require_synced_clock: bool = False
+    """Do not take the address while this node's kernel clock warns (unsynchronized, or
+    maxerror above the cluster's ``clock_warn_ms``); default: warn only."""
 
     @property
     def ip(self) -> str:
@@ -122,6 +125,10 @@ class FloatingAddress(Record):
                 check_int(getattr(self, name), name, lo, hi)
             except ValidationError as e:
                 errors.append(str(e))
+        try:
+            check_bool(self.require_synced_clock, "require_synced_clock")
+        except ValidationError as e:
+            errors.append(str(e))
         if not isinstance(self.lockspace, str) or not 0 < len(self.lockspace) <= 64:
             errors.append(f"lockspace must be a name of 1-64 characters, got {self.lockspace!r}")
         return errors

@@ -55,11 +55,16 @@ def lease_time(token: float, heartbeat: float) -> float:
 
 
 def lease_fresh(node: ClusterNode, now: float) -> bool:
-    """Were enough members of the installed view heard within the lease to make quorum?"""
+    """Were enough members of the installed view heard within the lease to make quorum?
+
+    A membership provider that keeps no per-peer heartbeat times (corosync's totem
+    decides liveness itself) gives no lease: the quorate view is all there is."""
     m = node.membership
-    view = m.view
+    view = node.view
     if view is None or not view.quorate:
         return False
+    if not isinstance(getattr(m, "last_heard", None), dict):
+        return node.quorate()
     lease = lease_time(node.config.token, node.config.heartbeat)
     votes = node.config.votes()
     have = votes.get(node.node_id, 0)
@@ -130,9 +135,11 @@ class VipService:
         now = time.monotonic()
         core = self.core
         view = self.node.view
+        warned = getattr(self.node.membership, "clock_warned", set())
         core.health(self.node.quorate(), lease_fresh(self.node, now), now,
                     view.nodes if view is not None else (),
-                    view.id if view is not None else None)
+                    view.id if view is not None else None,
+                    clock_ok=self.node.node_id not in warned)
         for key, (ls_name, lk) in list(self.locks.items()):
             e = core.entries.get(key)
             if e is not None and e.lock == HELD and not self._granted(ls_name, lk):
