@@ -88,6 +88,7 @@ class VipService:
         self._task: asyncio.Task | None = None
         self._busy = asyncio.Lock()
         self._cleaned: set[str] = set()
+        self._halt = False
 
     # -------------------------------------------------------------- lifecycle
 
@@ -97,8 +98,14 @@ class VipService:
 
     async def stop(self) -> None:
         """Clean stop: remove every address and release its lock (a survivor takes it)."""
+        self._halt = True
         if self._task is not None:
-            self._task.cancel()
+            # Let the current step finish: cancelling it in the middle of an address
+            # change (a worker thread) could let the add land after the removal.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+            except TimeoutError:
+                self._task.cancel()
             self._task = None
         self.core.shutdown(time.monotonic())
         await self._execute()
@@ -121,7 +128,7 @@ class VipService:
         await self._execute()
 
     async def _run(self) -> None:
-        while True:
+        while not self._halt:
             try:
                 await self.step()
             except asyncio.CancelledError:
