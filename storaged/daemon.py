@@ -216,12 +216,11 @@ class Runtime:
         self._reconcile_alua(targets)
         self._wanted = wanted
         self.floating = {v.ip for v in vips}
+        if self.vip is None:  # managed outside storaged (ocf:storaged:vip): follow the kernel
+            await self._follow_interfaces(vips)
         await self.server.set_portals(self._portals())
         if self.vip is not None:
             await self.vip.configure(vips)
-        elif vips:
-            log.warning("floating addresses are configured but no cluster node runs here: "
-                        "their portals stay closed (storaged cluster init)")
         await self.nfs.reconcile()
         await self.mgmt.reconcile()
 
@@ -244,10 +243,45 @@ class Runtime:
         except PortalError as e:
             log.error("floating address %s: %s", ip, e)
         if not on:
-            for proto in list(self.server.protocols):
-                conn = proto.conn
-                if conn is not None and conn.local[0] == ip and not conn.closed:
-                    conn.drop(f"floating address {ip} released")
+            self._drop_sessions_on(ip)
+
+    async def _follow_interfaces(self, vips: list) -> None:  # noqa: ANN001 - records
+        """Without a cluster node, a floating address is held while it is on its interface
+        (pacemaker's ocf:storaged:vip adds and removes it); sessions on one that went away
+        end."""
+        from storaged.vip import net
+
+        held = set()
+        for v in vips:
+            if await asyncio.to_thread(net.has_address, v.dev, v.ip):
+                held.add(v.ip)
+        for ip in self.held_floating - held:
+            self._drop_sessions_on(ip)
+        self.held_floating = held
+
+    def _drop_sessions_on(self, ip: str) -> None:
+        for proto in list(self.server.protocols):
+            conn = proto.conn
+            if conn is not None and conn.local[0] == ip and not conn.closed:
+                conn.drop(f"floating address {ip} released")
+
+    async def vip_sync(self, args: dict) -> dict:
+        """``ocf:storaged:vip`` changed an address: open or close its portals now."""
+        from storaged.control.ops import ConfigError
+        from storaged.iscsi.server import PortalError
+        from storaged.vip.records import FloatingAddress
+
+        if self.vip is not None:
+            raise ConfigError("this node's storaged cluster manages the floating addresses "
+                              "(do not also run ocf:storaged:vip here)")
+        with self.store.read() as txn:
+            vips = txn.list(FloatingAddress)
+        await self._follow_interfaces(vips)
+        try:
+            await self.server.set_portals(self._portals())
+        except PortalError as e:
+            raise ConfigError(str(e)) from None
+        return {"held": sorted(self.held_floating)}
 
     def vip_ls(self, args: dict) -> dict:
         """Live floating addresses (``storaged vip ls``)."""
@@ -397,6 +431,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
                                                     "pr_clear": runtime.pr_clear,
                                                     "alua_ls": runtime.alua_ls,
                                                     "vip_ls": runtime.vip_ls,
+                                                    "vip_sync": runtime.vip_sync,
                                                     **runtime.raid.control_ops()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
