@@ -25,7 +25,14 @@ while it holds the lock *and* the node is quorate *and* its lease is fresh:
   quorum were not all heard within ``token - 2 x heartbeat``.  A partitioned
   holder therefore drops its addresses before the other side can even
   declare it failed (``token`` after the last heartbeat it got), so the
-  address is never up on two nodes, even with an instant fencer.
+  address is never up on two nodes, even with an instant fencer.  After a
+  gap the same view must be fresh for ``settle`` seconds again (see
+  :meth:`VipCore.health`).
+
+Placement: only the best two members of the view in the address's
+preference order queue for its lock (:data:`CANDIDATES`), the second one
+``preference_delay_ms`` later, so the holder's successor is the preferred
+survivor rather than whoever the DLM's queue after a recovery puts first.
 
 Address moves are make-before-announce on one node and break-before-make
 across nodes: the old holder removes the address before it unlocks, and the

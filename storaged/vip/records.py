@@ -54,11 +54,12 @@ def check_ifname(name: object) -> str:
 class FloatingAddress(Record):
     """``storaged vip add ADDRESS/PREFIX --dev IFACE``: an address one quorate node holds.
 
-    ``preference`` lists node ids, most preferred first: on a cluster start a
-    node asks for the address ``rank x preference_delay_ms`` later, so the
-    preferred node normally wins (nodes not listed come last).  Once held, an
-    address stays where it is until its holder fails, leaves or loses quorum
-    (no failback: a move costs the initiators a reconnect).
+    ``preference`` lists node ids, most preferred first (nodes not listed come
+    last, by id): among the members of a view, the node in place ``p`` asks
+    for the address ``p x preference_delay_ms`` after the view change, and
+    only the best two queue (:data:`storaged.vip.core.CANDIDATES`).  Once
+    held, an address stays where it is until its holder fails, leaves or
+    loses quorum (no failback: a move costs the initiators a reconnect).
     """
 
     RECORD_KIND: ClassVar[str] = "vip"
