@@ -26,6 +26,7 @@ APT_PACKAGES=(
     libisal2
     fuse3 ctdb
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
+    iproute2
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
