@@ -400,7 +400,10 @@ class LogicalUnit:
             return False
         if spec.slow:
             return True
-        return spec.write and (not self._wce or (len(cdb) > 1 and bool(cdb[1] & 0x08)))
+        if spec.write:
+            return not self._wce or (len(cdb) > 1 and bool(cdb[1] & 0x08))
+        # PERSISTENT RESERVE OUT waits for the other nodes of a shared LU.
+        return cdb[0] == 0x5F and self.pr.backend.blocking
 
     def execute(self, cmd: ScsiCommand) -> ScsiResult:
         """Run one command; never raises."""

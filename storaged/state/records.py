@@ -244,6 +244,9 @@ class Backstore(Record):
     wwn: str = field(default_factory=new_wwn)
     online: bool = True
     direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
+    shared: bool = False
+    """Served by several storage nodes of the cluster over the same backing storage:
+    persistent reservations are one state for all of them (storaged.cluster.shared_pr)."""
 
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
