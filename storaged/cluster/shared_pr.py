@@ -115,8 +115,10 @@ class SharedPr:
         self._waits: dict[int, _Wait] = {}
         self._next = 1
         self._catchups: set[asyncio.Task] = set()
+        self._resetting: LogicalUnit | None = None
         node.handlers.update({"prs": self._on_update, "prsa": self._on_reply,
-                              "prq": self._on_query, "prr": self._on_reply})
+                              "prq": self._on_query, "prr": self._on_reply,
+                              "lur": self._on_lu_reset, "lura": self._on_reply})
         node.view_listeners.append(self._on_view)
 
     # ------------------------------------------------------------ LUs
@@ -125,6 +127,8 @@ class SharedPr:
         wwn = lu.wwn.lower()
         self.lus[wwn] = lu.pr
         lu.pr.backend = ClusterPrBackend(self, wwn)
+        if self._lu_reset not in lu.reset_hooks:
+            lu.reset_hooks.append(self._lu_reset)
 
     def detach(self, lu: LogicalUnit) -> None:
         """Back to a local PR state (the backstore is no longer shared or closed)."""
@@ -135,10 +139,50 @@ class SharedPr:
             del self.lus[wwn]
             self.synced.discard(wwn)
         lu.pr.backend = LOCAL
+        if self._lu_reset in lu.reset_hooks:
+            lu.reset_hooks.remove(self._lu_reset)
+
+    def _lu_reset(self, lu: LogicalUnit, asc: int, ascq: int) -> None:
+        """A LOGICAL UNIT RESET (or target reset) through this node resets the LU
+        on every node: their I_T nexuses get the unit attention too (SAM-5
+        §6.3.3).  Sent at once, not waited for: the TMF completes on the loop."""
+        if lu is self._resetting:
+            return
+        peers = self._peers()
+        if not peers:
+            return
+        rid = self._next
+        self._next += 1
+        w = _Wait(set(peers), self.loop.create_future())
+        self._waits[rid] = w
+        for p in peers:
+            self.node.send(p, {"t": "lur", "id": rid, "w": lu.wwn.lower(), "asc": asc,
+                               "ascq": ascq})
+
+        def give_up() -> None:
+            if not w.fut.done():
+                log.warning("shared LU %s: reset not acknowledged by nodes %s", lu.wwn,
+                            sorted(w.pending))
+                w.fut.set_result(None)
+        timer = self.loop.call_later(self.query_timeout, give_up)
+        w.fut.add_done_callback(lambda _f: (timer.cancel(), self._waits.pop(rid, None)))
+        # The task management response waits for it (ScsiTarget.take_reset_barriers).
+        lu.reset_barriers.append(w.fut)
+
+    def _on_lu_reset(self, src: int, msg: dict[str, Any]) -> None:
+        pr = self.lus.get(str(msg.get("w", "")).lower())
+        if pr is not None:
+            self._resetting = pr.lu
+            try:
+                pr.lu.reset(int(msg["asc"]), int(msg["ascq"]))
+            finally:
+                self._resetting = None
+                pr.lu.reset_barriers.clear()
+        self.node.send(src, {"t": "lura", "id": msg.get("id")})
 
     def close(self) -> None:
         """Stop listening (daemon shutdown)."""
-        for kind in ("prs", "prsa", "prq", "prr"):
+        for kind in ("prs", "prsa", "prq", "prr", "lur", "lura"):
             self.node.handlers.pop(kind, None)
         if self._on_view in self.node.view_listeners:
             self.node.view_listeners.remove(self._on_view)
