@@ -112,6 +112,8 @@ class SharedPr:
         self.lus: dict[str, PersistentReservations] = {}
         self.synced: set[str] = set()
         """WWNs caught up with the group since they were attached."""
+        self._tried: set[str] = set()
+        """WWNs :meth:`sync_new` already waited for (later views retry them)."""
         self._waits: dict[int, _Wait] = {}
         self._next = 1
         self._catchups: set[asyncio.Task] = set()
@@ -138,6 +140,7 @@ class SharedPr:
         if self.lus.get(wwn) is lu.pr:
             del self.lus[wwn]
             self.synced.discard(wwn)
+            self._tried.discard(wwn)
         lu.pr.backend = LOCAL
         if self._lu_reset in lu.reset_hooks:
             lu.reset_hooks.remove(self._lu_reset)
@@ -266,9 +269,10 @@ class SharedPr:
     async def sync_new(self, timeout: float = 20.0) -> None:
         """Catch up every attached LU not synced yet (before the portals open):
         waits up to ``timeout`` for the cluster to be ready."""
-        todo = [w for w in self.lus if w not in self.synced]
+        todo = [w for w in self.lus if w not in self.synced and w not in self._tried]
         if not todo:
             return
+        self._tried.update(todo)
         try:
             await self.node.wait_ready(timeout=timeout)
         except TimeoutError:
