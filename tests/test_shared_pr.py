@@ -451,3 +451,23 @@ def test_aptpl_on_each_node_and_rejoin_catches_up(nodes):
     finally:
         pa.close()
         pa2.close()
+
+
+def test_shared_flag_in_the_cli_and_config(tmp_path):
+    d = str(tmp_path / "cfg")
+    image = str(tmp_path / "x.img")
+    storaged("backstore", "create", "x", image, "--size", "1M", "--shared", directory=d)
+    assert "write-back shared  [unused]" in storaged("backstore", "ls", directory=d).stdout
+    storaged("backstore", "set", "x", "--not-shared", directory=d)
+    assert "write-back  [unused]" in storaged("backstore", "ls", directory=d).stdout
+    storaged("backstore", "set", "x", "--shared", directory=d)
+    saved = str(tmp_path / "c.json")
+    storaged("config", "save", saved, directory=d)
+    with open(saved) as f:
+        cfg = json.load(f)
+    assert cfg["backstores"][0]["shared"] is True
+    cfg["backstores"][0]["shared"] = "yes"
+    with open(saved, "w") as f:
+        json.dump(cfg, f)
+    r = storaged("config", "restore", saved, directory=d, check=False)
+    assert r.returncode == 1 and "shared" in r.stderr, r.stderr
