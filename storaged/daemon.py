@@ -71,7 +71,7 @@ class Runtime:
         self.nfs = NfsRuntime(store)
         from storaged.control.mgmt_server import MgmtServer
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
-        self.shared_pr = None  # storaged.cluster.shared_pr.SharedPr once a cluster node runs
+        self.shared_pr = None  # storaged.scsi.pr_cluster.SharedPr once a cluster node runs
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -365,7 +365,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
     if cluster_node is not None:
-        from storaged.cluster.shared_pr import SharedPr
+        from storaged.scsi.pr_cluster import SharedPr
         runtime.shared_pr = SharedPr(cluster_node)
     if metrics_addr and cluster_node is not None:
         metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))

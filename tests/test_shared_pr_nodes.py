@@ -1,7 +1,7 @@
 """The cluster PR backend on in-process cluster nodes (real ZeroMQ, one event loop).
 
 Three nodes each serve one LU over the same image file through
-storaged.cluster.shared_pr: a change through any node is applied by every
+storaged.scsi.pr_cluster: a change through any node is applied by every
 member before it returns, the LVB carries the change counter, a node that
 was cut off catches up, and a node without quorum refuses PERSISTENT
 RESERVE OUT with NOT READY 04h/0Ch instead of changing anything.
@@ -13,9 +13,9 @@ import asyncio
 import struct
 
 from storaged.block.file import FileBlockDevice
-from storaged.cluster.shared_pr import SharedPr, lock_name, unpack_lvb
 from storaged.dlm.modes import Flag, Mode
 from storaged.scsi.lu import LogicalUnit
+from storaged.scsi.pr_cluster import SharedPr, lock_name, unpack_lvb
 from storaged.scsi.types import ScsiCommand, Status
 from tests.test_cluster_nodes import config, start, stop
 from tests.test_pr_backend import TP_A, nexus

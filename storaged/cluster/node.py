@@ -115,7 +115,7 @@ class ClusterNode:
         self._flush_scheduled = False
         self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
         """Message kind -> handler(src, msg) for services built on the node
-        (storaged.cluster.shared_pr); only messages from current members arrive."""
+        (storaged.scsi.pr_cluster); only messages from current members arrive."""
         self.view_listeners: list[Callable[[View], None]] = []
         """Called with every view installed (after the lockspaces saw it)."""
 

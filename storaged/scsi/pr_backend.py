@@ -8,7 +8,7 @@ decides what else has to happen before the command may complete:
 
 * :class:`LocalPrBackend` (the default): nothing.  The LU is served by this
   daemon only; its in-memory state (plus the APTPL record) is the whole truth.
-* the cluster backend (:mod:`storaged.cluster.shared_pr`): the LU is served
+* the cluster backend (:mod:`storaged.scsi.pr_cluster`): the LU is served
   by several storage nodes over the same backing storage.  The change is
   made under a cluster-wide lock and every node applies the :class:`Update`
   before GOOD is returned (SPC-4 §5.14: one LU, one reservation state,

@@ -68,7 +68,7 @@ class PrRecord(Record):
     scope: int = 0
     registrations: list[PrRegistration] = field(default_factory=list)
     seq: int = 0
-    """Change counter of a shared LU's PR state (storaged.cluster.shared_pr): after a
+    """Change counter of a shared LU's PR state (storaged.scsi.pr_cluster): after a
     restart of every node the one with the highest ``seq`` has the newest state."""
 
     @property

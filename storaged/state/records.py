@@ -246,7 +246,7 @@ class Backstore(Record):
     direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
     shared: bool = False
     """Served by several storage nodes of the cluster over the same backing storage:
-    persistent reservations are one state for all of them (storaged.cluster.shared_pr)."""
+    persistent reservations are one state for all of them (storaged.scsi.pr_cluster)."""
 
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:

@@ -7,7 +7,11 @@ PREEMPT, PREEMPT AND ABORT, CLEAR or RELEASE made through any port must hold
 on every port before GOOD is returned (SPC-4 §5.14.1), and PRgeneration is
 the LU's.  This module is the cluster PR state backend
 (:mod:`storaged.scsi.pr_backend`) that makes it so, for backstores marked
-``shared``, in the way SCST does it with the Linux DLM:
+``shared``, in the way SCST does it with the Linux DLM.  It lives with the
+SCSI semantics and uses the cluster node below it (membership, DLM,
+messages), so the import arrows point down; the PR command logic in
+:mod:`storaged.scsi.pr` never sees the cluster.
+
 
 * **one DLM lock per LU** (``pr:<NAA WWN>`` in the ``default`` lockspace),
   taken EX around every PERSISTENT RESERVE OUT, so changes are serialised
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
     from storaged.scsi.lu import LogicalUnit
     from storaged.scsi.pr import PersistentReservations
 
-log = logging.getLogger("storaged.cluster.shared_pr")
+log = logging.getLogger("storaged.scsi.pr_cluster")
 
 LOCK_PREFIX = "pr:"
 LVB = struct.Struct(">QI")
