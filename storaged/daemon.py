@@ -189,7 +189,7 @@ class Runtime:
                 self._unshare(gone)
                 gone.device.close()
         if fenced_names or fenced_keys:
-            self._preempt_fenced(fenced_names, fenced_keys)
+            await self._preempt_fenced(fenced_names, fenced_keys)
         denied = frozenset(fenced_names)
         wanted: set[tuple[str, int]] = set()
         seen: set[str] = set()
@@ -232,11 +232,14 @@ class Runtime:
         await self.nfs.reconcile()
         await self.mgmt.reconcile()
 
-    def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
+    async def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
-        PREEMPT AND ABORT (their tasks aborted, UAs for the others)."""
-        for name, d in self.devices.items():
-            removed = d.lu.pr.admin_preempt(names, keys)
+        PREEMPT AND ABORT (their tasks aborted, UAs for the others); on a
+        shared LU, on every storage node serving it."""
+        for name, d in list(self.devices.items()):
+            pr = d.lu.pr
+            removed = await pr.admin_preempt_everywhere(names, keys) if pr.backend.blocking \
+                else pr.admin_preempt(names, keys)
             if removed["registrations"]:
                 log.warning("fence: backstore %s: preempted %d registration(s) of fenced "
                             "initiators%s", name, removed["registrations"],

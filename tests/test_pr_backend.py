@@ -214,3 +214,34 @@ def test_two_nodes_behave_like_one_lu(tmp_path, cmds):
     finally:
         for lu in (ref, a, b):
             lu.device.close()
+
+
+def test_admin_clear_and_san_fencing_reach_every_node(tmp_path):
+    import asyncio
+
+    a, aborted_a = make_lu(image(tmp_path, "a"))
+    b, aborted_b = make_lu(image(tmp_path, "a"))
+    group = GroupBackend()
+    group.join(a)
+    group.join(b)
+    h1, h2 = nexus(1, TP_A), nexus(2, TP_B)
+    clear_ua(a, h1)
+    clear_ua(b, h2)
+    assert prout(a, h1, RIEK, sark=1).status == Status.GOOD
+    assert prout(b, h2, RIEK, sark=2).status == Status.GOOD
+    assert prout(a, h1, RESERVE, key=1, ptype=WERO).status == Status.GOOD
+    # storaged fence off of host 2 (SAN level) run on node A: gone on B too,
+    # its tasks aborted on B where it is logged in.
+    got = asyncio.run(a.pr.admin_preempt_everywhere(["iqn.2024-01.test:host2"], []))
+    assert got == {"registrations": 1, "released": False}
+    assert aborted_b == [h2.initiator_port] and aborted_a == []
+    assert clear_ua(b, h2) == [(0x2A, 0x05)]
+    assert state(a) == state(b) and read_keys(b) == (3, [1])
+    # storaged pr clear through node B clears node A and tells its initiators.
+    before = asyncio.run(b.pr.admin_clear_everywhere())
+    assert [r["key"] for r in before["registrations"]] == [f"0x{1:016x}"]
+    assert clear_ua(a, h1) == [(0x2A, 0x03)]
+    assert state(a) == state(b) and read_keys(a) == (4, [])
+    assert a.pr.seq == b.pr.seq
+    a.device.close()
+    b.device.close()

@@ -560,24 +560,50 @@ class PersistentReservations:
         reservation is released and, as for a release of a registrants-only
         or all-registrants reservation (SPC-4 §5.14.11.2.2), the remaining
         registrants get RESERVATIONS RELEASED.  Returns what was removed."""
+        with self.lock:
+            out, nexuses = self._admin_preempt(initiators, keys)
+        _run_abort_hooks(self.lu, nexuses)
+        return out
+
+    def _admin_preempt(self, initiators: Iterable[str], keys: Iterable[int]
+                       ) -> tuple[dict[str, Any], list[Nexus]]:
+        """The change of :meth:`admin_preempt` (under the lock): what was removed,
+        and the live nexuses whose tasks must be aborted."""
         names = {normalize_port(i) for i in initiators}
         key_set = set(keys)
-        with self.lock:
-            removed = [r for r in self.regs.values()
-                       if r.initiator.partition(",")[0] in names or r.initiator in names
-                       or r.key in key_set]
-            if not removed:
-                return {"registrations": 0, "released": False}
-            nexuses = self._nexuses(removed)
-            old_type = self.type
-            released = self._remove(removed)
-            self._ua(removed, UA_REGISTRATIONS_PREEMPTED, None)
-            if released and old_type in REGISTRANTS_TYPES:
-                self._ua(self.regs.values(), UA_RESERVATIONS_RELEASED, None)
-            self._bump()
-            self._changed()
+        removed = [r for r in self.regs.values()
+                   if r.initiator.partition(",")[0] in names or r.initiator in names
+                   or r.key in key_set]
+        if not removed:
+            return {"registrations": 0, "released": False}, []
+        nexuses = self._nexuses(removed)
+        old_type = self.type
+        released = self._remove(removed)
+        self._ua(removed, UA_REGISTRATIONS_PREEMPTED, None)
+        if released and old_type in REGISTRANTS_TYPES:
+            self._ua(self.regs.values(), UA_RESERVATIONS_RELEASED, None)
+        self._record_abort(removed, None)
+        self._bump()
+        self._changed()
+        return {"registrations": len(removed), "released": released}, nexuses
+
+    async def admin_preempt_everywhere(self, initiators: Iterable[str],
+                                       keys: Iterable[int]) -> dict[str, Any]:
+        """:meth:`admin_preempt` through the PR backend: on an LU several nodes
+        serve, every node removes the registrations and aborts the tasks
+        before this returns (call from the daemon's event loop)."""
+        out: dict[str, Any] = {"registrations": 0, "released": False}
+        nexuses: list[Nexus] = []
+
+        def fn() -> ScsiResult:
+            got, live = self._admin_preempt(initiators, keys)
+            out.update(got)
+            nexuses.extend(live)
+            return ScsiResult()
+
+        await self.backend.arun(self, lambda: self.change(fn))
         _run_abort_hooks(self.lu, nexuses)
-        return {"registrations": len(removed), "released": released}
+        return out
 
     # ------------------------------------------------------------ resets, nexus loss
     def _on_reset(self, lu: LogicalUnit, asc: int, ascq: int) -> None:
