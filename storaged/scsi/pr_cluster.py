@@ -13,7 +13,8 @@ messages), so the import arrows point down; the PR command logic in
 :mod:`storaged.scsi.pr` never sees the cluster.
 
 
-* **one DLM lock per LU** (``pr:<NAA WWN>`` in the ``default`` lockspace),
+* **one DLM lock per LU** (``pr:<NAA WWN>`` in the ``default`` lockspace, or
+  the first one configured),
   taken EX around every PERSISTENT RESERVE OUT, so changes are serialised
   cluster-wide;
 * **the lock value block** carries the LU's change counter ``seq`` and
@@ -109,7 +110,8 @@ class SharedPr:
         self.node = node
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
-        self.lockspace = lockspace
+        # The configured lockspace list may not have "default": take the first one.
+        self.lockspace = lockspace if lockspace in node.lockspaces else next(iter(node.lockspaces))
         self.lock_timeout = lock_timeout
         self.ack_timeout = ack_timeout
         self.query_timeout = query_timeout
