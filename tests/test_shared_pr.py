@@ -392,7 +392,6 @@ def test_release_and_clear_through_the_other_node(nodes):
 
 
 @pytest.mark.peer
-@pytest.mark.slow
 def test_libiscsi_pr_and_multipath_over_two_nodes(nodes, tmp_path):
     """iscsi-test-cu with one URL per node: the PR suites and MultipathIO."""
     from tests.test_integration_libiscsi import failed_tests, parse_summary
