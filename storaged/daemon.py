@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from storaged import metrics
 from storaged.block.file import FileBlockDevice
@@ -31,6 +32,9 @@ from storaged.scsi.lu import LogicalUnit
 from storaged.scsi.target import ScsiTarget
 from storaged.scsi.types import ScsiCommand, ScsiResult
 from storaged.state import Backstore, Chap, StatePrStore, Store, Target, split_portal
+
+if TYPE_CHECKING:
+    from storaged.scsi.pr_cluster import SharedPr
 
 log = logging.getLogger("storaged")
 
@@ -71,7 +75,8 @@ class Runtime:
         self.nfs = NfsRuntime(store)
         from storaged.control.mgmt_server import MgmtServer
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
-        self.shared_pr = None  # storaged.scsi.pr_cluster.SharedPr once a cluster node runs
+        self.shared_pr: SharedPr | None = None
+        """Shared-LU persistent reservations, once a cluster node runs here."""
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
