@@ -73,6 +73,9 @@ class GroupBackend:
     async def arun(self, pr, change) -> ScsiResult:  # noqa: ANN001
         return self.run(pr, change)
 
+    def stale(self, pr) -> None:  # noqa: ANN001
+        return None
+
 
 def make_lu(path: str, store: DictStore | None = None) -> tuple[LogicalUnit, list[str]]:
     dev = FileBlockDevice(path, block_size=512)
@@ -108,6 +111,9 @@ def test_change_reports_an_update_only_when_the_state_changed(tmp_path):
             result, update = change()
             seen.append(update)
             return result
+
+        def stale(self, pr) -> None:  # noqa: ANN001
+            return None
 
     lu.pr.backend = Spy()
     assert prout(lu, n, RIEK, sark=7).status == Status.GOOD

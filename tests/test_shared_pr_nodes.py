@@ -19,7 +19,7 @@ from storaged.scsi.pr_cluster import SharedPr, lock_name, unpack_lvb
 from storaged.scsi.types import ScsiCommand, Status
 from tests.test_cluster_nodes import config, start, stop
 from tests.test_pr_backend import TP_A, nexus
-from tests.test_scsi_pr import RESERVE, RIEK, WERO, WWN, clear_ua, prout, read_keys
+from tests.test_scsi_pr import RESERVE, RIEK, WERO, WWN, clear_ua, prin, prout, read_keys
 from tests.test_scsi_pr import run as execute
 
 PR_OUT_CDB = struct.pack(">BBBxxIB", 0x5F, RIEK, 0, 24, 0)
@@ -44,6 +44,8 @@ async def serve(tmp_path, n: int = 3):
         services[node.node_id] = SharedPr(node, ack_timeout=5.0, query_timeout=2.0)
         services[node.node_id].attach(lu)
         lus[node.node_id] = lu
+    for s in services.values():
+        await s.sync_new()          # as the daemon does before it opens its portals
     return nodes, lus, services
 
 
@@ -118,6 +120,8 @@ def test_a_node_cut_off_refuses_and_catches_up_after(tmp_path):
             assert r.status == Status.CHECK_CONDITION
             assert (r.sense[2] & 0x0F, r.sense[12], r.sense[13]) == (0x2, 0x04, 0x0C)
             assert lus[3].pr.seq == 1                                   # nothing changed
+            r = await call(prin, lus[3], h3, 0)                         # READ KEYS
+            assert (r.status, r.sense[12], r.sense[13]) == (Status.CHECK_CONDITION, 4, 0x0C)
             # The majority goes on without it.
             assert (await call(prout, lus[1], h1, RESERVE, key=0x21, ptype=WERO)).status \
                 == Status.GOOD
@@ -131,6 +135,11 @@ def test_a_node_cut_off_refuses_and_catches_up_after(tmp_path):
                 await asyncio.sleep(0.05)
             assert lus[3].pr.to_dict() == lus[1].pr.to_dict()
             assert lus[3].pr.type == WERO
+            for _ in range(100):
+                if (await call(prin, lus[3], h3, 0)).status == Status.GOOD:
+                    break
+                await asyncio.sleep(0.05)
+            assert read_keys(lus[3]) == read_keys(lus[1]) == (1, [0x21])
         finally:
             await close(nodes, lus, services)
     run(main())

@@ -781,6 +781,9 @@ def _prin(lu: LogicalUnit, cmd: ScsiCommand, build: Callable[[PersistentReservat
                                                               bytes]) -> ScsiResult:
     alloc = _be16(cmd.cdb, 7)
     st = lu.pr
+    refused = st.backend.stale(st)
+    if refused is not None:
+        return refused
     with st.lock:
         data = build(st)
     return ScsiResult(data=data[:alloc])

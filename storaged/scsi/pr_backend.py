@@ -78,6 +78,10 @@ class PrBackend(Protocol):
     def arun(self, pr: PersistentReservations, change: Change) -> Awaitable[ScsiResult]:
         """:meth:`run` for callers on the daemon's event loop (``storaged pr clear``)."""
 
+    def stale(self, pr: PersistentReservations) -> ScsiResult | None:
+        """The result PERSISTENT RESERVE IN gets while this node's copy of the
+        state may be out of date (None: answer from it)."""
+
 
 class LocalPrBackend:
     """The LU is this daemon's alone: a change holds once made in memory."""
@@ -89,6 +93,9 @@ class LocalPrBackend:
 
     async def arun(self, pr: PersistentReservations, change: Change) -> ScsiResult:
         return change()[0]
+
+    def stale(self, pr: PersistentReservations) -> ScsiResult | None:
+        return None
 
 
 LOCAL = LocalPrBackend()

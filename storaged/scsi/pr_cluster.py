@@ -20,7 +20,9 @@ messages), so the import arrows point down; the PR command logic in
 * **the lock value block** carries the LU's change counter ``seq`` and
   PRgeneration (``>QI``).  The node that takes the lock and finds a ``seq``
   newer than its own (or an invalid / empty LVB: its master died) first
-  *catches up*: it asks every member for its state and takes the newest;
+  *catches up*: it asks every member for its state and takes the newest.
+  Until a node caught up (at start, and after it lost quorum) PERSISTENT
+  RESERVE IN through it gets NOT READY 04h/0Ch;
 * **broadcast before completion**: the change's
   :class:`~storaged.scsi.pr_backend.Update` (the new state plus the unit
   attentions and task aborts it causes) goes to every member of the view,
@@ -253,6 +255,9 @@ class SharedPr:
         self.node.send(src, reply)
 
     def _on_view(self, view: View) -> None:
+        if not view.quorate:
+            # Cut off: changes may happen without us; PR IN waits for the catch-up.
+            self.synced.clear()
         members = set(view.nodes)
         for w in list(self._waits.values()):
             w.pending &= members
@@ -399,6 +404,15 @@ class ClusterPrBackend:
 
     async def arun(self, pr: PersistentReservations, change: Change) -> ScsiResult:
         return await self.shared.run_change(pr, self.wwn, change)
+
+    def stale(self, pr: PersistentReservations) -> ScsiResult | None:
+        """Until this node caught up with the group (at start, after losing
+        quorum), PERSISTENT RESERVE IN gets NOT READY 04h/0Ch: a multipath
+        initiator (fence_scsi's status check) asks another node instead of
+        reading keys that may be gone."""
+        if self.wwn in self.shared.synced:
+            return None
+        return pr.lu.check(Key.NOT_READY, *UNAVAILABLE)
 
 
 __all__ = ["ClusterPrBackend", "SharedPr", "SharedPrError", "lock_name", "pack_lvb",
