@@ -283,7 +283,10 @@ class Runtime:
         for name, d in self._pr_devices(args):
             used = [{"iqn": iqn, "lun": lun} for iqn, ctx in sorted(self.registry.targets.items())
                     for lun, lu in sorted(ctx.scsi.luns.items()) if lu is d.lu]
-            out.append({"backstore": name, "luns": used, **d.lu.pr.describe()})
+            item = {"backstore": name, "luns": used, **d.lu.pr.describe()}
+            if self.shared_pr is not None and d.lu.wwn.lower() in self.shared_pr.lus:
+                item["shared"] = {"synced": d.lu.wwn.lower() in self.shared_pr.synced}
+            out.append(item)
         return {"live": True, "backstores": out}
 
     def _unshare(self, d: _Device) -> None:

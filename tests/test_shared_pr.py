@@ -386,6 +386,10 @@ def test_release_and_clear_through_the_other_node(nodes):
                 for n in (a, b)]
         assert live[0]["generation"] == live[1]["generation"] == gen
         assert live[0]["seq"] == live[1]["seq"]
+        assert live[0]["shared"] == live[1]["shared"] == {"synced": True}
+        text = b.cli("pr", "ls", "lu0").stdout
+        assert f"shared with the cluster's storage nodes: change {live[0]['seq']}, in step" \
+            in text, text
     finally:
         pa.close()
         pb.close()

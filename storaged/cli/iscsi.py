@@ -334,6 +334,10 @@ def _pr_lines(b: dict[str, Any], live: bool) -> list[str]:
     for r in regs:
         mark = "  [holder]" if r["holder"] else ""
         lines.append(f"    {r['key']}  {r['initiator']} -> {r['target_port']}{mark}")
+    shared = b.get("shared")
+    if shared is not None:
+        lines.append(f"  shared with the cluster's storage nodes: change {b.get('seq', 0)}, "
+                     + ("in step" if shared["synced"] else "NOT caught up yet (PR IN refused)"))
     if not live:
         lines.append("  (daemon not running: saved APTPL state)")
     return lines
