@@ -199,6 +199,9 @@ class SharedPr:
             self.node.view_listeners.remove(self._on_view)
         for t in list(self._catchups):
             t.cancel()
+        for w in self._waits.values():      # nobody will answer any more
+            if not w.fut.done():
+                w.fut.set_result(None)
 
     # ------------------------------------------------------------ messages
     def _peers(self) -> list[int]:
@@ -400,7 +403,14 @@ class ClusterPrBackend:
             log.error("shared LU %s: PERSISTENT RESERVE OUT on the event loop", self.wwn)
             return pr.lu.check(Key.HARDWARE_ERROR, 0x44, 0x00)
         fut = asyncio.run_coroutine_threadsafe(self.arun(pr, change), loop)
-        return fut.result()
+        s = self.shared
+        try:
+            # Every wait inside is bounded; this only guards against a loop that stopped.
+            return fut.result(timeout=s.lock_timeout + s.ack_timeout + 2 * s.query_timeout + 10)
+        except TimeoutError:
+            fut.cancel()
+            log.error("shared LU %s: PERSISTENT RESERVE OUT did not finish", self.wwn)
+            return pr.lu.check(Key.HARDWARE_ERROR, 0x44, 0x00)
 
     async def arun(self, pr: PersistentReservations, change: Change) -> ScsiResult:
         return await self.shared.run_change(pr, self.wwn, change)
