@@ -365,7 +365,7 @@ def test_fence_scsi_sequence_across_nodes(nodes):
                 p.close()
 
 
-def test_release_and_clear_through_the_other_node(nodes):
+def test_release_preempt_and_clear_through_the_other_node(nodes):
     a, b = nodes
     pa, pb = Path(a, 1), Path(b, 2)
     try:
@@ -378,10 +378,19 @@ def test_release_and_clear_through_the_other_node(nodes):
         assert pa.prout(RELEASE, key=KEY[1], ptype=1) == GOOD
         assert pb.write(0) == GOOD
         assert agree(pa, pb)[1][1] is None
-        assert pb.prout(CLEAR, key=KEY[2]) == GOOD                   # clear through B
+        # PREEMPT (without abort) through A of the reservation B's host holds.
+        assert pb.prout(RESERVE, key=KEY[2], ptype=WERO) == GOOD
+        assert pa.prout(PREEMPT, key=KEY[1], sark=KEY[2], ptype=WERO) == GOOD
+        assert pb.turs() == [(0x2A, 0x05)]                           # REGISTRATIONS PREEMPTED
+        assert pb.write(0) == CONFLICT and pa.write(0) == GOOD
+        (gen, keys), (_, res) = agree(pa, pb)
+        assert keys == [KEY[1]] and res == (KEY[1], WERO) and gen == gen0 + 3
+        # CLEAR through B (registered again) tells A's initiator.
+        assert pb.prout(RIEK, sark=KEY[2]) == GOOD
+        assert pb.prout(CLEAR, key=KEY[2]) == GOOD
         assert pa.turs() == [(0x2A, 0x03)]                           # RESERVATIONS PREEMPTED
         (gen, keys), (_, res) = agree(pa, pb)
-        assert keys == [] and res is None and gen == gen0 + 3
+        assert keys == [] and res is None and gen == gen0 + 5
         live = [json.loads(n.cli("pr", "ls", "lu0", "--json").stdout)["backstores"][0]
                 for n in (a, b)]
         assert live[0]["generation"] == live[1]["generation"] == gen
