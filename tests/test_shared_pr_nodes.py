@@ -143,3 +143,46 @@ def test_a_node_cut_off_refuses_and_catches_up_after(tmp_path):
         finally:
             await close(nodes, lus, services)
     run(main())
+
+
+def test_the_lock_holder_dying_mid_change_leaves_no_split(tmp_path):
+    """Node 1 holds the LU's lock and has sent its update to node 2 only when it
+    dies: the lock comes back with an invalid LVB, and the next change (through
+    node 3) first takes the newest state there is."""
+    async def main() -> None:
+        nodes, lus, services = await serve(tmp_path)
+        try:
+            h1, h3 = nexus(1, TP[1]), nexus(3, TP[3])
+            clear_ua(lus[1], h1)
+            clear_ua(lus[3], h3)
+            lk = await services[1]._lock(WWN.lower())
+            sent = []
+
+            class HalfBroadcast:
+                blocking = False
+
+                def run(self, pr, change):  # noqa: ANN001
+                    result, update = change()
+                    sent.append(update)
+                    return result
+
+                def stale(self, pr):  # noqa: ANN001
+                    return None
+
+            backend = lus[1].pr.backend
+            lus[1].pr.backend = HalfBroadcast()
+            assert prout(lus[1], h1, RIEK, sark=0x31).status == Status.GOOD
+            lus[1].pr.backend = backend
+            assert lus[2].pr.apply_update(sent[0])          # node 2 got it, node 3 did not
+            assert lus[3].pr.seq == 0 and lk.mode == Mode.EX
+            services[1].close()
+            await nodes[0].stop()                           # dies holding the lock
+            r = await call(prout, lus[3], h3, RIEK, sark=0x33)
+            assert r.status == Status.GOOD, r
+            assert lus[3].pr.seq == lus[2].pr.seq == 2
+            assert lus[3].pr.to_dict() == lus[2].pr.to_dict()
+            assert sorted(reg.key for reg in lus[3].pr.regs.values()) == [0x31, 0x33]
+        finally:
+            await close(nodes[1:], lus, {k: v for k, v in services.items() if k != 1})
+            await nodes[0].stop()
+    run(main())
