@@ -156,7 +156,10 @@ class SharedPr:
     def _lu_reset(self, lu: LogicalUnit, asc: int, ascq: int) -> None:
         """A LOGICAL UNIT RESET (or target reset) through this node resets the LU
         on every node: their I_T nexuses get the unit attention too (SAM-5
-        §6.3.3).  Sent at once, not waited for: the TMF completes on the loop."""
+        §6.3.3).  The hook cannot wait (the TMF runs on the loop); it leaves a
+        barrier future on the LU that the task management response waits for,
+        done once every peer acknowledged (or left the view, or after
+        ``query_timeout``)."""
         if lu is self._resetting:
             return
         peers = self._peers()
