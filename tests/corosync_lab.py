@@ -1,0 +1,196 @@
+"""Three (or more) corosync nodes, each in its own network and mount namespace.
+
+Layout for a lab with prefix ``P`` (``coro<pid>``): a bridge ``P-b`` in the
+root namespace (no address: no traffic leaves the bridge), and per node ``i``
+a network namespace ``Pn<i>`` holding one end of the veth pair ``Pv<i>`` /
+``Pp<i>`` with the private address ``10.<a>.<b>.<i>/24``.  corosync runs as
+``ip netns exec Pn<i> sh -c 'mount --bind ...; exec corosync -f'``: ``ip netns
+exec`` gives every call a fresh mount namespace, in which the node's own
+``/etc/corosync``, ``/var/lib/corosync`` and ``/run`` (corosync's pid lock)
+are bind mounts of directories under the test's tmp dir.  Its IPC (libqb,
+abstract Unix sockets) lives in the network namespace, so a storaged node
+started with ``ip netns exec Pn<i>`` -- in another mount namespace, but the
+same network namespace -- reaches exactly that node's corosync.
+
+Everything made here is removed by :meth:`CorosyncLab.close`, even after a
+failed start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+from support import require_tool
+
+CONF = """totem {{
+    version: 2
+    cluster_name: {name}
+    crypto_cipher: none
+    crypto_hash: none
+    token: {token}
+    token_coefficient: 0
+    join: 50
+}}
+logging {{
+    to_stderr: yes
+    to_logfile: no
+    to_syslog: no
+    timestamp: on
+}}
+quorum {{
+    provider: corosync_votequorum
+}}
+nodelist {{
+{nodes}}}
+"""
+NODE = """    node {{
+        name: {name}
+        nodeid: {id}
+        ring0_addr: {addr}
+    }}
+"""
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
+
+
+class CorosyncLab:
+    """corosync nodes 1..n in network namespaces on one bridge."""
+
+    def __init__(self, tmp_path, n: int = 3, token_ms: int = 1000,
+                 name: str = "corolab") -> None:
+        self.corosync = require_tool("corosync", "corosync")
+        self.quorumtool = require_tool("corosync-quorumtool", "corosync")
+        require_tool("ip", "iproute2")
+        self.dir = str(tmp_path)
+        self.n = n
+        self.token_ms = token_ms
+        self.name = name
+        self.prefix = f"coro{os.getpid()}"
+        pid = os.getpid()
+        self.net = f"10.{200 + pid % 50}.{(pid // 50) % 250}"
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.made_bridge = False
+        self.netns: list[str] = []
+
+    # -------------------------------------------------------------- names
+    def ns(self, i: int) -> str:
+        return f"{self.prefix}n{i}"
+
+    def addr(self, i: int) -> str:
+        return f"{self.net}.{i}"
+
+    def veth(self, i: int) -> str:
+        return f"{self.prefix}v{i}"
+
+    def node_name(self, i: int) -> str:
+        return f"cn{i}"
+
+    # ------------------------------------------------------------ set up
+    def start(self) -> None:
+        try:
+            self._network()
+            for i in range(1, self.n + 1):
+                self.start_corosync(i)
+            self.wait_quorate(range(1, self.n + 1), self.n)
+        except BaseException:
+            self.close()
+            raise
+
+    def _network(self) -> None:
+        br = f"{self.prefix}b"
+        run("ip", "link", "add", br, "type", "bridge")
+        self.made_bridge = True
+        run("ip", "link", "set", br, "up")
+        for i in range(1, self.n + 1):
+            ns, peer = self.ns(i), f"{self.prefix}p{i}"
+            run("ip", "netns", "add", ns)
+            self.netns.append(ns)
+            run("ip", "link", "add", self.veth(i), "type", "veth", "peer", "name", peer)
+            run("ip", "link", "set", peer, "netns", ns)
+            run("ip", "link", "set", self.veth(i), "master", br, "up")
+            run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", peer)
+            run("ip", "-n", ns, "link", "set", peer, "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def node_dir(self, i: int) -> str:
+        return os.path.join(self.dir, f"corosync-{i}")
+
+    def start_corosync(self, i: int) -> None:
+        d = self.node_dir(i)
+        for sub in ("etc", "var", "run"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        nodes = "".join(NODE.format(name=self.node_name(j), id=j, addr=self.addr(j))
+                        for j in range(1, self.n + 1))
+        with open(os.path.join(d, "etc", "corosync.conf"), "w") as f:
+            f.write(CONF.format(name=self.name, token=self.token_ms, nodes=nodes))
+        script = (f"mount --bind {d}/etc /etc/corosync && "
+                  f"mount --bind {d}/var /var/lib/corosync && "
+                  f"mount --bind {d}/run /run && exec {self.corosync} -f")
+        log = open(os.path.join(d, "corosync.log"), "ab")  # noqa: SIM115
+        self.procs[i] = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "sh", "-c", script],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def quorum(self, i: int) -> tuple[bool, int]:
+        """(quorate, total votes) as corosync-quorumtool in node i's namespace says."""
+        r = run("ip", "netns", "exec", self.ns(i), self.quorumtool, "-s", check=False)
+        quorate = re.search(r"Quorate:\s+Yes", r.stdout) is not None
+        m = re.search(r"Total votes:\s+(\d+)", r.stdout)
+        return quorate, int(m.group(1)) if m else 0
+
+    def wait_quorate(self, nodes, votes: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        for i in nodes:
+            while self.quorum(i) != (True, votes):
+                p = self.procs.get(i)
+                assert p is not None and p.poll() is None, f"corosync {i} died:\n{self.log(i)}"
+                assert time.monotonic() < deadline, f"corosync {i} not quorate:\n{self.log(i)}"
+                time.sleep(0.1)
+
+    def log(self, i: int) -> str:
+        try:
+            with open(os.path.join(self.node_dir(i), "corosync.log"), "rb") as f:
+                return f.read().decode(errors="replace")[-3000:]
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------ actions
+    def exec_argv(self, i: int, argv: list[str]) -> list[str]:
+        """``argv`` run in node i's network namespace (for the storaged node)."""
+        return ["ip", "netns", "exec", self.ns(i), *argv]
+
+    def link(self, i: int, up: bool) -> None:
+        """Cut (or restore) node i's link to the bridge: a partition."""
+        run("ip", "link", "set", self.veth(i), "up" if up else "down")
+
+    def kill_corosync(self, i: int) -> None:
+        p = self.procs.get(i)
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+    # ----------------------------------------------------------- clean up
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for ns in self.netns:
+            run("ip", "netns", "del", ns, check=False)
+        self.netns = []
+        if self.made_bridge:
+            run("ip", "link", "del", f"{self.prefix}b", check=False)
+            self.made_bridge = False
+        for i in range(1, self.n + 1):  # veths die with their peer; make sure
+            run("ip", "link", "del", self.veth(i), check=False)
