@@ -55,6 +55,36 @@ NODE = """    node {{
 """
 
 
+CIB = """<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" num_updates="0"
+     admin_epoch="0">
+  <configuration>
+    <crm_config>
+      <cluster_property_set id="cib-bootstrap-options">
+        <nvpair id="o-dc-deadtime" name="dc-deadtime" value="2s"/>
+        <nvpair id="o-startup-fencing" name="startup-fencing" value="false"/>
+        <nvpair id="o-stonith-enabled" name="stonith-enabled" value="true"/>
+        <nvpair id="o-no-quorum-policy" name="no-quorum-policy" value="stop"/>
+      </cluster_property_set>
+    </crm_config>
+    <nodes/>
+    <resources>
+      <primitive id="fence-test" class="stonith" type="{agent}">
+        <instance_attributes id="fence-test-ia">
+          <nvpair id="fence-test-rundir" name="rundir" value="{rundir}"/>
+          <nvpair id="fence-test-hosts" name="pcmk_host_list" value="{hosts}"/>
+        </instance_attributes>
+      </primitive>
+    </resources>
+    <constraints/>
+  </configuration>
+  <status/>
+</cib>
+"""
+#: an agent path in pacemaker's mount namespace that the test agent is bind-mounted over
+AGENT_SLOT = "fence_dummy"
+AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pcmk_fence_agent.py")
+
+
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
 
@@ -63,8 +93,14 @@ class CorosyncLab:
     """corosync nodes 1..n in network namespaces on one bridge."""
 
     def __init__(self, tmp_path, n: int = 3, token_ms: int = 1000,
-                 name: str = "corolab") -> None:
+                 name: str = "corolab", pacemaker_rundir: str | None = None) -> None:
         self.corosync = require_tool("corosync", "corosync")
+        self.pacemaker_rundir = pacemaker_rundir
+        if pacemaker_rundir is not None:
+            self.pacemakerd = require_tool("pacemakerd", "pacemaker")
+            self.crm_mon = require_tool("crm_mon", "pacemaker-cli-utils")
+            self.stonith_admin = require_tool("stonith_admin", "pacemaker-cli-utils")
+            self.agent_slot = require_tool(AGENT_SLOT, "fence-agents")
         self.quorumtool = require_tool("corosync-quorumtool", "corosync")
         require_tool("ip", "iproute2")
         self.dir = str(tmp_path)
@@ -75,6 +111,7 @@ class CorosyncLab:
         pid = os.getpid()
         self.net = f"10.{200 + pid % 50}.{(pid // 50) % 250}"
         self.procs: dict[int, subprocess.Popen] = {}
+        self.pcmk: dict[int, subprocess.Popen] = {}
         self.made_bridge = False
         self.netns: list[str] = []
 
@@ -98,6 +135,10 @@ class CorosyncLab:
             for i in range(1, self.n + 1):
                 self.start_corosync(i)
             self.wait_quorate(range(1, self.n + 1), self.n)
+            if self.pacemaker_rundir is not None:
+                for i in range(1, self.n + 1):
+                    self.start_pacemaker(i)
+                self.wait_pacemaker()
         except BaseException:
             self.close()
             raise
@@ -136,6 +177,61 @@ class CorosyncLab:
         self.procs[i] = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "sh", "-c", script],
                                          stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def start_pacemaker(self, i: int) -> None:
+        """pacemakerd in node i's network namespace, with its own /var/lib/pacemaker
+        (a CIB seeded with the test fence device), /var/log/pacemaker and /run, and the
+        test agent bind-mounted over /usr/sbin/fence_dummy in its mount namespace."""
+        import grp
+        import pwd
+        uid, gid = pwd.getpwnam("hacluster").pw_uid, grp.getgrnam("haclient").gr_gid
+        d = os.path.join(self.node_dir(i), "pacemaker")
+        for sub in ("lib/cib", "lib/pengine", "lib/blackbox", "lib/cores", "log", "run"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        hosts = " ".join(self.node_name(j) for j in range(1, self.n + 1))
+        with open(os.path.join(d, "lib/cib/cib.xml"), "w") as f:
+            f.write(CIB.format(agent=AGENT_SLOT, rundir=self.pacemaker_rundir, hosts=hosts))
+        for root, dirs, files in os.walk(d):
+            for x in dirs + files:
+                os.chown(os.path.join(root, x), uid, gid)
+        os.chown(d, uid, gid)
+        import sys
+        wrapper = os.path.join(d, "agent.sh")
+        with open(wrapper, "w") as f:
+            f.write(f"#!/bin/sh\nexec {sys.executable} {AGENT} \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        script = (f"mount --bind {d}/lib /var/lib/pacemaker && "
+                  f"mount --bind {d}/log /var/log/pacemaker && mount --bind {d}/run /run && "
+                  f"mount --bind {wrapper} {self.agent_slot} && "
+                  f"PCMK_logfile=/var/log/pacemaker/pacemaker.log exec {self.pacemakerd} -f")
+        log = open(os.path.join(d, "pacemakerd.out"), "ab")  # noqa: SIM115
+        self.pcmk[i] = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "sh", "-c", script],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def pcmk_run(self, i: int, *argv: str) -> subprocess.CompletedProcess:
+        return run("ip", "netns", "exec", self.ns(i), *argv, check=False)
+
+    def wait_pacemaker(self, timeout: float = 60.0) -> None:
+        """Until node 1's crm_mon shows every node online and the fence device started."""
+        names = " ".join(self.node_name(j) for j in range(1, self.n + 1))
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.pcmk_run(1, self.crm_mon, "-1").stdout
+            if f"Online: [ {names} ]" in out and "Started" in out:
+                return
+            for i, p in self.pcmk.items():
+                assert p.poll() is None, f"pacemakerd {i} exited:\n{self.pcmk_log(i)}"
+            assert time.monotonic() < deadline, f"pacemaker not up:\n{out}\n{self.pcmk_log(1)}"
+            time.sleep(0.3)
+
+    def pcmk_log(self, i: int) -> str:
+        path = os.path.join(self.node_dir(i), "pacemaker", "log", "pacemaker.log")
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")[-3000:]
+        except FileNotFoundError:
+            return ""
 
     def quorum(self, i: int) -> tuple[bool, int]:
         """(quorate, total votes) as corosync-quorumtool in node i's namespace says."""
@@ -177,6 +273,15 @@ class CorosyncLab:
 
     # ----------------------------------------------------------- clean up
     def close(self) -> None:
+        for p in self.pcmk.values():  # pacemaker first: it stops its daemons itself
+            if p.poll() is None:
+                p.terminate()
+        for p in self.pcmk.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
@@ -187,6 +292,13 @@ class CorosyncLab:
                 p.kill()
                 p.wait()
         for ns in self.netns:
+            # Whatever still runs in our namespaces (pacemaker's daemons if pacemakerd was
+            # killed, a stray worker) was started by this lab: end it before the netns goes.
+            for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             run("ip", "netns", "del", ns, check=False)
         self.netns = []
         if self.made_bridge:

@@ -215,3 +215,56 @@ def test_waiter_gets_dead_nodes_lock_after_token_and_fencing(lab, tmp_path):
     assert token_ms / 1000 * 0.9 <= waited < token_ms / 1000 * 2.2 + 3, (waited, token_ms)
     with open(tmp_path / "waited.json", "w") as f:
         json.dump({"waited_s": waited, "token_ms": token_ms}, f)
+
+
+def test_pacemaker_fencer_fences_through_pacemaker(tmp_path):
+    """pacemakerd in every node's namespaces; the storaged fencer asks pacemaker's fencer.
+
+    Only node 3's storaged process is SIGKILLed: corosync and pacemaker on node 3 stay
+    up, so pacemaker itself sees no reason to fence.  The fence therefore comes from
+    storaged's request (``stonith_admin --fence cn3``), runs pacemaker's configured
+    device (the test agent, which power-kills the worker), and the survivors' recovery
+    waits until pacemaker's fencing history shows it."""
+    lab = CorosyncLab(tmp_path / "lab", token_ms=1000, pacemaker_rundir=str(tmp_path))
+    lab.start()
+    cfg = corosync_config(lab, fencer="pacemaker")
+    c = NetnsCluster(tmp_path, lab, cfg, seconds=7, seed=14)
+    holder: NodeClient | None = None
+    got: dict[str, object] = {}
+    try:
+        c.start()
+        assert c.status(1)["fencer"] == "pacemaker"
+        holder = NodeClient(path=str(tmp_path / "node-3.sock"))
+        holder.call("lock", {"name": "held", "mode": "EX"}, timeout=10)
+
+        def wait_lock() -> None:
+            with NodeClient(path=str(tmp_path / "node-1.sock")) as w:
+                try:
+                    got["lock"] = w.call("lock", {"name": "held", "mode": "EX",
+                                                  "timeout": 30}, timeout=35)
+                except Exception as e:  # noqa: BLE001 - reported by the assertion
+                    got["error"] = e
+                got["t"] = time.monotonic_ns()
+
+        t = threading.Thread(target=wait_lock)
+        t.start()
+        time.sleep(0.5)
+        assert "t" not in got, got
+        wall = time.time()
+        c.kill(3)
+        t.join(40)
+        c.wait(40)
+        hist = lab.pcmk_run(1, lab.stonith_admin, "--history", "cn3", "--output-as", "xml")
+    finally:
+        if holder is not None:
+            holder.close()
+        c.stop()
+        lab.close()
+    from storaged.cluster.fencing import parse_fence_history
+    assert "lock" in got, (got, c.outputs())
+    fenced = [e for e in parse_fence_history(hist.stdout, "cn3") if e[1] == "success"]
+    assert fenced and fenced[0][0] in ("off", "reboot") and fenced[0][2] >= int(wall), \
+        hist.stdout
+    assert os.path.exists(tmp_path / "fenced-3"), "pacemaker's device never ran"
+    assert got["t"] > c.death_times()[3], "the waiter was granted before the fence"
+    check_safety(c.events(), c.death_times())

@@ -451,6 +451,17 @@ class ClusterNode:
 
     def _on_view(self, view: View) -> None:
         self.view = view
+        if view.removed:
+            # The node was gone at most one failure detection (token + consensus) before
+            # this view: a fence completed since then counts (pacemaker fences it too).
+            slack = self.config.token + self.config.consensus
+            if self._corosync is not None:
+                info = self._corosync.info
+                slack = (int(info.get("token_ms") or 0) + int(info.get("consensus_ms") or 0)
+                         ) / 1000 or slack
+            since = time.time() - slack
+            for n, i in view.removed:
+                self.fencer.node_left(n, i, since)
         self.view_events.append((time.time(), view))
         q = view.quorum
         log.info("view %s: members %s, %s (%d/%d votes, quorum %d)%s", view.label(),
