@@ -18,11 +18,13 @@ failed start.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 from support import require_tool
 
@@ -68,21 +70,19 @@ CIB = """<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" n
     </crm_config>
     <nodes/>
     <resources>
-      <primitive id="fence-test" class="stonith" type="{agent}">
-        <instance_attributes id="fence-test-ia">
-          <nvpair id="fence-test-rundir" name="rundir" value="{rundir}"/>
-          <nvpair id="fence-test-hosts" name="pcmk_host_list" value="{hosts}"/>
-        </instance_attributes>
-      </primitive>
-    </resources>
+{devices}    </resources>
     <constraints/>
   </configuration>
   <status/>
 </cib>
 """
-#: an agent path in pacemaker's mount namespace that the test agent is bind-mounted over
-AGENT_SLOT = "fence_dummy"
-AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pcmk_fence_agent.py")
+DEVICE = """      <primitive id="{id}" class="stonith" type="{agent}">
+        <instance_attributes id="{id}-ia">
+{params}        </instance_attributes>
+      </primitive>
+"""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAN = 10  #: the storage node's index (network namespace and address), not a corosync node
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -92,15 +92,15 @@ def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 class CorosyncLab:
     """corosync nodes 1..n in network namespaces on one bridge."""
 
-    def __init__(self, tmp_path, n: int = 3, token_ms: int = 1000,
-                 name: str = "corolab", pacemaker_rundir: str | None = None) -> None:
+    def __init__(self, tmp_path, n: int = 3, token_ms: int = 1000, name: str = "corolab",
+                 pacemaker_devices: dict[str, tuple[str, dict[str, str]]] | None = None,
+                 san: bool = False) -> None:
+        """``pacemaker_devices``: run pacemaker with these stonith devices (id -> (agent,
+        params)); ``san``: one more namespace (index ``SAN``) for a storaged SAN daemon."""
         self.corosync = require_tool("corosync", "corosync")
-        self.pacemaker_rundir = pacemaker_rundir
-        if pacemaker_rundir is not None:
-            self.pacemakerd = require_tool("pacemakerd", "pacemaker")
-            self.crm_mon = require_tool("crm_mon", "pacemaker-cli-utils")
-            self.stonith_admin = require_tool("stonith_admin", "pacemaker-cli-utils")
-            self.agent_slot = require_tool(AGENT_SLOT, "fence-agents")
+        self.devices = pacemaker_devices
+        self.san = san
+        self.pacemakerd = self.crm_mon = self.stonith_admin = ""
         self.quorumtool = require_tool("corosync-quorumtool", "corosync")
         require_tool("ip", "iproute2")
         self.dir = str(tmp_path)
@@ -112,6 +112,7 @@ class CorosyncLab:
         self.net = f"10.{200 + pid % 50}.{(pid // 50) % 250}"
         self.procs: dict[int, subprocess.Popen] = {}
         self.pcmk: dict[int, subprocess.Popen] = {}
+        self.san_proc: subprocess.Popen | None = None
         self.made_bridge = False
         self.netns: list[str] = []
 
@@ -129,13 +130,20 @@ class CorosyncLab:
         return f"cn{i}"
 
     # ------------------------------------------------------------ set up
-    def start(self) -> None:
+    def start(self, before_cluster: Callable[[], None] | None = None) -> None:
+        """Network, corosync on every node, then pacemaker (when configured);
+        ``before_cluster`` runs once the network is up (e.g. to start the SAN)."""
         try:
             self._network()
+            if before_cluster is not None:
+                before_cluster()
             for i in range(1, self.n + 1):
                 self.start_corosync(i)
             self.wait_quorate(range(1, self.n + 1), self.n)
-            if self.pacemaker_rundir is not None:
+            if self.devices is not None:
+                self.pacemakerd = require_tool("pacemakerd", "pacemaker")
+                self.crm_mon = require_tool("crm_mon", "pacemaker-cli-utils")
+                self.stonith_admin = require_tool("stonith_admin", "pacemaker-cli-utils")
                 for i in range(1, self.n + 1):
                     self.start_pacemaker(i)
                 self.wait_pacemaker()
@@ -148,7 +156,7 @@ class CorosyncLab:
         run("ip", "link", "add", br, "type", "bridge")
         self.made_bridge = True
         run("ip", "link", "set", br, "up")
-        for i in range(1, self.n + 1):
+        for i in self.indexes():
             ns, peer = self.ns(i), f"{self.prefix}p{i}"
             run("ip", "netns", "add", ns)
             self.netns.append(ns)
@@ -158,6 +166,10 @@ class CorosyncLab:
             run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", peer)
             run("ip", "-n", ns, "link", "set", peer, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def indexes(self) -> list[int]:
+        """Every namespace's index: the corosync nodes, and the SAN if there is one."""
+        return list(range(1, self.n + 1)) + ([SAN] if self.san else [])
 
     def node_dir(self, i: int) -> str:
         return os.path.join(self.dir, f"corosync-{i}")
@@ -180,34 +192,79 @@ class CorosyncLab:
 
     def start_pacemaker(self, i: int) -> None:
         """pacemakerd in node i's network namespace, with its own /var/lib/pacemaker
-        (a CIB seeded with the test fence device), /var/log/pacemaker and /run, and the
-        test agent bind-mounted over /usr/sbin/fence_dummy in its mount namespace."""
+        (a CIB seeded with the test's stonith devices), /var/log/pacemaker and /run.
+        In its mount namespace /usr/sbin (where pacemaker-fenced looks for agents) is a
+        directory of links to the real /usr/sbin (bind-mounted at ``real-sbin``) plus
+        ``fence_storaged`` from this tree; the host's /usr/sbin is not touched."""
         import grp
         import pwd
+        import sys
         uid, gid = pwd.getpwnam("hacluster").pw_uid, grp.getgrnam("haclient").gr_gid
         d = os.path.join(self.node_dir(i), "pacemaker")
         for sub in ("lib/cib", "lib/pengine", "lib/blackbox", "lib/cores", "log", "run"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
-        hosts = " ".join(self.node_name(j) for j in range(1, self.n + 1))
+        devices = "".join(DEVICE.format(id=dev, agent=agent, params="".join(
+            f'          <nvpair id="{dev}-{k}" name="{k}" value="{html.escape(v)}"/>\n'
+            for k, v in params.items())) for dev, (agent, params) in (self.devices or {}).items())
         with open(os.path.join(d, "lib/cib/cib.xml"), "w") as f:
-            f.write(CIB.format(agent=AGENT_SLOT, rundir=self.pacemaker_rundir, hosts=hosts))
+            f.write(CIB.format(devices=devices))
         for root, dirs, files in os.walk(d):
             for x in dirs + files:
                 os.chown(os.path.join(root, x), uid, gid)
         os.chown(d, uid, gid)
-        import sys
-        wrapper = os.path.join(d, "agent.sh")
-        with open(wrapper, "w") as f:
-            f.write(f"#!/bin/sh\nexec {sys.executable} {AGENT} \"$@\"\n")
-        os.chmod(wrapper, 0o755)
+        sbin, real = os.path.join(d, "sbin"), os.path.join(d, "real-sbin")
+        os.makedirs(sbin, exist_ok=True)
+        os.makedirs(real, exist_ok=True)
+        for entry in os.listdir("/usr/sbin"):  # links to the real /usr/sbin, seen via `real`
+            if not os.path.lexists(os.path.join(sbin, entry)):
+                os.symlink(os.path.join(real, entry), os.path.join(sbin, entry))
+        agent = os.path.join(sbin, "fence_storaged")
+        if os.path.lexists(agent):
+            os.unlink(agent)
+        with open(agent, "w") as f:
+            f.write(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "
+                    f"-m fence.storaged_agent \"$@\"\n")
+        os.chmod(agent, 0o755)
         script = (f"mount --bind {d}/lib /var/lib/pacemaker && "
                   f"mount --bind {d}/log /var/log/pacemaker && mount --bind {d}/run /run && "
-                  f"mount --bind {wrapper} {self.agent_slot} && "
+                  f"mount --bind /usr/sbin {real} && mount --bind {sbin} /usr/sbin && "
                   f"PCMK_logfile=/var/log/pacemaker/pacemaker.log exec {self.pacemakerd} -f")
         log = open(os.path.join(d, "pacemakerd.out"), "ab")  # noqa: SIM115
         self.pcmk[i] = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "sh", "-c", script],
                                         stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def start_san(self, state: str, iscsi_port: int) -> str:
+        """A storaged demo daemon (iSCSI on ``<SAN address>:iscsi_port``) in the SAN
+        namespace, serving state directory ``state``; returns the SAN's address."""
+        import sys
+        os.makedirs(state, exist_ok=True)
+        log = open(os.path.join(state, "daemon.log"), "ab")  # noqa: SIM115
+        self.san_proc = subprocess.Popen(self.exec_argv(SAN, [
+            sys.executable, "-m", "storaged", "demo", "--dir", state, "--iscsi",
+            f"{self.addr(SAN)}:{iscsi_port}", "--nfs", "off", "--plain"]),
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, STORAGED_LOG="INFO"),
+            cwd=ROOT)
+        log.close()
+        self.wait_listen(SAN, iscsi_port, self.san_proc)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(state, "control.sock")):
+            assert self.san_proc.poll() is None and time.monotonic() < deadline, \
+                "the SAN daemon did not start"
+            time.sleep(0.02)
+        return self.addr(SAN)
+
+    def wait_listen(self, i: int, port: int, proc: subprocess.Popen | None = None,
+                    timeout: float = 20.0) -> None:
+        """Until something accepts TCP connections on namespace i's address:port."""
+        import sys
+        probe = (f"import socket; socket.create_connection(('{self.addr(i)}', {port}), "
+                 "timeout=1).close()")
+        deadline = time.monotonic() + timeout
+        while run(*self.exec_argv(i, [sys.executable, "-c", probe]), check=False).returncode:
+            assert proc is None or proc.poll() is None, f"nothing listens on {port}"
+            assert time.monotonic() < deadline, f"nothing listens on {self.addr(i)}:{port}"
+            time.sleep(0.1)
 
     def pcmk_run(self, i: int, *argv: str) -> subprocess.CompletedProcess:
         return run("ip", "netns", "exec", self.ns(i), *argv, check=False)
@@ -273,6 +330,13 @@ class CorosyncLab:
 
     # ----------------------------------------------------------- clean up
     def close(self) -> None:
+        if self.san_proc is not None and self.san_proc.poll() is None:
+            self.san_proc.terminate()
+            try:
+                self.san_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.san_proc.kill()
+                self.san_proc.wait()
         for p in self.pcmk.values():  # pacemaker first: it stops its daemons itself
             if p.poll() is None:
                 p.terminate()
@@ -304,5 +368,5 @@ class CorosyncLab:
         if self.made_bridge:
             run("ip", "link", "del", f"{self.prefix}b", check=False)
             self.made_bridge = False
-        for i in range(1, self.n + 1):  # veths die with their peer; make sure
+        for i in self.indexes():  # veths die with their peer; make sure
             run("ip", "link", "del", self.veth(i), check=False)

@@ -12,7 +12,10 @@ proves no incompatible locks were held together while:
 * a 2|1 partition made by taking node 3's link down leaves node 3 in a
   non-quorate view where it grants nothing, and the majority fences it;
 * a waiter on a survivor gets the lock a dead node (corosync and storaged
-  SIGKILLed) held, after corosync's token timeout plus fencing.
+  SIGKILLed) held, after corosync's token timeout plus fencing;
+* with pacemakerd in the same namespaces and a storaged SAN in a fourth, the
+  pacemaker fencer fences through pacemaker's fencer and fence_storaged: the
+  fenced node's logins are refused and the fencing history shows the fence.
 """
 
 from __future__ import annotations
@@ -26,15 +29,20 @@ import threading
 import time
 
 import pytest
-from corosync_lab import CorosyncLab
+from corosync_lab import ROOT, SAN, CorosyncLab
+from support import DEMO_IQN, storaged
 from test_cluster_safety import FENCE, WORKER, Cluster, check_safety, grants
+from test_fence_mgmt import PASSWORD
 
 from storaged.cluster.client import NodeClient
 from storaged.cluster.config import ClusterConfig, LocalNode, NodeEntry
+from storaged.cluster.fencing import parse_fence_history
 from storaged.state import Store
 
 pytestmark = [pytest.mark.peer, pytest.mark.root, pytest.mark.slow]
-PORT = 45001
+PORT = 45001          #: ZeroMQ port of every storaged node (each in its own netns)
+ISCSI_PORT = 45002    #: the SAN's iSCSI portal (in the SAN's netns)
+MGMT_PORT = 45003     #: the SAN's management endpoint, which fence_storaged talks to
 
 
 class NetnsCluster(Cluster):
@@ -217,21 +225,63 @@ def test_waiter_gets_dead_nodes_lock_after_token_and_fencing(lab, tmp_path):
         json.dump({"waited_s": waited, "token_ms": token_ms}, f)
 
 
-def test_pacemaker_fencer_fences_through_pacemaker(tmp_path):
-    """pacemakerd in every node's namespaces; the storaged fencer asks pacemaker's fencer.
+LOGIN_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.tcp_initiator import LoginFailed, TcpInitiator
+ini = TcpInitiator({addr!r}, {port}, name={name!r}, isid=0x23D000000103)
+try:
+    ini.login({iqn!r})
+    print("ok")
+    ini.logout()
+except LoginFailed as e:
+    print(f"refused {{e.status:#06x}}")
+"""
+
+
+def login_from(lab: CorosyncLab, node: int, addr: str, port: int, name: str) -> str:
+    """An iSCSI login from node's network namespace as initiator ``name``: "ok" or
+    "refused 0x...."."""
+    code = LOGIN_PROBE.format(root=ROOT, addr=addr, port=port, name=name, iqn=DEMO_IQN)
+    r = subprocess.run(lab.exec_argv(node, [sys.executable, "-c", code]), capture_output=True,
+                       text=True, timeout=30)
+    return r.stdout.strip() or r.stderr[-500:]
+
+
+def test_pacemaker_fences_through_fence_storaged(tmp_path):
+    """pacemakerd in every node's namespaces, a storaged SAN in a fourth one; the
+    storaged fencer asks pacemaker's fencer, whose device is fence_storaged.
 
     Only node 3's storaged process is SIGKILLed: corosync and pacemaker on node 3 stay
-    up, so pacemaker itself sees no reason to fence.  The fence therefore comes from
-    storaged's request (``stonith_admin --fence cn3``), runs pacemaker's configured
-    device (the test agent, which power-kills the worker), and the survivors' recovery
-    waits until pacemaker's fencing history shows it."""
-    lab = CorosyncLab(tmp_path / "lab", token_ms=1000, pacemaker_rundir=str(tmp_path))
-    lab.start()
-    cfg = corosync_config(lab, fencer="pacemaker")
-    c = NetnsCluster(tmp_path, lab, cfg, seconds=7, seed=14)
+    up, so pacemaker itself has no reason to fence.  The fence therefore comes from
+    storaged's request (``stonith_admin --fence cn3``); pacemaker runs fence_storaged
+    against the SAN's management endpoint, the SAN refuses node 3's logins, and the
+    survivors' recovery waits until pacemaker's fencing history shows the fence."""
+    lab = CorosyncLab(tmp_path / "lab", token_ms=1000, san=True)
+    san_dir = str(tmp_path / "san")
+    cn3 = "iqn.2026-11.test.cluster:cn3"
+    lab.devices = {"san-fence": ("fence_storaged", {
+        "ip": lab.addr(SAN), "ipport": str(MGMT_PORT), "username": "fencer",
+        "password": PASSWORD, "pcmk_host_list": "cn1 cn2 cn3"})}
+
+    def san() -> None:
+        lab.start_san(san_dir, ISCSI_PORT)
+        for n in (1, 2, 3):  # a worker that finishes first is fenced too (no clean leave)
+            storaged("fence", "map", f"cn{n}", "--initiator", f"iqn.2026-11.test.cluster:cn{n}",
+                     directory=san_dir)
+        storaged("mgmt", "listen", f"{lab.addr(SAN)}:{MGMT_PORT}", directory=san_dir)
+        storaged("mgmt", "user-add", "fencer", "--password-stdin", directory=san_dir,
+                 input=PASSWORD + "\n")
+        lab.wait_listen(SAN, MGMT_PORT)
+
     holder: NodeClient | None = None
     got: dict[str, object] = {}
+    c: NetnsCluster | None = None
     try:
+        lab.start(before_cluster=san)
+        assert login_from(lab, 3, lab.addr(SAN), ISCSI_PORT, cn3) == "ok"
+        cfg = corosync_config(lab, fencer="pacemaker")
+        c = NetnsCluster(tmp_path, lab, cfg, seconds=7, seed=14)
         c.start()
         assert c.status(1)["fencer"] == "pacemaker"
         holder = NodeClient(path=str(tmp_path / "node-3.sock"))
@@ -255,16 +305,18 @@ def test_pacemaker_fencer_fences_through_pacemaker(tmp_path):
         t.join(40)
         c.wait(40)
         hist = lab.pcmk_run(1, lab.stonith_admin, "--history", "cn3", "--output-as", "xml")
+        status = storaged("fence", "status", "cn3", directory=san_dir, check=False)
+        login = login_from(lab, 3, lab.addr(SAN), ISCSI_PORT, cn3)
     finally:
         if holder is not None:
             holder.close()
-        c.stop()
+        if c is not None:
+            c.stop()
         lab.close()
-    from storaged.cluster.fencing import parse_fence_history
     assert "lock" in got, (got, c.outputs())
-    fenced = [e for e in parse_fence_history(hist.stdout, "cn3") if e[1] == "success"]
-    assert fenced and fenced[0][0] in ("off", "reboot") and fenced[0][2] >= int(wall), \
+    events = [e for e in parse_fence_history(hist.stdout, "cn3") if e[1] == "success"]
+    assert events and events[0][0] in ("off", "reboot") and events[0][2] >= int(wall), \
         hist.stdout
-    assert os.path.exists(tmp_path / "fenced-3"), "pacemaker's device never ran"
-    assert got["t"] > c.death_times()[3], "the waiter was granted before the fence"
+    assert status.returncode == 2, status  # fence_storaged's status: fenced
+    assert login == "refused 0x0202", login  # the fenced node's I/O is refused
     check_safety(c.events(), c.death_times())
