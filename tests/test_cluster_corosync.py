@@ -225,6 +225,40 @@ def test_waiter_gets_dead_nodes_lock_after_token_and_fencing(lab, tmp_path):
         json.dump({"waited_s": waited, "token_ms": token_ms}, f)
 
 
+def test_storaged_node_survives_a_corosync_restart(lab, tmp_path):
+    """corosync of node 2 is SIGKILLed under a running storaged node: that node drops
+    its locks at once (a non-quorate view), the others fence it, and when corosync is
+    back the storaged node rejoins by itself as a new incarnation and locks again."""
+    cfg = corosync_config(lab, fencer="test")
+    c = NetnsCluster(tmp_path, lab, cfg, seconds=9, seed=15)
+    try:
+        c.start()
+        inc_before = c.status(2)["incarnation"]
+        time.sleep(1.5)
+        cut = time.monotonic_ns()
+        lab.kill_corosync(2)
+        time.sleep(2)
+        back = time.monotonic_ns()
+        lab.start_corosync(2)
+        lab.wait_quorate([1, 2, 3], 3)
+        deadline = time.monotonic() + 15
+        while c.status(2)["view"]["members"] != [1, 2, 3]:
+            assert time.monotonic() < deadline, c.status(2)
+            time.sleep(0.1)
+        st = c.status(2)
+        c.wait(40)
+    finally:
+        c.stop()
+    evs = c.events()
+    check_safety(evs, {})
+    after_cut = [v for v in views(evs, 2) if v["t"] > cut]
+    assert after_cut and not after_cut[0]["quorate"] and after_cut[0]["members"] == [2]
+    assert grants(evs, 2, after=after_cut[0]["t"]) > 0, "node 2 never locked again"
+    assert st["incarnation"] > inc_before and st["view"]["quorate"], st
+    for n in (1, 3):
+        assert grants(evs, n, after=back) > 10, n
+
+
 LOGIN_PROBE = """
 import sys
 sys.path.insert(0, {root!r})

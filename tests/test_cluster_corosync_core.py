@@ -240,3 +240,34 @@ def test_node_without_corosync_names_the_problem(tmp_path):
         await node2.start()
         await node2.stop()
     asyncio.run(main())
+
+
+def test_node_back_in_corosync_without_storaged_does_not_block_views():
+    """Node 3's host dies (nodedown) and its corosync comes back without storaged: the
+    new ring holds node 3 again, which must not look like a stale ring forever."""
+    bus, (c1, c2, _) = full_bus()
+    bus.cores = {k: v for k, v in bus.cores.items() if k[0] != 3}
+    bus.confchg([(3, 1003, REASON_NODEDOWN)], [])
+    for c in (c1, c2):
+        c.totem(8, [1, 2])
+        c.quorum_changed(True, 8, [1, 2])
+    bus.pump()
+    assert c1.view.nodes == (1, 2) and c1.view.quorate
+    for c in (c1, c2):  # corosync 3 is back (ring 9), storaged 3 is not
+        c.events.clear()
+        c.totem(9, [1, 2, 3])
+        c.quorum_changed(True, 9, [1, 2, 3])
+    assert c1.ring_current()
+    bus.remove((2, 1002), REASON_PROCDOWN)  # a later change still makes a view
+    assert c1.view.nodes == (1,) and c1.view.quorate
+
+
+def test_lost_corosync_connection_is_not_quorate_and_a_new_incarnation():
+    _, (c1, _, _) = full_bus()
+    c1.events.clear()
+    c1.lost()
+    (reset,) = [e for e in c1.events if isinstance(e, Reset)]
+    (v,) = views(c1)
+    assert reset.old_inc == 100 and c1.inc == 101
+    assert v.nodes == (1,) and not v.quorate and v.incarnation(1) == 101
+    assert not c1.quorate() and not c1.ring_current()

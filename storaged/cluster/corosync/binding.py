@@ -251,12 +251,17 @@ class Cpg:
             _retry("cpg_leave",
                    lambda: self.libs.cpg.cpg_leave(self.handle, ctypes.byref(self.group)))
 
-    def mcast(self, data: bytes) -> None:
-        """Send ``data`` to every group member in agreed (total) order."""
+    def mcast(self, data: bytes) -> bool:
+        """Send ``data`` to every group member in agreed (total) order; False when
+        corosync asks to try again (it is synchronizing a new ring): the caller retries
+        later instead of blocking its event loop."""
         buf = ctypes.create_string_buffer(data, len(data))
         iov = _IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
-        _retry("cpg_mcast_joined", lambda: self.libs.cpg.cpg_mcast_joined(
-            self.handle, CPG_TYPE_AGREED, ctypes.byref(iov), 1))
+        rc = self.libs.cpg.cpg_mcast_joined(self.handle, CPG_TYPE_AGREED, ctypes.byref(iov), 1)
+        if rc == CS_ERR_TRY_AGAIN:
+            return False
+        _check("cpg_mcast_joined", rc)
+        return True
 
     def dispatch(self) -> None:
         """Run every queued callback (call when :attr:`fd` is readable)."""

@@ -153,6 +153,10 @@ class CorosyncMembership:
 
     def totem(self, ring_seq: int, nodes: list[int]) -> None:
         """A totem (ring) configuration: ``nodes`` are the corosync nodes in the ring."""
+        if ring_seq != self.ring_seq:
+            # A new ring is newer than any nodedown CPG reported before it: a node that
+            # is in it again (its corosync came back) is simply a ring member.
+            self.nodedown.clear()
         self.ring_seq = ring_seq
         self.ring_nodes = set(nodes)
         self._maybe_hello()
@@ -199,8 +203,11 @@ class CorosyncMembership:
         if key not in self.group:
             return
         if kind == "hello":
-            h = _Hello(int(msg["inc"]), int(msg["seq"]), bool(msg["q"]), _pairs(msg.get("pf")),
-                       _pairs(msg.get("dead")))
+            try:
+                h = _Hello(int(msg["inc"]), int(msg["seq"]), bool(msg["q"]),
+                           _pairs(msg.get("pf")), _pairs(msg.get("dead")))
+            except (KeyError, TypeError, ValueError):
+                return  # not from a storaged node of this version: never counts as hello'd
             self.incs[key] = h.inc
             self.hellos[key] = h
             self.dead |= h.dead
@@ -209,7 +216,10 @@ class CorosyncMembership:
                 return
             self._maybe_install()
         elif kind == "fenced":
-            pair = (int(msg["p"][0]), int(msg["p"][1]))
+            try:
+                pair = (int(msg["p"][0]), int(msg["p"][1]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                return
             self.dead.add(pair)
             if pair in self.pending_fence:
                 self.pending_fence.discard(pair)
@@ -226,6 +236,28 @@ class CorosyncMembership:
     def leave(self) -> None:
         """Leave cleanly: the shell calls cpg_leave, peers see reason ``leave``."""
         self.left = True
+
+    def lost(self) -> None:
+        """The connection to corosync is gone: install a non-quorate view of this node
+        alone at once (the DLM stops or freezes), and forget the group.  A reconnect
+        starts a new incarnation: the others saw this process leave uncleanly."""
+        v = self.view
+        self.group = {}
+        self.incs = {}
+        self.hellos = {}
+        self.q_quorate = False
+        self.q_seq = self.ring_seq = None
+        self.ring_nodes = set()
+        self.nodedown = set()
+        old = self.inc
+        self.inc = old + 1
+        self.events.append(Reset(old, self.inc))
+        seq = 0 if v is None else v.id[0] + 1
+        self.view = View((seq, self.node), ((self.node, self.inc),),
+                         QuorumInfo(False, 0, 0, 0, False))
+        self.round_installed = False
+        self.need_hello = True
+        self.events.append(ViewInstalled(self.view))
 
     # ------------------------------------------------------------- internals
 

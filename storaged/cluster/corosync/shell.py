@@ -19,6 +19,8 @@ from storaged.cluster.corosync import binding
 from storaged.cluster.corosync.membership import CorosyncMembership
 
 log = logging.getLogger("storaged.cluster.corosync")
+RETRY_S = 0.02        #: multicast retry while corosync answers TRY_AGAIN
+RECONNECT_S = 1.0     #: reconnect attempts after the corosync connection was lost
 
 
 def group_name(cluster: str) -> str:
@@ -36,10 +38,20 @@ class CorosyncShell:
         self.quorum: binding.Quorum | None = None
         self.info: dict[str, object] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[bytes] = []
+        self._retry: asyncio.TimerHandle | None = None
+        self._reconnect: asyncio.TimerHandle | None = None
+        self.closed = False
 
     def start(self) -> None:
         """Connect, check the node id, join the group and start reading (raises
         :class:`RuntimeError` naming the problem when corosync is not usable)."""
+        self._loop = asyncio.get_running_loop()
+        self._connect()
+        log.info("corosync membership: node %d in CPG group %s (token %s ms)", self.core.node,
+                 group_name(self.core.config.name), self.info.get("token_ms"))
+
+    def _connect(self) -> None:
         core = self.core
         try:
             self.info = binding.read_cluster_info()
@@ -47,23 +59,26 @@ class CorosyncShell:
             self.cpg = binding.Cpg(group_name(core.config.name), core.deliver,
                                    core.confchg, lambda seq, _rep, nodes: core.totem(seq, nodes))
         except binding.CorosyncError as e:
-            self.close()
+            self._close_handles()
             raise RuntimeError(f"corosync membership: {e}") from None
         if self.cpg.nodeid != core.node:
             nodeid = self.cpg.nodeid
-            self.close()
+            self._close_handles()
             raise RuntimeError(f"corosync membership: this host is corosync node {nodeid}, "
                                f"but storaged node {core.node}: use the same node ids")
         core.pid = os.getpid()
         names = self.info.get("nodes")
         core.names = dict(names) if isinstance(names, dict) else {}
         self._refresh_votequorum()
-        loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         loop.add_reader(self.quorum.fd, self._dispatch, self.quorum)
         loop.add_reader(self.cpg.fd, self._dispatch, self.cpg)
-        self.cpg.join()
-        log.info("corosync membership: node %d in CPG group %s (token %s ms)", core.node,
-                 group_name(core.config.name), self.info.get("token_ms"))
+        try:
+            self.cpg.join()
+        except binding.CorosyncError as e:
+            self._close_handles()
+            raise RuntimeError(f"corosync membership: {e}") from None
         self._dispatch(self.quorum)
 
     def _refresh_votequorum(self) -> None:
@@ -92,32 +107,60 @@ class CorosyncShell:
         self.on_events()
 
     def _lost(self) -> None:
-        """corosync went away: no membership is known, which is not quorate."""
-        self.close()
-        core = self.core
-        core.q_quorate = False
-        core.group = {}
-        if core.view is not None and core.view.quorate:
-            from storaged.cluster.membership import View, ViewInstalled
-            from storaged.cluster.quorum import QuorumInfo
-            v = core.view
-            q = QuorumInfo(False, 0, v.quorum.expected, v.quorum.quorum, False)
-            core.view = View((v.id[0] + 1, core.node), ((core.node, core.inc),), q)
-            core.events.append(ViewInstalled(core.view))
+        """corosync went away: no membership is known, which is not quorate.  The node
+        keeps trying to reconnect; once corosync is back it rejoins the group as a new
+        incarnation (the others fenced or dropped the old one meanwhile)."""
+        self._close_handles()
+        self.core.lost()
+        self.on_events()
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._loop is not None and not self.closed and self._reconnect is None:
+            self._reconnect = self._loop.call_later(RECONNECT_S, self._try_reconnect)
+
+    def _try_reconnect(self) -> None:
+        self._reconnect = None
+        if self.closed:
+            return
+        try:
+            self._connect()
+        except (RuntimeError, binding.CorosyncError) as e:
+            log.debug("corosync still unavailable: %s", e)
+            self._close_handles()
+            self._schedule_reconnect()
+            return
+        log.warning("corosync is back: rejoining as a new incarnation")
+        self.flush()
         self.on_events()
 
     def flush(self) -> None:
-        """Multicast what the core queued."""
+        """Multicast what the core queued, in order.  While corosync answers
+        TRY_AGAIN (it synchronizes a new ring) the rest waits and is retried shortly,
+        so the event loop never blocks and no hello is lost."""
         core = self.core
-        if not core.mcast or self.cpg is None:
-            core.mcast.clear()
+        if core.mcast:
+            self._queue += core.mcast
+            core.mcast = []
+        if self.cpg is None:
+            self._queue.clear()
             return
-        out, core.mcast = core.mcast, []
-        for data in out:
+        while self._queue:
             try:
-                self.cpg.mcast(data)
+                sent = self.cpg.mcast(self._queue[0])
             except binding.CorosyncError as e:
                 log.error("CPG multicast failed: %s", e)
+                self._queue.clear()
+                return
+            if not sent:
+                if self._retry is None and self._loop is not None:
+                    self._retry = self._loop.call_later(RETRY_S, self._retry_flush)
+                return
+            self._queue.pop(0)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        self.flush()
 
     def leave(self) -> None:
         """Leave the CPG group cleanly (peers do not fence us)."""
@@ -129,6 +172,15 @@ class CorosyncShell:
                 pass
 
     def close(self) -> None:
+        """Disconnect for good (the node stops)."""
+        self.closed = True
+        for h in (self._retry, self._reconnect):
+            if h is not None:
+                h.cancel()
+        self._retry = self._reconnect = None
+        self._close_handles()
+
+    def _close_handles(self) -> None:
         loop = self._loop
         for h in (self.cpg, self.quorum):
             if h is None:
