@@ -253,15 +253,15 @@ class ClusterNode:
         st["no_quorum_policy"] = self.config.no_quorum_policy
         st["fencer"] = self.fencer.name
         st["membership"] = self.config.membership
+        st["lockspaces"] = {n: ls.core.state for n, ls in self.lockspaces.items()}
+        st["token_ms"] = self.config.token_ms
+        st["consensus_ms"] = int(self.config.consensus * 1000)
         if self._corosync is not None:
             info = self._corosync.info  # corosync's timeouts are the ones in force
             st["token_ms"] = int(info.get("token_ms") or 0)
             st["consensus_ms"] = int(info.get("consensus_ms") or 0)
             st["dlm_members"] = {n: list(ls.core.members) for n, ls in self.lockspaces.items()}
             st["mismatch"] = list(self._check_mismatch())
-        st["lockspaces"] = {n: ls.core.state for n, ls in self.lockspaces.items()}
-        st["token_ms"] = self.config.token_ms
-        st["consensus_ms"] = int(self.config.consensus * 1000)
         return st
 
     # ---------------------------------------------------------------- sending
