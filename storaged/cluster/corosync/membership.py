@@ -101,10 +101,9 @@ class CorosyncMembership:
         self.q_nodes: set[int] = set()
         self.nodedown: set[int] = set()
         self.need_hello = False
-        self.sent_quorate: bool | None = None
         self.votequorum: dict[str, Any] = {}               # set by the shell (status only)
         self.names: dict[int, str] = {}                    # corosync node names (cmap)
-        self.log: list[str] = []                           # recent confchgs, for status
+        self.log: list[str] = []                           # last 8 CPG changes (status)
 
     # --------------------------------------------------------------- queries
 
@@ -135,6 +134,7 @@ class CorosyncMembership:
                 "quorate": self.q_quorate, "quorum_members": sorted(self.q_nodes),
                 "cpg_members": sorted({n for n, _ in self.group}),
                 "names": {str(n): s for n, s in sorted(self.names.items())},
+                "recent_changes": list(self.log),
                 **vq},
         }
 
@@ -273,7 +273,6 @@ class CorosyncMembership:
         if not self.ring_current():
             return
         self.need_hello = False
-        self.sent_quorate = self.q_quorate
         self.mcast.append(json.dumps({
             "t": "hello", "inc": self.inc, "seq": 0 if self.view is None else self.view.id[0],
             "q": self.q_quorate, "pf": sorted(self.pending_fence),
