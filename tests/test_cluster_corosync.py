@@ -316,6 +316,8 @@ def test_pacemaker_fences_through_fence_storaged(tmp_path):
         lab.start(before_cluster=san)
         assert login_from(lab, 3, lab.addr(SAN), ISCSI_PORT, cn3) == "ok"
         cfg = corosync_config(lab, fencer="pacemaker")
+        for e in cfg.nodes.values():
+            e.name = ""  # the fencer takes pacemaker's names (cn1..) from corosync
         c = NetnsCluster(tmp_path, lab, cfg, seconds=7, seed=14)
         c.start()
         assert c.status(1)["fencer"] == "pacemaker"

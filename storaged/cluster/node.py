@@ -153,6 +153,14 @@ class ClusterNode:
                 self._ctx.term()
                 self._ctx = None
                 raise
+            if self.fencer.name == "pacemaker":
+                # Pacemaker knows nodes by corosync's names: use them where the config
+                # names none.
+                names = getattr(self.fencer, "names", {})
+                for n, name in self.membership.names.items():
+                    entry = self.config.nodes.get(n)
+                    if entry is not None and not entry.name:
+                        names[n] = name
         if self.control_path:
             self._client = await asyncio.start_unix_server(self._on_client, self.control_path)
         self._ticker = loop.create_task(self._tick_loop())
