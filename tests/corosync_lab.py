@@ -38,6 +38,7 @@ CONF = """totem {{
     join: 50
 }}
 logging {{
+    blackbox: off
     to_stderr: yes
     to_logfile: no
     to_syslog: no
@@ -113,6 +114,7 @@ class CorosyncLab:
         self.procs: dict[int, subprocess.Popen] = {}
         self.pcmk: dict[int, subprocess.Popen] = {}
         self.san_proc: subprocess.Popen | None = None
+        self.corosync_pids: list[int] = []
         self.made_bridge = False
         self.netns: list[str] = []
 
@@ -188,6 +190,7 @@ class CorosyncLab:
         log = open(os.path.join(d, "corosync.log"), "ab")  # noqa: SIM115
         self.procs[i] = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "sh", "-c", script],
                                          stdout=log, stderr=subprocess.STDOUT)
+        self.corosync_pids.append(self.procs[i].pid)  # sh execs corosync: the same pid
         log.close()
 
     def start_pacemaker(self, i: int) -> None:
@@ -370,3 +373,26 @@ class CorosyncLab:
             self.made_bridge = False
         for i in self.indexes():  # veths die with their peer; make sure
             run("ip", "link", "del", self.veth(i), check=False)
+        self._clean_shm()
+
+    def _clean_shm(self) -> None:
+        """libqb's shared memory of our (now dead) corosyncs: a SIGKILLed corosync
+        leaves its IPC ring buffers in /dev/shm (``qb-<server pid>-<client pid>-...``)."""
+        import shutil
+        try:
+            entries = os.listdir("/dev/shm")
+        except FileNotFoundError:
+            return
+        mine = {str(p) for p in self.corosync_pids}
+        for e in entries:
+            parts = e.split("-")
+            if len(parts) >= 3 and parts[0] == "qb" and (
+                    parts[1] in mine or (parts[1] == "corosync" and parts[2] in mine)):
+                path = os.path.join("/dev/shm", e)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
