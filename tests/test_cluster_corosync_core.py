@@ -271,3 +271,19 @@ def test_lost_corosync_connection_is_not_quorate_and_a_new_incarnation():
     assert reset.old_inc == 100 and c1.inc == 101
     assert v.nodes == (1,) and not v.quorate and v.incarnation(1) == 101
     assert not c1.quorate() and not c1.ring_current()
+
+
+def test_cli_node_without_corosync_fails_with_a_message(tmp_path):
+    import subprocess
+    import sys
+    d = str(tmp_path)
+    init = subprocess.run([sys.executable, "-m", "storaged", "--dir", d, "cluster", "init",
+                           "c", "--id", "1", "--membership", "corosync", "--node",
+                           "1=127.0.0.1:45991"], capture_output=True, text=True, timeout=30)
+    assert init.returncode == 0, init.stderr
+    r = subprocess.run([sys.executable, "-m", "storaged", "--dir", d, "cluster", "node"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "corosync membership: cmap_initialize: CS_ERR_LIBRARY (is corosync running in " \
+        "this network namespace?)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -229,7 +229,10 @@ def cluster_node(ctx: click.Context, test_hooks: bool) -> None:
     logging.basicConfig(level=os.environ.get("STORAGED_LOG", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    asyncio.run(run_node(directory, cfg, node_id, test_hooks=test_hooks))
+    try:
+        asyncio.run(run_node(directory, cfg, node_id, test_hooks=test_hooks))
+    except RuntimeError as e:  # e.g. membership corosync without a corosync here
+        _fail(str(e))
 
 
 async def run_node(directory: str, cfg: ClusterConfig, node_id: int, *,
