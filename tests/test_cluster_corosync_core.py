@@ -287,3 +287,16 @@ def test_cli_node_without_corosync_fails_with_a_message(tmp_path):
     assert "corosync membership: cmap_initialize: CS_ERR_LIBRARY (is corosync running in " \
         "this network namespace?)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_own_pid_as_corosync_sees_it():
+    """In a container corosync reports another pid for us: the join tells which."""
+    bus = Bus()
+    c1 = bus.add(1, 1001)
+    c2 = bus.add(2, 1002)
+    bus.join(c1)
+    c2.pid = 55  # our getpid() inside the container; corosync says 1002
+    bus.cores[(2, 1002)] = c2
+    bus.confchg([], [(2, 1002, REASON_JOIN)])
+    assert c2.pid == 1002
+    assert c1.view.nodes == (1, 2) and c2.view == c1.view

@@ -187,6 +187,12 @@ class CorosyncMembership:
         for n, p, reason in members:
             self.group[(n, p)] = reason
             self.nodedown.discard(n)
+        if (self.node, self.pid) not in self.group:
+            # corosync sees our pid through its own pid namespace (storaged in a
+            # container): our own join is the one entry of our node id that joined now.
+            mine = [p for n, p, _ in joined if n == self.node]
+            if len(mine) == 1 and not self.hellos.get((self.node, mine[0])):
+                self.pid = mine[0]
         self.hellos = {}
         self.round_installed = False
         self.need_hello = True
