@@ -261,6 +261,13 @@ class RemoteBlockDevice:
     def size(self) -> int:
         return self.blocks * self.block_size
 
+    def refresh_size(self) -> int:
+        """READ CAPACITY(16) again (the remote LUN may have grown); the size in bytes."""
+        ev = self.scsi(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), 32,
+                       what="READ CAPACITY(16)")
+        self.blocks = struct.unpack(">Q", ev.data[:8])[0] + 1
+        return self.size
+
     # --------------------------------------------------------------- async I/O
     def _check(self, offset: int, length: int) -> None:
         if offset % self.block_size or length % self.block_size:
