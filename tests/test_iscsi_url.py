@@ -161,7 +161,18 @@ def two_mounts(tmp_path, node_url) -> Iterator[tuple[list[str], dict]]:
     finally:
         pids = mount_pids(env) or pids
         for mnt in mnts:
+            if fuse_mounted(mnt):
+                # os.path.ismount misses a withdrawn mount (stat of its root is EIO)
+                # or one whose process died: /proc/mounts still lists it
+                if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode:
+                    subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
             teardown_mount(mnt, env, pids)
+            assert not fuse_mounted(mnt), f"{mnt} is still mounted"
+
+
+def fuse_mounted(mnt: str) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == os.path.realpath(mnt) for line in f)
 
 
 def status_of(env: dict, mnt: str) -> dict:
