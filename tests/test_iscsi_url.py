@@ -233,6 +233,7 @@ def test_fs_on_a_remote_lun_two_nodes_and_fenced_node_withdraws(tmp_path, fence)
             assert eio(write_file, os.path.join(m2, "d", "late"), b"after the fence") \
                 == errno.EIO
             took = time.monotonic() - t0
+            print(f"fence ({fence}) to the fenced node's EIO: {took:.2f} s")
             st = status_of(env, m2)
             assert st["withdrawn"], st
             assert ("RESERVATION CONFLICT" if fence == "pr" else "fenced") in st["withdrawn"]
