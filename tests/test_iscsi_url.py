@@ -350,7 +350,7 @@ def test_raid1_over_two_storage_nodes(tmp_path):
                    url(b, replacement_timeout="2", noop_interval="1", noop_timeout="1")]
         state = str(tmp_path / "r")
         r = cli("--dir", state, "raid", "create", "--level", "1", "--name", "mirror",
-                *members)
+                "--bitmap-chunk", "1M", *members)
         assert r.returncode == 0, r.stderr
         uuids = []
         for d in (a, b):
@@ -386,8 +386,20 @@ def test_raid1_over_two_storage_nodes(tmp_path):
                 arr.write(0, b"\x5a" * 65536, True)
                 assert arr.read(0, 65536) == b"\x5a" * 65536
                 assert arr.status()["slots"] in ("U_", "_U")
+                # b comes back and is re-added: the bitmap resync copies the changed
+                # 1 MiB chunk only, not the 63 MiB of the member
+                b.start()
+                svc.add("mirror", members[1])
+                assert arr.wait_idle(60)
+                st = arr.status()
+                assert st["slots"] == "UU", st
+                assert st["last_sync"]["by_bitmap"] and \
+                    0 < st["last_sync"]["bytes"] <= 1 << 20, st["last_sync"]
             finally:
                 svc.stop_all()
+        with open(os.path.join(b.directory, "lu.img"), "rb") as f:
+            f.seek(data_offset)
+            assert f.read(65536) == b"\x5a" * 65536
 
 
 def test_backstore_on_another_storage_nodes_lun(tmp_path):
