@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from storaged import metrics
 from storaged.block.file import FileBlockDevice
+from storaged.block.open import open_device, redact
 from storaged.iscsi.chap import Credentials
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
@@ -116,11 +117,15 @@ class Runtime:
 
     def _open_device(self, b: Backstore) -> _Device | None:
         try:
-            dev = self.raid.lun_device(b.path, b.size) if b.kind == "raid" else \
-                FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only,
-                                direct=b.direct)
+            if b.kind == "raid":
+                dev = self.raid.lun_device(b.path, b.size)
+            elif b.kind == "iscsi":     # another storage node's LUN, through our initiator
+                dev = open_device(b.path, block_size=b.block_size, read_only=b.read_only)
+            else:
+                dev = FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only,
+                                      direct=b.direct)
         except OSError as e:
-            log.error("backstore %s: cannot open %s: %s", b.name, b.path, e.strerror)
+            log.error("backstore %s: cannot open %s: %s", b.name, redact(b.path), e.strerror)
             return None
         # Physical block = logical block (LBPPBE 0): a file takes 512-byte writes
         # without read-modify-write visible to anyone, and libiscsi's
@@ -169,7 +174,7 @@ class Runtime:
                 cur.lu.read_only = b.read_only
                 cur.lu.online = b.online
                 cur.lu.wce = b.wce
-                if b.kind != "raid" and cur.device.direct != b.direct:
+                if b.kind in ("file", "block") and cur.device.direct != b.direct:
                     try:
                         cur.device.set_direct(b.direct)
                     except OSError as e:

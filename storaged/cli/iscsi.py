@@ -10,11 +10,11 @@ operation, one line out.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
 
+from storaged.block.open import normalize
 from storaged.cli.lazy import LazyGroup
 from storaged.cli.root import fail, op_command, pairs, run_op
 
@@ -42,7 +42,7 @@ def backstore() -> None:
 @op_command(backstore, "create", "backstore_create",
             done=lambda b, _: f"Created backstore {b['name']} ({b['kind']} {b['path']}, "
                               f"{_size_text(b)}).",
-            args=lambda p: {"name": p["name"], "path": os.path.abspath(p["path"]),
+            args=lambda p: {"name": p["name"], "path": normalize(p["path"]),
                             "size": p["size"], "block_size": int(p["block_size"]),
                             "read_only": p["read_only"], "wce": not p["no_write_cache"],
                             "direct": p["direct"], "shared": p["shared"]})
@@ -60,7 +60,8 @@ def backstore() -> None:
               help="Served by several storage nodes of the cluster (same backing storage): "
                    "persistent reservations are kept cluster-wide (docs/ha.md).")
 def backstore_create() -> None:
-    """Register PATH (file or block device) as backstore NAME; creates a missing file."""
+    """Register PATH (file, block device or iscsi:// URL of another storage node's
+    LUN) as backstore NAME; creates a missing file."""
 
 
 @op_command(backstore, "delete", "backstore_delete",

@@ -200,6 +200,14 @@ class IscsiClient:
                     self.reconnects += 1
                     break
                 except (IscsiError, OSError) as e:
+                    if isinstance(e, LoginError) and e.status >> 8 == 0x02:
+                        # Initiator error class (§11.13.5): the target will keep
+                        # refusing (e.g. our ACL was revoked by a fence), and the
+                        # RFC says not to retry: fail now, not after the timeout.
+                        log.error("iSCSI login to %s:%s refused on reconnect: %s",
+                                  self.host, self.port, e)
+                        self._fail_all(e)
+                        return
                     if loop.time() + delay > deadline:
                         self._fail_all(IscsiError(
                             f"no connection to {self.host}:{self.port} within the "
