@@ -15,6 +15,7 @@ from storaged.iscsi.chap import Credentials
 
 if TYPE_CHECKING:
     from storaged.iscsi.connection import Connection
+    from storaged.lb.director import Director
     from storaged.scsi.target import ScsiTarget
 
 
@@ -65,6 +66,8 @@ class Registry:
         self.targets: dict[str, TargetContext] = {}
         self.sessions: dict[tuple[str, int, str], Connection] = {}
         self.next_tsih = 1
+        self.director: Director | None = None
+        """Login balancing on group portals (storaged.iscsi.redirect); None: none."""
 
     def target(self, name: str) -> TargetContext | None:
         return self.targets.get(name.lower())
