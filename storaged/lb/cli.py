@@ -9,13 +9,14 @@ LVS admin knows them; each command runs one control operation of
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from typing import Any
 
 import click
 
-from storaged.cli.root import fail, run_op
+from storaged.cli.root import fail, run_op, socket_path
 from storaged.lb.sched import DEFAULT_PERSISTENCE
 
 _COMMANDS = {
@@ -35,6 +36,8 @@ def _service_line(s: dict[str, Any]) -> str:
             out += f" -M {s['netmask']}"
         if s["pe"]:
             out += f" --pe {s['pe']}"
+    if s.get("redirect", "temporary") != "temporary":
+        out += f" --redirect {s['redirect']}"
     return out
 
 
@@ -47,8 +50,34 @@ def _real_line(s: dict[str, Any], r: dict[str, Any]) -> str:
     return out
 
 
-def _list(services: list[dict[str, Any]], mode: str) -> None:
-    """ipvsadm -L -n's layout; the forwarding column says "Redir" (login redirect)."""
+def _live(ctx: click.Context) -> dict[str, dict[str, dict[str, Any]]] | None:
+    """The daemon's live counts per service and real server (None: no daemon)."""
+    from storaged.control.client import call, daemon_running
+
+    sock = socket_path(ctx.find_root().obj["dir"])
+    if not daemon_running(sock):
+        return None
+    live = call(sock, "lb_live", {})
+    return {g["vip"]: g["reals"] for g in live["services"]}
+
+
+def _merge(services: list[dict[str, Any]],
+           live: dict[str, dict[str, dict[str, Any]]] | None) -> None:
+    """Put each real server's live counters (zeros without a daemon) into it."""
+    for s in services:
+        for r in s["reals"]:
+            got = (live or {}).get(s["vip"], {}).get(r["portal"], {})
+            r["up"] = got.get("up", True)
+            for key in ("active", "inactive", "redirects", "logins"):
+                r[key] = got.get(key, 0)
+
+
+def _list(services: list[dict[str, Any]], mode: str, live: bool) -> None:
+    """ipvsadm -L -n's layout; the forwarding column says "Redir" (login redirect).
+
+    ActiveConn counts logged-in sessions on this node's portals, InActConn
+    redirects not yet logged in (see storaged.lb.director); a real server
+    whose health check fails is marked "down" (its weight counts as 0)."""
     click.echo("storaged login balancer (ipvsadm semantics)")
     click.echo("Prot LocalAddress:Port Scheduler Flags")
     if mode == "stats":
@@ -65,12 +94,18 @@ def _list(services: list[dict[str, Any]], mode: str) -> None:
                 line += f" mask {s['netmask']}"
             if s["pe"]:
                 line += f" pe {s['pe']}"
+        if s.get("redirect", "temporary") != "temporary":
+            line += f" redirect {s['redirect']}"
         click.echo(line)
         for r in reversed(s["reals"]):  # the kernel's list order: newest first
+            down = "" if r["up"] else "  down"
             if mode == "stats":
-                click.echo(f"  -> {r['portal']:<32} {0:<8} {0}")
+                click.echo(f"  -> {r['portal']:<32} {r['logins']:<8} {r['redirects']}{down}")
             else:
-                click.echo(f"  -> {r['portal']:<28} Redir   {r['weight']:<6} {0:<10} {0}")
+                click.echo(f"  -> {r['portal']:<28} Redir   {r['weight']:<6} "
+                           f"{r['active']:<10} {r['inactive']}{down}")
+    if not live:
+        click.echo("(daemon not running: no live counts)")
 
 
 def _parse_restore(text: str) -> list[dict[str, Any]]:
@@ -93,7 +128,8 @@ def _parse_restore(text: str) -> list[dict[str, Any]]:
                              "flags": _flags(p["sched_flags"]),
                              "persistent": p["persistent"] or 0,
                              "netmask": p["netmask"] or "255.255.255.255",
-                             "pe": p["pe"] or "", "reals": []}
+                             "pe": p["pe"] or "", "reals": [],
+                             "redirect": p["redirect"] or "temporary"}
         elif p["add_real"]:
             if vip not in services:
                 fail(f"line {n}: real server for {vip} before its -A line")
@@ -144,6 +180,10 @@ def _options(fn: Any) -> Any:
         click.option("-c", "--connection", is_flag=True, help="List sessions."),
         click.option("--stats", is_flag=True, help="List with statistics."),
         click.option("--rate", is_flag=True, help="List with rates."),
+        click.option("--redirect", type=click.Choice(["temporary", "permanent"]),
+                     help="Login status of the redirects: temporary 0x0101 (default) "
+                          "or permanent 0x0102."),
+        click.option("--json", "as_json", is_flag=True, help="-L: machine-readable output."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -178,11 +218,11 @@ def lb(ctx: click.Context, **p: Any) -> None:
             "vip": vip, "scheduler": p["scheduler"] or "wlc",
             "persistent": p["persistent"] or 0,
             "netmask": p["netmask"] or "255.255.255.255", "pe": p["pe"] or "",
-            "flags": _flags(p["sched_flags"])})
+            "flags": _flags(p["sched_flags"]), "redirect": p["redirect"] or "temporary"})
     elif cmd == "edit_service":
         args: dict[str, Any] = {"vip": vip}
         for key, name in (("scheduler", "scheduler"), ("persistent", "persistent"),
-                          ("netmask", "netmask"), ("pe", "pe")):
+                          ("netmask", "netmask"), ("pe", "pe"), ("redirect", "redirect")):
             if p[key] is not None:
                 args[name] = p[key]
         if p["sched_flags"] is not None:
@@ -209,4 +249,9 @@ def lb(ctx: click.Context, **p: Any) -> None:
                 click.echo(_real_line(s, r))
     else:
         res = run_op(ctx, "lb_list", {"vip": vip} if vip else {})
-        _list(res["services"], "stats" if p["stats"] or p["rate"] else "plain")
+        live = _live(ctx)
+        _merge(res["services"], live)
+        if p["as_json"]:
+            click.echo(json.dumps({"live": live is not None, **res}, indent=2))
+            return
+        _list(res["services"], "stats" if p["stats"] or p["rate"] else "plain", live is not None)
