@@ -60,6 +60,11 @@ class LoginFailed:
     message: str
 
 
+#: Login status class 1 details (§11.13.5): where the target went.
+MOVED_TEMPORARILY = 0x0101
+MOVED_PERMANENTLY = 0x0102
+
+
 @dataclass(slots=True)
 class Redirected:
     """Login status 0x0101/0x0102: try ``address`` (host, port) instead."""
@@ -404,7 +409,11 @@ class InitiatorConnection:
             if addr is None:
                 self._fail(status, "redirection without TargetAddress")
                 return
-            host, port = parse_target_address(addr)
+            try:
+                host, port = parse_target_address(addr)
+            except ValueError:
+                self._fail(status, f"redirection to a bad TargetAddress {addr!r}")
+                return
             self.closed = True
             self._events.append(Redirected(status, host, port))
             return
