@@ -93,7 +93,7 @@ class IscsiClient:
         naming the portals, not a retry."""
         host, port = self.portal
         path = [self.portal]
-        for _ in range(self.timeouts.max_redirects + 1):
+        while True:
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port), self.timeouts.login_timeout)
@@ -115,9 +115,13 @@ class IscsiClient:
                 log.info("login to %s:%s redirected (0x%04x) to %s:%s", host, port,
                          ev.status, ev.host, ev.port)
                 host, port = ev.host, ev.port
-                if (host, port) in path:
-                    raise IscsiError("login redirection loop: " + _path_text(path + [(host, port)]))
+                looped = (host, port) in path
                 path.append((host, port))
+                if looped:
+                    raise IscsiError("login redirection loop: " + _path_text(path))
+                if len(path) - 1 > self.timeouts.max_redirects:
+                    raise IscsiError(f"too many login redirections (more than "
+                                     f"{self.timeouts.max_redirects}): {_path_text(path)}")
                 if ev.status == s.MOVED_PERMANENTLY:
                     self.portal = (host, port)
                 continue
@@ -136,8 +140,6 @@ class IscsiClient:
                 self._read_loop(core, reader))
             self._up.set()
             return
-        raise IscsiError(f"too many login redirections (more than "
-                         f"{self.timeouts.max_redirects}): {_path_text(path)}")
 
     async def _login_exchange(self, core: s.InitiatorConnection, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> s.Event:

@@ -112,7 +112,7 @@ class Group:
         self.pe = record.pe
         self.service.set_scheduler(record.scheduler, frozenset(record.flags))
         self.service.timeout = record.persistent
-        wanted = {r["portal"]: r for r in record.reals}
+        wanted = {r["portal"]: {"weight": 1, "upper": 0, "lower": 0, **r} for r in record.reals}
         for portal in [p for p in self.reals if p not in wanted]:
             self.service.del_dest(portal)
             del self.reals[portal]
