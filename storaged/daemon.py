@@ -218,6 +218,7 @@ class Runtime:
         try:
             await self.server.set_portals(wanted)
         finally:
+            self.director.set_local_portals(self.server.listeners)
             self.health.reconcile()  # after the portals: this node's own ones answer
         await self.nfs.reconcile()
         await self.mgmt.reconcile()

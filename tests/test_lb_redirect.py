@@ -138,7 +138,8 @@ def test_bad_redirect_kind_is_refused():
 
 def test_health_checker_marks_refusing_portals_down():
     d = director("rr")
-    answers = {split(REALS[0]): True, split(REALS[1]): False, split(REALS[2]): True}
+    answers = {split(REALS[0]): (True, 3, 7), split(REALS[1]): (False, None, None),
+               split(REALS[2]): (True, None, None)}
 
     async def check(addr, timeout):
         return answers[addr]
@@ -147,6 +148,30 @@ def test_health_checker_marks_refusing_portals_down():
     live = d.describe([], 0)["services"][0]["reals"]
     assert [live[p]["up"] for p in REALS] == [True, False, True]
     assert live[REALS[1]]["effective_weight"] == 0 and live[REALS[1]]["weight"] == 1
+    # A count the node reported is its ActiveConn; None (not storaged) counts 0.
+    assert [live[p]["active"] for p in REALS] == [3, 0, 0]
+
+
+def test_reported_sessions_of_other_nodes_drive_lc_and_clear_pending():
+    d = director("lc")
+    d.set_health(split(REALS[2]), True, 5)
+    d.set_health(split(REALS[1]), True, 1)
+    d.set_health(split(REALS[0]), True, 1, logins=10)
+    assert pick(d) == REALS[1]         # newest-first tie break between the two with 1
+    assert pick(d) == REALS[0]
+    # REALS[1]'s node now reports the login: its pending redirect is gone.
+    d.set_health(split(REALS[1]), True, 2)
+    live = d.describe([], 0)["services"][0]["reals"]
+    assert (live[REALS[1]]["active"], live[REALS[1]]["inactive"]) == (2, 0)
+    assert (live[REALS[0]]["active"], live[REALS[0]]["inactive"]) == (1, 1)
+    # A session that came and went between two checks still shows as a login.
+    d.set_health(split(REALS[0]), True, 1, logins=11)
+    live = d.describe([], 0)["services"][0]["reals"]
+    assert (live[REALS[0]]["active"], live[REALS[0]]["inactive"]) == (1, 0)
+    # A portal of this node is counted in its own registry, never by report.
+    d.set_local_portals([split(REALS[2])])
+    live = d.describe([], 0)["services"][0]["reals"]
+    assert live[REALS[2]]["active"] == 0
 
 
 # ------------------------------------------------------- login core in memory
@@ -291,3 +316,16 @@ def test_client_reports_too_many_redirects_with_the_path(tmp_path):
     ring = " -> ".join(f"127.0.0.1:{p}" for p in ports + ports[:1])
     assert loop == f"login redirection loop: {ring}"
 
+
+
+def test_sessions_key_counts_the_portals_sessions(tmp_path):
+    """The health check's vendor key (RFC 7143 §13.16 X- keys): sessions at the
+    portal the asking connection came in on."""
+    from storaged.iscsi.redirect import SESSIONS_KEY
+    reg = make_registry(str(tmp_path / "img"))
+    assert isinstance(Pair(reg, s.LoginOptions(target_name=TARGET)).login()[-1], s.LoginDone)
+    p = Pair(reg, s.LoginOptions(target_name=None))
+    assert isinstance(p.login()[-1], s.LoginDone)
+    p.ini.text_request([(SESSIONS_KEY, "?")])
+    [done] = [e for e in p.pump() if isinstance(e, s.TextDone)]
+    assert done.pairs == [(SESSIONS_KEY, "1")]

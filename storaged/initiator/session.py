@@ -625,10 +625,14 @@ class InitiatorConnection:
 
     def send_targets(self, what: str = "All") -> int:
         """Text Request SendTargets (Appendix C); answered by ``TextDone``."""
+        return self.text_request([("SendTargets", what)])
+
+    def text_request(self, pairs: list[tuple[str, str]]) -> int:
+        """A Text Request with ``pairs`` (§11.10); answered by ``TextDone``."""
         itt = self._alloc_itt()
         self.others[itt] = "text"
         self.text_acc[itt] = bytearray()
-        data = text.encode([("SendTargets", what)])
+        data = text.encode(pairs)
         self._send(build(Op.TEXT_REQ, flags=0x80, data_len=len(data), itt=itt,
                          w20=RESERVED_TAG, w24=self.cmdsn, w28=self.expstatsn), data)
         self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF

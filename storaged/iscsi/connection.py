@@ -682,10 +682,12 @@ class Connection:
             if self.quick is not None and not self.discovery:
                 self._quick = partial(self.quick, t.scsi, t.name,
                                       (self.nexus.initiator_port, self.nexus.target_port))
-        log.info("login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
-                 self.peer[0], self.peer[1],
-                 "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
-                 self.hd, self.dd, self.max_send)
+        quiet = self.discovery and self.initiator == redirect.HEALTH_INITIATOR
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
+                self.peer[0], self.peer[1],
+                "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
+                self.hd, self.dd, self.max_send)
 
     # ------------------------------------------------------------ SCSI path
     def _scsi_command(self, pdu: Pdu) -> None:
@@ -1052,7 +1054,10 @@ class Connection:
         for key, value in pairs:
             if key == "SendTargets":
                 out += self._send_targets(value)
-        others = [(k, v) for k, v in pairs if k != "SendTargets"]
+            elif (count := redirect.answer_counts(self.registry, self.local, key)) is not None:
+                out.append((key, count))
+        others = [(k, v) for k, v in pairs if k != "SendTargets"
+                  and redirect.answer_counts(self.registry, self.local, k) is None]
         if others:
             out += self.neg.respond(others, in_login=False)
             self.max_send = self.neg.num("MaxRecvDataSegmentLength")

@@ -22,6 +22,16 @@ from storaged.lb.director import SessionView, portal_text
 if TYPE_CHECKING:
     from storaged.iscsi.target import Registry, TargetContext
 
+#: Vendor-specific text key (RFC 7143 §13.16 "X-reversed.vendor.dns_name"):
+#: a Text Request with it asks how many normal sessions the portal the
+#: connection came in on holds; the group portal's health checks use it
+#: (storaged.lb.health) to count the sessions of real servers on other nodes.
+SESSIONS_KEY = "X-org.storaged.sessions"
+#: Its companion: normal-session logins at that portal since the node started.
+LOGINS_KEY = "X-org.storaged.logins"
+#: The InitiatorName of those health checks (their discovery logins log at debug).
+HEALTH_INITIATOR = "iqn.2026-11.org.storaged:lb-health"
+
 LOGIN_FORBIDDEN = 0x0202
 LOGIN_NOT_FOUND = 0x0203
 LOGIN_SERVICE_UNAVAILABLE = 0x0301
@@ -60,9 +70,25 @@ def login_redirect(registry: Registry, local: tuple[str, int], peer: tuple[str, 
     return choice.status, [("TargetAddress", f"{choice.portal},{target.tpgt}")]
 
 
+def portal_sessions(registry: Registry, local: tuple[str, int]) -> int:
+    """Logged-in normal sessions whose connection came in on portal ``local``."""
+    return sum(1 for c in registry.sessions.values() if c.full_feature and c.local == local)
+
+
+def answer_counts(registry: Registry, local: tuple[str, int], key: str) -> str | None:
+    """The value of a vendor count key asked on portal ``local`` (None: not ours)."""
+    if key == SESSIONS_KEY:
+        return str(portal_sessions(registry, local))
+    if key == LOGINS_KEY:
+        return str(registry.portal_logins.get(tuple(local[:2]), 0))  # type: ignore[arg-type]
+    return None
+
+
 def logged_in(registry: Registry, conn: SessionView) -> None:
-    """A normal session entered full feature phase: tell the director (its
-    real-server counters and pending redirects)."""
+    """A normal session entered full feature phase: count it for its portal and
+    tell the director (its real-server counters and pending redirects)."""
+    local = tuple(conn.local[:2])
+    registry.portal_logins[local] = registry.portal_logins.get(local, 0) + 1  # type: ignore
     if registry.director is not None:
         registry.director.logged_in(conn)
 

@@ -68,6 +68,8 @@ class Registry:
         self.next_tsih = 1
         self.director: Director | None = None
         """Login balancing on group portals (storaged.iscsi.redirect); None: none."""
+        self.portal_logins: dict[tuple[str, int], int] = {}
+        """Normal-session logins per local portal since start (health checks read it)."""
 
     def target(self, name: str) -> TargetContext | None:
         return self.targets.get(name.lower())

@@ -10,13 +10,16 @@ node's registry holds and the current time; the login code asks
 Connection counts, as LVS keeps them per real server (see
 :mod:`storaged.lb.sched` for what active/inactive mean to the schedulers):
 
-* **active** -- logged-in sessions of this node's registry whose connection
-  came in on the real server's portal (a real server that is this node);
+* **active** -- logged-in sessions at the real server's portal: counted in
+  this node's registry for a portal of this node, and as the real server
+  last reported it to the health check (:mod:`storaged.lb.health`, a
+  discovery login asking ``X-org.storaged.sessions``) for one on another node;
 * **inactive** -- logins redirected to the real server within the last
-  ``pending_timeout`` seconds that have not yet shown up as a session here
-  (for a real server on another node they never do, so a redirect counts
-  until the window ends: a burst of logins is spread, as LVS spreads new
-  connections before they are established).
+  ``pending_timeout`` seconds that have not yet shown up as sessions there
+  (a session at a portal of this node clears its initiator's redirect; new
+  logins another node reports clear as many of the oldest): a
+  burst of logins is spread before any of them is counted as active, as
+  LVS spreads new connections before they are established.
 
 A real server that is down (its portal refuses TCP connections, see
 :mod:`storaged.lb.health`) is given weight 0 in the scheduler while it is
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -87,6 +90,8 @@ class _Real:
     logins: int = 0
     active: int = 0
     inactive: int = 0
+    reported: int | None = None  # sessions the node itself reported (health check)
+    logins_seen: int | None = None  # its login count at the last health check
 
     @property
     def effective_weight(self) -> int:
@@ -125,17 +130,37 @@ class Group:
                 real.weight, real.upper, real.lower = r["weight"], r["upper"], r["lower"]
                 self.service.edit_dest(portal, real.effective_weight, real.upper, real.lower)
 
-    def set_health(self, portal: str, up: bool) -> bool:
-        """Mark a real server up or down; True if that changed anything."""
+    def set_health(self, portal: str, up: bool, sessions: int | None = None,
+                   logins: int | None = None) -> bool:
+        """Record a health check: up or down, the sessions the real server
+        reported and its login count; True if it went up or down."""
         real = self.reals.get(portal)
-        if real is None or real.up == up:
+        if real is None:
+            return False
+        if up:
+            # Logins there since the last check (or, without that count, the
+            # rise of its sessions) followed our redirects: no longer pending.
+            if logins is not None and real.logins_seen is not None:
+                done = logins - real.logins_seen
+            elif sessions is not None:
+                done = sessions - (real.reported or 0)
+            else:
+                done = 0
+            mine = [i for i, p in enumerate(self.pending) if p[1] == portal][:max(0, done)]
+            for i in reversed(mine):
+                del self.pending[i]
+            real.logins_seen = logins
+        real.reported = sessions if up else None
+        if real.up == up:
             return False
         real.up = up
         self.service.edit_dest(portal, real.effective_weight, real.upper, real.lower)
         return True
 
-    def refresh(self, sessions: Iterable[SessionView], now: float, timeout: float) -> None:
-        """Recount active/inactive connections per real server and feed the scheduler."""
+    def refresh(self, sessions: Iterable[SessionView], now: float, timeout: float,
+                local: Collection[str] = ()) -> None:
+        """Recount active/inactive connections per real server and feed the
+        scheduler; ``local`` are the portals of this node (counted here)."""
         self.pending = [p for p in self.pending if now - p[0] < timeout]
         active = dict.fromkeys(self.reals, 0)
         for conn in sessions:
@@ -147,7 +172,8 @@ class Group:
             active[portal] += 1
             self.logged_in(conn)
         for portal, real in self.reals.items():
-            real.active = active[portal]
+            here = portal in local or active[portal]
+            real.active = active[portal] if here else (real.reported or 0)
             real.inactive = sum(1 for _t, p, _i in self.pending if p == portal)
             self.service.set_counts(portal, real.active, real.inactive)
 
@@ -200,7 +226,8 @@ class Group:
         return {"vip": self.vip, "scheduler": self.service.scheduler_name,
                 "reals": {p: {"weight": r.weight, "effective_weight": r.effective_weight,
                               "up": r.up, "active": r.active, "inactive": r.inactive,
-                              "redirects": r.redirects, "logins": r.logins}
+                              "redirects": r.redirects, "logins": r.logins,
+                              "reported": r.reported}
                           for p, r in self.reals.items()}}
 
 
@@ -210,6 +237,11 @@ class Director:
     def __init__(self, pending_timeout: float = PENDING_TIMEOUT) -> None:
         self.groups: dict[str, Group] = {}
         self.pending_timeout = pending_timeout
+        self.local: set[str] = set()
+        """Portals this node listens on: their sessions are counted in the registry."""
+
+    def set_local_portals(self, addresses: Iterable[tuple[str, int]]) -> None:
+        self.local = {portal_text(a) for a in addresses}
 
     def configure(self, records: Iterable[VirtualService]) -> None:
         """Match the stored virtual services; unchanged services keep their state."""
@@ -235,12 +267,14 @@ class Director:
         """The virtual service a connection reached, from its local address."""
         return self.groups.get(portal_text(local))
 
-    def set_health(self, address: tuple[str, int], up: bool) -> bool:
-        """A health check result for a real server portal, in every group."""
+    def set_health(self, address: tuple[str, int], up: bool, sessions: int | None = None,
+                   logins: int | None = None) -> bool:
+        """A health check result for a real server portal, in every group;
+        True if the server went up or down."""
         portal = portal_text(address)
         changed = False
         for g in self.groups.values():
-            changed = g.set_health(portal, up) or changed
+            changed = g.set_health(portal, up, sessions, logins) or changed
         return changed
 
     def choose(self, local: tuple[str, int], initiator: str, peer: tuple[str, int],
@@ -249,7 +283,7 @@ class Director:
         group = self.group_for(local)
         if group is None:
             return None
-        group.refresh(sessions, now, self.pending_timeout)
+        group.refresh(sessions, now, self.pending_timeout, self.local)
         return group.choose(initiator, peer, target, now)
 
     def logged_in(self, conn: SessionView) -> None:
@@ -262,6 +296,6 @@ class Director:
         sessions = list(sessions)
         out = []
         for g in self.groups.values():
-            g.refresh(sessions, now, self.pending_timeout)
+            g.refresh(sessions, now, self.pending_timeout, self.local)
             out.append(g.describe())
         return {"live": True, "services": out}
