@@ -222,11 +222,18 @@ class Group:
         self.service.set_counts(dest.name, real.active, real.inactive)
         return Choice(MOVED_PERMANENTLY if self.permanent else MOVED_TEMPORARILY, dest.name)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, local: Collection[str] = ()) -> dict[str, Any]:
+        """Counters per real server; ``logins`` are the logins at its portal,
+        counted here for this node's portals, as reported for the others."""
+        def logins(r: _Real) -> int:
+            if r.portal in local or r.logins_seen is None:
+                return r.logins
+            return r.logins_seen
+
         return {"vip": self.vip, "scheduler": self.service.scheduler_name,
                 "reals": {p: {"weight": r.weight, "effective_weight": r.effective_weight,
                               "up": r.up, "active": r.active, "inactive": r.inactive,
-                              "redirects": r.redirects, "logins": r.logins,
+                              "redirects": r.redirects, "logins": logins(r),
                               "reported": r.reported}
                           for p, r in self.reals.items()}}
 
@@ -297,5 +304,5 @@ class Director:
         out = []
         for g in self.groups.values():
             g.refresh(sessions, now, self.pending_timeout, self.local)
-            out.append(g.describe())
+            out.append(g.describe(self.local))
         return {"live": True, "services": out}
