@@ -284,6 +284,10 @@ def test_iscsi_test_cu_through_the_group_portal_with_iqn_persistence(cluster, a)
     moved = {p: r["redirects"] - before[p] for p, r in live(a).items()
              if r["redirects"] > before[p]}
     assert len(moved) == 1 and sum(moved.values()) >= 2, moved  # every session, one node
+    out = storaged("lb", "-L", "-c", directory=a.dir).stdout
+    [entry] = [line for line in out.splitlines() if " PERSIST " in line]
+    assert entry.split()[3:6] == ["iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test", VIP,
+                                  next(iter(moved))], out
 
 
 def test_permanent_redirect_status(cluster, a):

@@ -118,6 +118,15 @@ def test_persistence_by_iqn_and_dropped_when_the_server_goes_down():
     assert pick(d, now=10, initiator="iqn.a") not in (first, None)
 
 
+def test_connection_entries_list_pending_redirects_and_templates():
+    d = director("rr", persistent=300, pe="iqn")
+    pick(d, now=10.0, initiator="iqn.a", peer=("127.0.0.9", 50001))
+    entries = d.describe([], 20.0)["connections"]
+    assert {(e["state"], e["source"], e["real"], round(e["expires"])) for e in entries} == {
+        ("REDIRECTED", "127.0.0.9:50001", REALS[2], 20), ("PERSIST", "iqn.a", REALS[2], 290)}
+    assert d.describe([], 400.0)["connections"] == []
+
+
 def test_reconfigure_keeps_state_and_applies_edits():
     d = director("rr")
     assert pick(d) == REALS[2]

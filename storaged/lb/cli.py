@@ -50,15 +50,47 @@ def _real_line(s: dict[str, Any], r: dict[str, Any]) -> str:
     return out
 
 
-def _live(ctx: click.Context) -> dict[str, dict[str, dict[str, Any]]] | None:
-    """The daemon's live counts per service and real server (None: no daemon)."""
+def _live_raw(ctx: click.Context) -> dict[str, Any] | None:
+    """The daemon's ``lb_live`` answer (None: no daemon running)."""
     from storaged.control.client import call, daemon_running
+    from storaged.control.ops import ConfigError
 
     sock = socket_path(ctx.find_root().obj["dir"])
     if not daemon_running(sock):
         return None
-    live = call(sock, "lb_live", {})
+    try:
+        return call(sock, "lb_live", {})
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _live(ctx: click.Context) -> dict[str, dict[str, dict[str, Any]]] | None:
+    """The daemon's live counts per service and real server (None: no daemon)."""
+    live = _live_raw(ctx)
+    if live is None:
+        return None
     return {g["vip"]: g["reals"] for g in live["services"]}
+
+
+def _connections(ctx: click.Context, vip: str | None, as_json: bool) -> None:
+    """``-L -c``: pending redirects and persistence templates, as ipvsadm lists
+    its connection entries (expire mm:ss, state, source, virtual, destination)."""
+    live = _live_raw(ctx)
+    entries = [] if live is None else [e for e in live["connections"]
+                                       if vip is None or e["vip"] == vip]
+    if as_json:
+        click.echo(json.dumps({"live": live is not None, "connections": entries}, indent=2))
+        return
+    click.echo("storaged login balancer entries")
+    click.echo("pro expire state      source                   virtual              "
+               "destination")
+    for e in entries:
+        m, sec = divmod(int(e["expires"]), 60)
+        click.echo(f"TCP {m:02d}:{sec:02d}  {e['state']:<10} {e['source']:<24} "
+                   f"{e['vip']:<20} {e['real']}"
+                   + (f"  {e['initiator']}" if e["initiator"] else ""))
+    if live is None:
+        click.echo("(daemon not running: no entries)")
 
 
 def _merge(services: list[dict[str, Any]],
@@ -141,6 +173,16 @@ def _parse_restore(text: str) -> list[dict[str, Any]]:
     return list(services.values())
 
 
+def _normalize_vip(vip: str) -> str:
+    from storaged.state.errors import ValidationError
+    from storaged.state.validate import normalize_portal
+
+    try:
+        return normalize_portal(vip)
+    except ValidationError as e:
+        fail(str(e))
+
+
 def _flags(value: str | None) -> list[str]:
     return [f for f in (value or "").split(",") if f]
 
@@ -177,7 +219,8 @@ def _options(fn: Any) -> Any:
         click.option("-y", "--l-threshold", "lower", type=int,
                      help="Lower connection threshold."),
         click.option("-n", "--numeric", is_flag=True, help="Numeric output (always)."),
-        click.option("-c", "--connection", is_flag=True, help="List sessions."),
+        click.option("-c", "--connection", is_flag=True,
+                     help="-L: list pending redirects and persistence templates."),
         click.option("--stats", is_flag=True, help="List with statistics."),
         click.option("--rate", is_flag=True, help="List with rates."),
         click.option("--redirect", type=click.Choice(["temporary", "permanent"]),
@@ -248,6 +291,9 @@ def lb(ctx: click.Context, **p: Any) -> None:
             for r in s["reals"]:
                 click.echo(_real_line(s, r))
     else:
+        if p["connection"]:
+            _connections(ctx, _normalize_vip(vip) if vip else None, p["as_json"])
+            return
         res = run_op(ctx, "lb_list", {"vip": vip} if vip else {})
         live = _live(ctx)
         _merge(res["services"], live)

@@ -105,7 +105,8 @@ class Group:
         self.vip = record.vip
         self.service = Service(record.scheduler, record.persistent, frozenset(record.flags))
         self.reals: dict[str, _Real] = {}
-        self.pending: list[tuple[float, str, str]] = []  # (issued at, real portal, initiator)
+        # (issued at, real portal, initiator name, initiator address)
+        self.pending: list[tuple[float, str, str, str]] = []
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
         self.update(record)
 
@@ -174,7 +175,7 @@ class Group:
         for portal, real in self.reals.items():
             here = portal in local or active[portal]
             real.active = active[portal] if here else (real.reported or 0)
-            real.inactive = sum(1 for _t, p, _i in self.pending if p == portal)
+            real.inactive = sum(1 for p in self.pending if p[1] == portal)
             self.service.set_counts(portal, real.active, real.inactive)
 
     def logged_in(self, conn: SessionView) -> None:
@@ -186,7 +187,7 @@ class Group:
             return
         self._seen.add(conn)
         real.logins += 1
-        for i, (_t, p, ini) in enumerate(self.pending):
+        for i, (_t, p, ini, _src) in enumerate(self.pending):
             if p == portal and ini == conn.initiator:
                 del self.pending[i]
                 break
@@ -217,7 +218,7 @@ class Group:
             return None
         real = self.reals[dest.name]
         real.redirects += 1
-        self.pending.append((now, dest.name, initiator))
+        self.pending.append((now, dest.name, initiator, portal_text(peer)))
         real.inactive += 1
         self.service.set_counts(dest.name, real.active, real.inactive)
         return Choice(MOVED_PERMANENTLY if self.permanent else MOVED_TEMPORARILY, dest.name)
@@ -236,6 +237,19 @@ class Group:
                               "redirects": r.redirects, "logins": logins(r),
                               "reported": r.reported}
                           for p, r in self.reals.items()}}
+
+
+    def connections(self, now: float, timeout: float) -> list[dict[str, Any]]:
+        """``ipvsadm -L -c`` for logins: redirects still pending, and the
+        persistence templates (which real server an initiator key goes to)."""
+        out: list[dict[str, Any]] = [
+            {"state": "REDIRECTED", "expires": max(0.0, t + timeout - now), "source": src,
+             "initiator": ini, "vip": self.vip, "real": p}
+            for t, p, ini, src in self.pending]
+        out += [{"state": "PERSIST", "expires": max(0.0, t.expires - now), "source": key,
+                 "initiator": "", "vip": self.vip, "real": t.dest.name}
+                for key, t in self.service.templates.items() if t.expires > now]
+        return out
 
 
 class Director:
@@ -305,4 +319,6 @@ class Director:
         for g in self.groups.values():
             g.refresh(sessions, now, self.pending_timeout, self.local)
             out.append(g.describe(self.local))
-        return {"live": True, "services": out}
+        entries = [e for g in self.groups.values()
+                   for e in g.connections(now, self.pending_timeout)]
+        return {"live": True, "services": out, "connections": entries}

@@ -119,7 +119,10 @@ class HealthChecker:
 
     async def _run(self) -> None:
         while True:
-            await self.check_once()
+            try:
+                await self.check_once()
+            except Exception:  # a bug here must not end the checks for good
+                log.exception("lb: health checks failed")
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
