@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from initiator_pair import LOCAL, TARGET, Pair, make_registry
 
 from storaged.initiator import session as s
@@ -338,3 +340,31 @@ def test_sessions_key_counts_the_portals_sessions(tmp_path):
     p.ini.text_request([(SESSIONS_KEY, "?")])
     [done] = [e for e in p.pump() if isinstance(e, s.TextDone)]
     assert done.pairs == [(SESSIONS_KEY, "1")]
+
+
+LOGIN_KEYS = ["InitiatorName", "SessionType", "TargetName", "AuthMethod", "HeaderDigest",
+              "X-org.storaged.sessions"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LOGIN_KEYS), st.text(max_size=30)), max_size=6),
+       st.integers(0, 255))
+def test_random_login_keys_on_a_group_portal(tmp_path_factory, pairs, flags):
+    """Any first Login on a group portal gets exactly one Login response
+    (a redirect, a refusal or a login step); nothing raises."""
+    from storaged.iscsi import text
+    from storaged.iscsi.connection import Connection
+    from storaged.iscsi.pdu import Op, build
+
+    reg = group_registry(tmp_path_factory.mktemp("fz"))
+    conn = Connection(reg, LOCAL, ("127.0.0.9", 50000))
+    try:
+        data = text.encode(pairs)
+    except Exception:
+        return
+    conn.receive_data(build(Op.LOGIN_REQ, flags=flags, data_len=len(data), itt=1,
+                            immediate=True) + data + bytes(-len(data) & 3))
+    out = b"".join(bytes(b) for b in conn.data_to_send())
+    assert out[0] & 0x3F == Op.LOGIN_RSP or out[0] & 0x3F == Op.REJECT
+    if out[36] == 1:  # a redirect names where to go
+        assert b"TargetAddress=127.0.0." in out[48:]
