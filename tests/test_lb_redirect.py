@@ -179,10 +179,14 @@ def test_reported_sessions_of_other_nodes_drive_lc_and_clear_pending():
     d.set_health(split(REALS[0]), True, 1, logins=11)
     live = d.describe([], 0)["services"][0]["reals"]
     assert (live[REALS[0]]["active"], live[REALS[0]]["inactive"]) == (1, 0)
-    # A portal of this node is counted in its own registry, never by report.
+    # A portal of this node is counted in its own registry, never by report,
+    # and its reported logins do not end other initiators' pending redirects.
     d.set_local_portals([split(REALS[2])])
+    d.set_health(split(REALS[2]), True, 5, logins=1)
+    assert pick(d) == REALS[2]          # idle here, whatever it reported
+    d.set_health(split(REALS[2]), True, 5, logins=2)
     live = d.describe([], 0)["services"][0]["reals"]
-    assert live[REALS[2]]["active"] == 0
+    assert (live[REALS[2]]["active"], live[REALS[2]]["inactive"]) == (0, 1)
 
 
 # ------------------------------------------------------- login core in memory

@@ -132,13 +132,15 @@ class Group:
                 self.service.edit_dest(portal, real.effective_weight, real.upper, real.lower)
 
     def set_health(self, portal: str, up: bool, sessions: int | None = None,
-                   logins: int | None = None) -> bool:
+                   logins: int | None = None, local: bool = False) -> bool:
         """Record a health check: up or down, the sessions the real server
-        reported and its login count; True if it went up or down."""
+        reported and its login count; True if it went up or down.  For a
+        ``local`` portal (this node's) logins already ended their pending
+        redirects as they happened (:meth:`logged_in`)."""
         real = self.reals.get(portal)
         if real is None:
             return False
-        if up:
+        if up and not local:
             # Logins there since the last check (or, without that count, the
             # rise of its sessions) followed our redirects: no longer pending.
             if logins is not None and real.logins_seen is not None:
@@ -150,7 +152,7 @@ class Group:
             mine = [i for i, p in enumerate(self.pending) if p[1] == portal][:max(0, done)]
             for i in reversed(mine):
                 del self.pending[i]
-            real.logins_seen = logins
+        real.logins_seen = logins
         real.reported = sessions if up else None
         if real.up == up:
             return False
@@ -295,7 +297,7 @@ class Director:
         portal = portal_text(address)
         changed = False
         for g in self.groups.values():
-            changed = g.set_health(portal, up, sessions, logins) or changed
+            changed = g.set_health(portal, up, sessions, logins, portal in self.local) or changed
         return changed
 
     def choose(self, local: tuple[str, int], initiator: str, peer: tuple[str, int],
