@@ -372,3 +372,20 @@ def test_random_login_keys_on_a_group_portal(tmp_path_factory, pairs, flags):
     assert out[0] & 0x3F == Op.LOGIN_RSP or out[0] & 0x3F == Op.REJECT
     if out[36] == 1:  # a redirect names where to go
         assert b"TargetAddress=127.0.0." in out[48:]
+
+
+def test_ipv6_group_portal_and_real_servers(tmp_path):
+    """Portals in brackets (RFC 7143 §13.8 TargetAddress for IPv6), and an
+    IPv6 initiator address hashed by sh as the kernel folds it."""
+    reg = make_registry(str(tmp_path / "img"))
+    reg.director = Director()
+    svc = VirtualService(vip="[::1]:3260", scheduler="sh",
+                         reals=[{"portal": "[::1]:41001", "weight": 1}])
+    svc.validate()
+    reg.director.configure([svc])
+    from storaged.iscsi.redirect import login_redirect
+    assert login_redirect(reg, ("::1", 3260), ("::1", 50000), INI, TARGET, 0.0) == \
+        (MOVED_TEMPORARILY, [("TargetAddress", "[::1]:41001,1")])
+    # Not a group portal: an IPv4 connection (seen v4-mapped) on the same port.
+    assert login_redirect(reg, ("::ffff:127.0.0.1", 3260), ("::1", 1), INI, TARGET, 0) is None
+    assert s.parse_target_address("[::1]:41001,1") == ("::1", 41001)
