@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from storaged import metrics
 from storaged.block.file import FileBlockDevice
@@ -34,6 +35,9 @@ from storaged.scsi.lu import LogicalUnit
 from storaged.scsi.target import ScsiTarget
 from storaged.scsi.types import ScsiCommand, ScsiResult
 from storaged.state import Backstore, Chap, StatePrStore, Store, Target, split_portal
+
+if TYPE_CHECKING:
+    from storaged.scsi.pr_cluster import SharedPr
 
 log = logging.getLogger("storaged")
 
@@ -76,6 +80,8 @@ class Runtime:
         self.nfs = NfsRuntime(store)
         from storaged.control.mgmt_server import MgmtServer
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
+        self.shared_pr: SharedPr | None = None
+        """Shared-LU persistent reservations, once a cluster node runs here."""
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -131,6 +137,7 @@ class Runtime:
                          physical_block_size=b.block_size,
                          pr_store=StatePrStore(self.store, b.name, b.wwn))
         self.alua.attach(lu)
+        self._share(lu, b)
         try:
             # WRITE ATOMIC(16) needs a write-ahead slot; replays one a crash left.
             attach_journal(lu, os.path.join(self.store.directory, "atomic", f"{b.name}.journal"))
@@ -138,6 +145,17 @@ class Runtime:
             log.warning("backstore %s: no atomic write journal (%s): WRITE ATOMIC disabled",
                         b.name, e)
         return _Device(b, dev, lu)
+
+    def _share(self, lu: LogicalUnit, b: Backstore) -> None:
+        """Shared backstores keep their PR state with the cluster's other nodes."""
+        if self.shared_pr is not None:
+            if b.shared:
+                self.shared_pr.attach(lu)
+            else:
+                self.shared_pr.detach(lu)
+        elif b.shared:
+            log.warning("backstore %s is shared but no cluster node runs here: its "
+                        "persistent reservations are this node's alone", b.name)
 
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
@@ -164,9 +182,12 @@ class Runtime:
                         log.error("backstore %s: cannot switch O_DIRECT: %s", name, e)
                 if cur.device.refresh_size() != cur.lu.num_blocks * cur.lu.block_size:
                     cur.lu.resize()
+                if cur.record.shared != b.shared:
+                    self._share(cur.lu, b)
                 cur.record = b
                 continue
             if cur is not None:
+                self._unshare(cur)
                 cur.device.close()
             new = self._open_device(b)
             if new is not None:
@@ -175,9 +196,11 @@ class Runtime:
                 self.devices.pop(name, None)
         for name in list(self.devices):
             if name not in backstores:
-                self.devices.pop(name).device.close()
+                gone = self.devices.pop(name)
+                self._unshare(gone)
+                gone.device.close()
         if fenced_names or fenced_keys:
-            self._preempt_fenced(fenced_names, fenced_keys)
+            await self._preempt_fenced(fenced_names, fenced_keys)
         denied = frozenset(fenced_names)
         wanted: set[tuple[str, int]] = set()
         seen: set[str] = set()
@@ -213,6 +236,9 @@ class Runtime:
                 for conn in self.registry.connections(name):
                     conn.drop("target deleted")
         self._reconcile_alua(targets)
+        if self.shared_pr is not None:
+            # A node that (re)starts catches up with the group before it serves.
+            await self.shared_pr.sync_new()
         self.director.configure(services)
         wanted.update(self.director.addresses())
         try:
@@ -227,11 +253,14 @@ class Runtime:
         """Live connection counts of the virtual services (``storaged lb -L``)."""
         return self.director.describe(self.registry.sessions.values(), time.monotonic())
 
-    def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
+    async def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
-        PREEMPT AND ABORT (their tasks aborted, UAs for the others)."""
-        for name, d in self.devices.items():
-            removed = d.lu.pr.admin_preempt(names, keys)
+        PREEMPT AND ABORT (their tasks aborted, UAs for the others); on a
+        shared LU, on every storage node serving it."""
+        for name, d in list(self.devices.items()):
+            pr = d.lu.pr
+            removed = await pr.admin_preempt_everywhere(names, keys) if pr.backend.blocking \
+                else pr.admin_preempt(names, keys)
             if removed["registrations"]:
                 log.warning("fence: backstore %s: preempted %d registration(s) of fenced "
                             "initiators%s", name, removed["registrations"],
@@ -270,16 +299,29 @@ class Runtime:
         for name, d in self._pr_devices(args):
             used = [{"iqn": iqn, "lun": lun} for iqn, ctx in sorted(self.registry.targets.items())
                     for lun, lu in sorted(ctx.scsi.luns.items()) if lu is d.lu]
-            out.append({"backstore": name, "luns": used, **d.lu.pr.describe()})
+            item = {"backstore": name, "luns": used, **d.lu.pr.describe()}
+            if self.shared_pr is not None and d.lu.wwn.lower() in self.shared_pr.lus:
+                item["shared"] = {"synced": d.lu.wwn.lower() in self.shared_pr.synced}
+            out.append(item)
         return {"live": True, "backstores": out}
 
-    def pr_clear(self, args: dict) -> dict:
-        """``storaged pr clear``: drop registrations and reservations of a backstore."""
+    def _unshare(self, d: _Device) -> None:
+        if self.shared_pr is not None:
+            self.shared_pr.detach(d.lu)
+
+    async def pr_clear(self, args: dict) -> dict:
+        """``storaged pr clear``: drop registrations and reservations of a backstore
+        (on every node serving it, for a shared one)."""
         from storaged.control.ops import ConfigError
 
         if not args.get("backstore"):
             raise ConfigError("pr_clear needs a backstore")
         [(name, d)] = self._pr_devices(args)
+        if d.lu.pr.backend.blocking:
+            try:
+                return {"backstore": name, "cleared": await d.lu.pr.admin_clear_everywhere()}
+            except RuntimeError as e:
+                raise ConfigError(f"backstore {name}: {e}") from None
         return {"backstore": name, "cleared": d.lu.pr.admin_clear()}
 
     def status(self) -> dict:
@@ -349,6 +391,9 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     from storaged.cluster.service import start_cluster_node, stop_cluster_node
 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
+    if cluster_node is not None:
+        from storaged.scsi.pr_cluster import SharedPr
+        runtime.shared_pr = SharedPr(cluster_node)
     if metrics_addr and cluster_node is not None:
         metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))
     # Portals open here; the control socket follows at once, so a CLI call made as
@@ -379,6 +424,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         log.info("shutting down")
         _notify("STOPPING=1")
         await stop_control_server(control, sock_path)
+        if runtime.shared_pr is not None:
+            runtime.shared_pr.close()
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
         await runtime.mgmt.close()

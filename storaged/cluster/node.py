@@ -113,6 +113,11 @@ class ClusterNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, list[dict[str, Any]]] = {}
         self._flush_scheduled = False
+        self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
+        """Message kind -> handler(src, msg) for services built on the node
+        (storaged.scsi.pr_cluster); only messages from current members arrive."""
+        self.view_listeners: list[Callable[[View], None]] = []
+        """Called with every view installed (after the lockspaces saw it)."""
 
     # -------------------------------------------------------------- lifecycle
 
@@ -248,6 +253,11 @@ class ClusterNode:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send(self, dst: int, msg: dict[str, Any]) -> None:
+        """Queue a service message (a ``handlers`` kind) for node ``dst``: FIFO
+        with everything else this node sends there, dropped if it is not up."""
+        self._send(dst, msg)
+
     def _send_many(self, out: list[tuple[int, dict[str, Any]]]) -> None:
         for dst, msg in out:
             self._send(dst, msg)
@@ -324,6 +334,12 @@ class ClusterNode:
             if ls is not None:
                 ls.core.receive(src, msg)
                 dirty.add(ls)
+            return
+        handler = self.handlers.get(kind)  # type: ignore[arg-type]
+        if handler is not None:
+            v = self.view
+            if v is not None and v.incarnation(src) == inc:
+                handler(src, msg)
             return
         if kind == "fack":
             self.fencer.acknowledge(int(msg["node"]))
@@ -414,6 +430,11 @@ class ClusterNode:
             ls.pump()
         self._view_changed.set()
         self._view_changed = asyncio.Event()
+        for listener in list(self.view_listeners):
+            try:
+                listener(view)
+            except Exception:  # noqa: BLE001 - a service bug must not stop membership
+                log.exception("view listener failed")
 
     def _fence_state(self) -> None:
         ok = not self.membership.pending_fence

@@ -268,7 +268,8 @@ def _detect(path: str) -> tuple[str | None, os.stat_result | None]:
 @_op()
 def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = None,
                      kind: str | None = None, block_size: int = 512, read_only: bool = False,
-                     wce: bool = True, direct: bool = False) -> dict[str, Any]:
+                     wce: bool = True, direct: bool = False,
+                     shared: bool = False) -> dict[str, Any]:
     """Register a file or block device as a backstore.
 
     Files: an existing file is used at its size (``size``, if given, must
@@ -285,6 +286,7 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
     check_bool(read_only, "read_only")
     check_bool(wce, "wce")
     check_bool(direct, "direct")
+    check_bool(shared, "shared")
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ConfigError(f"backstore path must be absolute, got {path!r}")
     path = os.path.normpath(path)
@@ -325,7 +327,7 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
         raise ConfigError(f"size {final} of {path} is not a multiple of the block size "
                           f"{block_size}")
     record = Backstore(name=name, kind=kind, path=path, size=final, block_size=block_size,
-                       read_only=read_only, wce=wce, direct=direct)
+                       read_only=read_only, wce=wce, direct=direct, shared=shared)
     record.validate()
     if create:
         try:
@@ -363,14 +365,15 @@ def backstore_delete(txn: Txn, name: str) -> dict[str, Any]:
 @_op()
 def backstore_set(txn: Txn, name: str, read_only: bool | None = None,
                   online: bool | None = None, wce: bool | None = None,
-                  direct: bool | None = None) -> dict[str, Any]:
+                  direct: bool | None = None, shared: bool | None = None) -> dict[str, Any]:
     """Change a backstore's flags: write protection, online state, write cache,
-    O_DIRECT (switched on the open file, LUNs stay up)."""
+    O_DIRECT (switched on the open file, LUNs stay up), shared (persistent
+    reservations kept with the other storage nodes of the cluster)."""
     b = txn.get(Backstore, name)
     if b is None:
         raise ConfigError(f"backstore {name!r} does not exist")
     for value, what in ((read_only, "read_only"), (online, "online"), (wce, "wce"),
-                        (direct, "direct")):
+                        (direct, "direct"), (shared, "shared")):
         if value is not None:
             check_bool(value, what)
             setattr(b, what, value)

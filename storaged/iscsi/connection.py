@@ -1169,6 +1169,24 @@ class Connection:
             resp = TmfResponse.NO_REASSIGN
         else:
             resp = TmfResponse.REJECTED
+        take = getattr(target.scsi, "take_reset_barriers", None) if target is not None else None
+        waits = take() if take is not None else []
+        if waits:
+            # A shared LU: answer once the other storage nodes have reset it too.
+            left = [len(waits)]
+
+            def one(_f: object) -> None:
+                left[0] -= 1
+                if left[0] == 0 and not self.closed:
+                    self._tmf_respond(pdu, fn, resp, target)
+                    self.on_output()
+            for w in waits:
+                w.add_done_callback(one)
+            return
+        self._tmf_respond(pdu, fn, resp, target)
+
+    def _tmf_respond(self, pdu: Pdu, fn: int, resp: int,
+                     target: TargetContext | None) -> None:
         self._send(build(Op.TMF_RSP, flags=0x80, b2=resp, itt=pdu.itt,
                          w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn))
         if fn == TmfFunction.TARGET_COLD_RESET and resp == TmfResponse.COMPLETE \

@@ -244,6 +244,9 @@ class Backstore(Record):
     wwn: str = field(default_factory=new_wwn)
     online: bool = True
     direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
+    shared: bool = False
+    """Served by several storage nodes of the cluster over the same backing storage:
+    persistent reservations are one state for all of them (storaged.scsi.pr_cluster)."""
 
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
@@ -286,7 +289,7 @@ class Backstore(Record):
                 errors.append("size of a file backstore must be > 0")
             elif size % self.block_size:
                 errors.append(f"size {size} is not a multiple of block_size {self.block_size}")
-        for name in ("read_only", "wce", "online", "direct"):
+        for name in ("read_only", "wce", "online", "direct", "shared"):
             _collect(errors, check_bool, getattr(self, name), name)
         if self.direct is True and self.kind == "raid":
             errors.append("direct (O_DIRECT) applies to file and block backstores, not raid")
