@@ -26,6 +26,9 @@ from storaged.block.open import open_device, redact
 from storaged.iscsi.chap import Credentials
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
+from storaged.lb.director import Director
+from storaged.lb.health import HealthChecker
+from storaged.lb.records import VirtualService
 from storaged.raid.service import RaidService
 from storaged.scsi.alua import Alua
 from storaged.scsi.atomic import attach_journal
@@ -63,6 +66,8 @@ class Runtime:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.registry = Registry()
+        self.director = self.registry.director = Director()  # storaged lb group portals
+        self.health = HealthChecker(self.director)
         self.raid = RaidService(store)  # RAID arrays; Backstore kind 'raid' opens one
         self.devices: dict[str, _Device] = {}
         self.alua = Alua()  # target port groups shared by every LU (storaged.scsi.alua)
@@ -165,6 +170,7 @@ class Runtime:
         with self.store.read() as txn:
             backstores = {b.name: b for b in txn.list(Backstore)}
             targets = txn.list(Target)
+            services = txn.list(VirtualService)
             fenced_names, fenced_keys = fenced_initiators(txn)
         for name, b in backstores.items():
             cur = self.devices.get(name)
@@ -238,9 +244,19 @@ class Runtime:
         if self.shared_pr is not None:
             # A node that (re)starts catches up with the group before it serves.
             await self.shared_pr.sync_new()
-        await self.server.set_portals(wanted)
+        self.director.configure(services)
+        wanted.update(self.director.addresses())
+        try:
+            await self.server.set_portals(wanted)
+        finally:
+            self.director.set_local_portals(self.server.listeners)
+            self.health.reconcile()  # after the portals: this node's own ones answer
         await self.nfs.reconcile()
         await self.mgmt.reconcile()
+
+    def lb_live(self, args: dict) -> dict:
+        """Live connection counts of the virtual services (``storaged lb -L``)."""
+        return self.director.describe(self.registry.sessions.values(), time.monotonic())
 
     async def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
@@ -394,6 +410,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
                                                     "pr_ls": runtime.pr_ls,
                                                     "pr_clear": runtime.pr_clear,
                                                     "alua_ls": runtime.alua_ls,
+                                                    "lb_live": runtime.lb_live,
                                                     **runtime.raid.control_ops()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -417,6 +434,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
         await runtime.mgmt.close()
+        await runtime.health.stop()
         await runtime.server.shutdown()
         await runtime.nfs.shutdown()
         for d in runtime.devices.values():
