@@ -33,6 +33,7 @@ class Journaling:
     def _journal_checkpoint(self) -> None:
         """Flush members and restart the ring: every earlier record is durable at home."""
         assert self.journal is not None
+        self._sc_destage_all()            # what the records protect goes home first
         start, _end = self.journal
         for m in self._journal_members() if self.journal_fua else []:
             try:
