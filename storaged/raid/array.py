@@ -56,7 +56,12 @@ from storaged.raid.members import (
     MemberOps,
     _MemberIOError,
 )
-from storaged.raid.stripecache import DEFAULT_STRIPE_CACHE_SIZE, StripeCache, StripeCaching
+from storaged.raid.stripecache import (
+    DEFAULT_STRIPE_CACHE_SIZE,
+    MAX_CACHED_ROWS,
+    StripeCache,
+    StripeCaching,
+)
 from storaged.raid.stripes import StripeIO
 from storaged.raid.superblock import (
     FEATURE_BITMAP_OFFSET,
@@ -429,6 +434,14 @@ class RaidArray(MemberOps, StripeIO, StripeCaching, Journaling, SyncWorker):
             return
         dd = self.geo.data_disks
         chunk = self.geo.chunk
+        if self._sc is not None:
+            c, within = divmod(offset, chunk)
+            n = len(view)
+            if within + n <= chunk and n <= MAX_CACHED_ROWS:
+                # The common small write: one chunk, straight to the stripe cache.
+                s, k = divmod(c, dd)
+                self._sc_write(s, within, within + n, [(k, within, view)], fua)
+                return
         stripe_pieces: dict[int, list[tuple[int, int, memoryview]]] = {}
         order: list[int] = []
         for pos, c, within, n in self._pieces(offset, len(view)):
