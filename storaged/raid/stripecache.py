@@ -96,6 +96,7 @@ class StripeCache:
         self.evicted = 0
         self.destaged = 0          # stripe destages
         self.home_writes = 0       # member writes issued by destages
+        self.last = (-1, -1, -1)   # (stripe, data index, offset) just after the last write
 
     def get(self, s: int, pg: int) -> StripeHead | None:
         h = self.heads.get((s, pg))
@@ -198,8 +199,9 @@ class StripeCaching:
             a = i * PAGE
             sc.put(s, pg, StripeHead([bytearray(c[a:a + PAGE]) for c in cols]))
 
-    def _sc_load(self, s: int, p0: int, p1: int) -> list[StripeHead]:
-        """The heads of pages [p0, p1) of stripe ``s``, reading the missing ones."""
+    def _sc_load(self, s: int, p0: int, p1: int, sequential: bool = False) -> list[StripeHead]:
+        """The heads of pages [p0, p1) of stripe ``s``, reading the missing ones (and
+        up to ``READAHEAD`` pages beyond, when the writes are ``sequential``)."""
         sc = self._sc
         assert sc is not None
         pages_per_chunk = self.geo.chunk // PAGE
@@ -214,7 +216,7 @@ class StripeCaching:
             while j < len(out) and out[j] is None:
                 j += 1
             a, b = p0 + i, p0 + j
-            if (s, a - 1) in sc.heads:    # sequential: read ahead over uncached pages
+            if sequential and b == p1:    # read ahead over uncached pages
                 lim = min(a + READAHEAD, pages_per_chunk)
                 while b < lim and (s, b) not in sc.heads:
                     b += 1
@@ -257,8 +259,11 @@ class StripeCaching:
         plo, phi = p0 * PAGE, p1 * PAGE
         raid6 = geo.level == 6
         whole = len(pieces) == 1 and pieces[0][1] == plo and len(pieces[0][2]) == phi - plo
-        if whole and all((s, pg) not in sc.heads for pg in range(p0, p1)) and \
-                (s, p0 - 1) not in sc.heads:
+        # Sequential: this write continues the last one in the same data chunk.
+        sequential = sc.last == (s, pieces[0][0], pieces[0][1])
+        k_end, a_end, d_end = pieces[-1]
+        sc.last = (s, k_end, a_end + len(d_end))
+        if whole and not sequential and all((s, pg) not in sc.heads for pg in range(p0, p1)):
             # Whole pages, none cached: a reconstruct-write that keeps what it read.
             k, _, d = pieces[0]
             self._sc_reserve(phi - plo)
@@ -267,7 +272,7 @@ class StripeCaching:
             heads = [sc.heads[(s, pg)] for pg in range(p0, p1)]
             self._sc_shrink({(s, pg) for pg in range(p0, p1)})
         else:
-            heads = self._sc_load(s, p0, p1)
+            heads = self._sc_load(s, p0, p1, sequential)
             self._sc_reserve(phi - plo)
             for k, a, d in pieces:
                 self._sc_apply(sm.qexp[k], k, nd, raid6, heads, p0, a, d)
