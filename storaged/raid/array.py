@@ -134,10 +134,6 @@ class RaidArray(MemberOps, StripeIO, StripeCaching, Journaling, SyncWorker):
         self.last_sync: dict[str, Any] | None = None
         self.journal_replayed = 0
         self.journal_fua = journal_sync   # records durable before home writes (power cut)
-        self.group_commit = 0             # >0: journal records of small writes in groups
-        self._jpend: list[tuple[Member, int, bytearray]] = []   # queued records
-        self._jpend_seqs: list[int] = []  # the updates they belong to
-        self._jpend_since = 0.0           # when the oldest of them was queued
         self._sc: StripeCache | None = None
         if geometry.level in (4, 5, 6) and stripe_cache_size:
             self._sc = StripeCache(stripe_cache_size)
@@ -206,8 +202,7 @@ class RaidArray(MemberOps, StripeIO, StripeCaching, Journaling, SyncWorker):
                     "events_cleared": self.bitmap.events_cleared},
                 "journal": None if self.journal is None else
                 ("sync" if self.journal_fua else "async"),
-                "stripe_cache": None if self._sc is None else
-                {**self._sc.describe(), "group_commit": self.group_commit},
+                "stripe_cache": None if self._sc is None else self._sc.describe(),
                 "last_sync": self.last_sync,
                 "name": self.name, "uuid": self.uuid, "level": self.geo.level,
                 "layout": layout_name(self.geo.level, self.geo.layout),

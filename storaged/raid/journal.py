@@ -33,17 +33,11 @@ the kernel keeps every write) at a fraction of the cost, but after a
 power cut it is only as good as the kernel's write-back order.
 
 Replay (on assembly, before any I/O is served): for every sequence number
-``>= durable_upto`` of the newest record, in order, if every *present*
-member of the slots taking part holds its record, all present records are
-copied home.  If a present member lacks its record the journal phase was
-torn, so no home location was touched and the stripe is still the old,
-consistent one: the update is dropped (it was never acknowledged), and so
-is every later one; so is an update whose number is missing altogether
-(updates are numbered consecutively after a checkpoint).  Records are
-written in sequence order, so normally only the last update can be torn;
-with group commit (the stripe cache of a LUN, storaged.raid.stripecache)
-a torn group leaves a prefix of its updates complete, and the replay
-keeps exactly that prefix.  A
+``>= durable_upto`` of the newest record, if every *present* member of
+the slots taking part holds its record, all present records are copied
+home.  If a present member lacks its record the journal phase was torn,
+so no home location was touched and the stripe is still the old,
+consistent one: the update is dropped (it was never acknowledged).  A
 lost member's block is then reconstructed from the replayed survivors,
 which are consistent with either the old or the new stripe contents.
 
@@ -226,16 +220,9 @@ def plan_replay(found: dict[int, list[Record]], present: set[int]
             if r.seq >= floor and r.slots and r.slot == slot:
                 by_seq.setdefault(r.seq, {})[slot] = r
     plan: list[Record] = []
-    expect = floor + 1                 # updates take consecutive numbers after a checkpoint
     for seq in sorted(by_seq):
         have = by_seq[seq]
         slots = next(iter(have.values())).slots
-        if seq != expect or not all(s in have for s in slots if s in present):
-            # Torn (or, for a gap, torn with no record left on a present member): its
-            # home locations were never written, nor those of anything after it
-            # (records go out in sequence order, a group of them before any of their
-            # home writes), so the replay stops here.
-            break
-        plan.extend(have[s] for s in slots if s in have)
-        expect = seq + 1
+        if all(s in have for s in slots if s in present):
+            plan.extend(have[s] for s in slots if s in have)
     return plan, newest.seq + 1

@@ -91,8 +91,6 @@ class Journaling:
     def _journal_write(self, s: int, lo: int, blocks: list[tuple[Member, Any]]) -> None:
         """Write one record per member (its new rows) durably, before the home writes."""
         assert self.journal is not None
-        if self._jpend_seqs:
-            self._jflush_pending()        # queued records (group commit) go first
         start, end = self.journal
         size = jrnl.HEADER + len(blocks[0][1]) if blocks else 0
         size = -(-size // jrnl.HEADER) * jrnl.HEADER   # records start on 4 KiB boundaries

@@ -22,7 +22,6 @@ from storaged.raid.layout import DEFAULT_CHUNK
 from storaged.raid.manage import assemble, create, open_member
 from storaged.raid.members import RaidError
 from storaged.raid.records import RaidVolume
-from storaged.raid.stripecache import GROUP_COMMIT
 from storaged.state import Backstore, Store, Txn
 from storaged.state.validate import normalize_name
 
@@ -141,12 +140,7 @@ class RaidService:
         """A BlockDevice for a LUN backed by array ``name`` (OSError if it cannot run),
         exporting at most ``limit`` bytes when given."""
         try:
-            arr = self.array(name)
-            # A LUN's initiator sees a write cache (SYNCHRONIZE CACHE and FUA flush
-            # it: RaidArray.flush), so small writes may commit their journal
-            # records in groups (storaged.raid.stripecache).
-            arr.group_commit = GROUP_COMMIT
-            return ArrayLun(arr, limit)
+            return ArrayLun(self.array(name), limit)
         except ConfigError as e:
             raise OSError(5, str(e)) from None
 

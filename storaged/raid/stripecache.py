@@ -47,20 +47,16 @@ Cache size: ``stripe_cache_size`` stripe heads (md's unit; memory is
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from typing import Any
 
 from storaged import fastio
 from storaged._pureraid import GF_EXP
 from storaged.raid import journal as jrnl
-from storaged.raid.members import FAULTY
 
 PAGE = 4096                       # md's STRIPE_SIZE: one page of every member per head
 READAHEAD = 16                    # pages read at once on a sequential miss (64 KiB)
 MAX_CACHED_ROWS = 64 << 10        # requests spanning more rows of a stripe bypass the cache
-GROUP_COMMIT = 32                 # updates per group of journal records, for LUNs
-GROUP_COMMIT_DELAY = 0.02         # seconds: the worker writes a waiting group out by then
 DEFAULT_STRIPE_CACHE_SIZE = 1024  # stripe heads (md's default is 256)
 MIN_STRIPE_CACHE_SIZE = 32        # at least two read-ahead windows (md's minimum is 17)
 MAX_STRIPE_CACHE_SIZE = 32768     # md's limit
@@ -295,19 +291,14 @@ class StripeCaching:
                     blk = heads[0].blocks[b] if len(heads) == 1 else \
                         b"".join(h.blocks[b] for h in heads)
                     targets.append((m, blk))
-            if self.group_commit and not fua:
-                self._sc_queue_records(s, plo, targets)
-            else:
-                self._jbusy = True
-                try:
-                    self._journal_write(s, plo, targets)
-                finally:
-                    self._jbusy = False
+            self._jbusy = True
+            try:
+                self._journal_write(s, plo, targets)
+            finally:
+                self._jbusy = False
             for i, h in enumerate(heads):
                 h.dirty |= mask
                 sc.mark_dirty(s, p0 + i)
-            if len(self._jpend_seqs) >= self.group_commit > 0:
-                self._jflush_pending()
             if fua and not self.journal_fua:
                 self._sc_destage(s, fua=True)
             if self._jdeferred:
@@ -355,70 +346,10 @@ class StripeCaching:
         if self._jpos + size > end:
             self._journal_checkpoint()
 
-    # ------------------------------------------------------------ group commit
-    def _sc_queue_records(self, s: int, lo: int, targets: list[tuple[Any, Any]]) -> None:
-        """Encode one update's records now (its pages as they are: later updates may
-        change them) and queue them for the next group write (room is reserved)."""
-        assert self.journal is not None
-        size = -(-(jrnl.HEADER + len(targets[0][1])) // jrnl.HEADER) * jrnl.HEADER \
-            if targets else 0
-        seq = self._jseq
-        self._jseq += 1
-        if targets:
-            self._jlive.setdefault(s, []).append((lo, lo + len(targets[0][1])))
-            slots = tuple(m.slot for m, _ in targets)
-            recs = jrnl.encode_records(self.template.set_uuid, seq, self._jupto, s, lo, slots,
-                                       [blk for _, blk in targets])
-            for (m, _), rec in zip(targets, recs, strict=True):
-                self._jpend.append((m, self._jpos, rec))
-        if not self._jpend_seqs:
-            self._jpend_since = time.monotonic()
-        self._jpend_seqs.append(seq)
-        self._jpos += size
-
-    def _jflush_pending(self) -> None:
-        """Write the queued records: one write per member covering its records of the
-        group (positions in between, which belong to updates the member took no part
-        in, are zeroed).  Before any home write of those updates."""
-        pend = self._jpend
-        if not pend:
-            self._jpend_seqs.clear()
-            return
-        self._jpend = []
-        self._jpend_seqs.clear()
-        groups: dict[int, tuple[Any, list[tuple[int, bytearray]]]] = {}
-        for m, pos, rec in pend:
-            groups.setdefault(id(m), (m, []))[1].append((pos, rec))
-        was = self._jbusy
-        self._jbusy = True                # a member failing here must not checkpoint yet
-        try:
-            for m, recs in groups.values():
-                if m.state == FAULTY or m.dev is None:
-                    continue
-                first = recs[0][0]
-                if len(recs) == 1:
-                    buf = recs[0][1]
-                else:
-                    buf = bytearray(recs[-1][0] + len(recs[-1][1]) - first)
-                    for pos, rec in recs:
-                        buf[pos - first:pos - first + len(rec)] = rec
-                try:
-                    m.dev.write(first, buf, fua=self.journal_fua)
-                except OSError as e:
-                    self._fail(m, f"journal write failed: {e}")
-        finally:
-            self._jbusy = was
-        if not was and self._jdeferred:
-            self._jdeferred = False
-            if not self.failed:
-                self._journal_checkpoint()
-
     # ------------------------------------------------------------ destage
     def _sc_destage(self, s: int, fua: bool = False) -> None:
         """Write the dirty pages of stripe ``s`` home: one write per run of adjacent
         dirty pages per member, data before P and Q."""
-        if self._jpend_seqs:
-            self._jflush_pending()        # records before any home write
         sc = self._sc
         if sc is None:
             return
@@ -462,8 +393,6 @@ class StripeCaching:
                 self._journal_checkpoint()
 
     def _sc_destage_all(self, fua: bool = False) -> None:
-        if self._jpend_seqs:
-            self._jflush_pending()
         sc = self._sc
         if sc is None or self.failed:
             return

@@ -21,7 +21,6 @@ from storaged.raid.members import (
     RaidError,
     _MemberIOError,
 )
-from storaged.raid.stripecache import GROUP_COMMIT_DELAY
 
 log = logging.getLogger("storaged.raid")
 
@@ -107,13 +106,8 @@ class SyncWorker:
                             self._sync_sbs()
                     if self.bitmap is not None and self.bitmap.bits:
                         self.settle_bitmap()
-                    if self._jpend_seqs and time.monotonic() - self._jpend_since >= \
-                            GROUP_COMMIT_DELAY and not self.failed:
-                        self._jflush_pending()       # a group of records waited long enough
                     self._idle.set()
                     wait = None if self.clean else self.safe_mode_delay / 2
-                    if self._jpend_seqs:
-                        wait = GROUP_COMMIT_DELAY
                     if self.bitmap is not None and self.bitmap.bits and not self.degraded():
                         wait = min(wait or 1.0, max(self.bitmap_clear_delay / 2, 0.05))
                     self._wake.wait(wait)
