@@ -97,6 +97,26 @@ class StripeCache:
         self.destaged = 0          # stripe destages
         self.home_writes = 0       # member writes issued by destages
         self.last = (-1, -1, -1)   # (stripe, data index, offset) just after the last write
+        # Pages that missed once lately (2Q's "A1out"): a page is cached on its second
+        # miss, so a stream that never comes back costs no more than without a cache.
+        self.ghosts: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.bypassed = 0          # writes that took the uncached path (first misses)
+
+    def admit(self, s: int, p0: int, p1: int) -> bool:
+        """Whether a write to pages [p0, p1) of stripe ``s``, none cached and not
+        sequential, should be cached (it missed before) or just written."""
+        seen = False
+        for pg in range(p0, p1):
+            if self.ghosts.pop((s, pg), False) is None:
+                seen = True
+        if seen:
+            return True
+        for pg in range(p0, p1):
+            self.ghosts[(s, pg)] = None
+        while len(self.ghosts) > 4 * self.size:
+            self.ghosts.popitem(last=False)
+        self.bypassed += 1
+        return False
 
     def get(self, s: int, pg: int) -> StripeHead | None:
         h = self.heads.get((s, pg))
@@ -130,8 +150,9 @@ class StripeCache:
     def describe(self) -> dict[str, Any]:
         """The cache part of ``storaged raid status --json``."""
         return {"size": self.size, "cached": len(self.heads), "dirty": self.dirty_count(),
-                "hits": self.hits, "misses": self.misses, "evicted": self.evicted,
-                "destaged": self.destaged, "home_writes": self.home_writes}
+                "hits": self.hits, "misses": self.misses, "bypassed": self.bypassed,
+                "evicted": self.evicted, "destaged": self.destaged,
+                "home_writes": self.home_writes}
 
 
 class StripeCaching:
@@ -252,18 +273,25 @@ class StripeCaching:
         """A small write of rows [lo, hi) of stripe ``s`` through the cache."""
         sc = self._sc
         assert sc is not None
-        geo = self.geo
-        sm = geo.stripe(s)
-        nd = len(sm.data)
         p0, p1 = lo // PAGE, -(-hi // PAGE)
-        plo, phi = p0 * PAGE, p1 * PAGE
-        raid6 = geo.level == 6
-        whole = len(pieces) == 1 and pieces[0][1] == plo and len(pieces[0][2]) == phi - plo
         # Sequential: this write continues the last one in the same data chunk.
         sequential = sc.last == (s, pieces[0][0], pieces[0][1])
         k_end, a_end, d_end = pieces[-1]
         sc.last = (s, k_end, a_end + len(d_end))
-        if whole and not sequential and all((s, pg) not in sc.heads for pg in range(p0, p1)):
+        cached = sc.by_stripe.get(s)
+        fresh = not cached or all(pg not in cached for pg in range(p0, p1))
+        if fresh and not sequential and not sc.admit(s, p0, p1):
+            # A first miss: the plain reconstruct-write (no other row of the stripe is
+            # involved, so its cached pages stay as they are).
+            self._stripe_write(s, lo, hi, pieces, fua)
+            return
+        geo = self.geo
+        sm = geo.stripe(s)
+        nd = len(sm.data)
+        plo, phi = p0 * PAGE, p1 * PAGE
+        raid6 = geo.level == 6
+        whole = len(pieces) == 1 and pieces[0][1] == plo and len(pieces[0][2]) == phi - plo
+        if whole and not sequential and fresh:
             # Whole pages, none cached: a reconstruct-write that keeps what it read.
             k, _, d = pieces[0]
             self._sc_reserve(phi - plo)
