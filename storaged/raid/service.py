@@ -100,6 +100,8 @@ class RaidService:
         rec.size = arr.size
         rec.speed_limit_min = arr.speed_limit_min
         rec.speed_limit_max = arr.speed_limit_max
+        if arr.geo.level in (4, 5, 6):
+            rec.stripe_cache_size = arr.stripe_cache_size
         rec.validate()
         with self.store.write() as txn:
             txn.put(rec)
@@ -118,6 +120,7 @@ class RaidService:
             raise ConfigError(str(e)) from None
         arr.name = name
         arr.speed_limit_min, arr.speed_limit_max = rec.speed_limit_min, rec.speed_limit_max
+        arr.stripe_cache_size = rec.stripe_cache_size
         self.arrays[name] = arr
         return arr
 
@@ -281,6 +284,19 @@ class RaidService:
                 a.speed_limit_max = int(maximum)
         return self._act(name, do)
 
+    def cache(self, name: str, size: int | None = None) -> dict[str, Any]:
+        """Set the stripe cache size of a RAID-4/5/6 array (md's stripe_cache_size)."""
+        def do(a: RaidArray) -> None:
+            if size is None:
+                return
+            if a.geo.level not in (4, 5, 6):
+                raise RaidError(f"raid{a.geo.level} has no stripe cache (raid4/5/6 only)")
+            try:
+                a.stripe_cache_size = int(size)
+            except ValueError as e:
+                raise RaidError(str(e)) from None
+        return self._act(name, do)
+
     def stop(self, name: str) -> dict[str, Any]:
         self._record(name)
         with self.store.read() as txn:
@@ -309,8 +325,8 @@ class RaidService:
 
     # ------------------------------------------------------------ control socket
     VERBS: ClassVar[tuple[str, ...]] = ("create", "assemble", "status", "fail", "remove",
-                                        "add", "replace", "check", "speed", "stop", "delete",
-                                        "wait")
+                                        "add", "replace", "check", "speed", "cache", "stop",
+                                        "delete", "wait")
 
     def call(self, verb: str, args: dict[str, Any]) -> Any:
         if verb not in self.VERBS:
