@@ -14,7 +14,7 @@ from typing import Any
 
 from storaged.lab.plan import LabSpec, Node
 from storaged.lab.records import LabResource
-from storaged.lab.shell import proc_alive
+from storaged.lab.shell import is_mounted, proc_alive
 
 
 def _unix_json(path: str, request: bytes | None, timeout: float = 2.0) -> Any:
@@ -110,7 +110,7 @@ def survey(spec: LabSpec, resources: list[LabResource]) -> list[NodeView]:
         if n.role == "cluster":
             v.cluster = cluster_status(spec, n)
             v.mount = mount_status(spec, n)
-            v.mounted = os.path.ismount(spec.mountpoint(n))
+            v.mounted = is_mounted(spec.mountpoint(n))
             for s, states in fences.items():
                 if states is not None:
                     v.fence_known = True

@@ -69,6 +69,14 @@ def mounts_under(directory: str) -> list[str]:
     return out
 
 
+def is_mounted(path: str) -> bool:
+    """``path`` is a mount point, from /proc/self/mounts: never a stat of the mount
+    itself, which blocks when the filesystem behind it waits (a node without locks)."""
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1].replace("\\040", " ") == real for line in f)
+
+
 def _tail(path: str, lines: int = 5) -> str:
     try:
         with open(path, "rb") as f:
@@ -254,7 +262,7 @@ class Runner:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive(step)
-            if os.path.ismount(step.path):
+            if is_mounted(step.path):
                 return
             time.sleep(0.05)
         entry = self.procs.get(step.node)
@@ -265,10 +273,10 @@ class Runner:
     def _do_umount(self, step: Step) -> None:
         for argv in (("fusermount3", "-u", step.path), ("fusermount3", "-uz", step.path),
                      ("umount", "-l", step.path)):
-            if not os.path.ismount(step.path):
+            if not is_mounted(step.path):
                 break
             subprocess.run(argv, capture_output=True)
-        if os.path.ismount(step.path):
+        if is_mounted(step.path):
             raise LabError(f"{step.path} is still mounted")
 
     def _do_kill(self, step: Step, grace: float = 5.0) -> None:
