@@ -37,10 +37,35 @@ def load_acks(ack_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return acks, errors
 
 
+class AlignedReader:
+    """Read-only view of a BlockDevice that takes any offset and length: a LUN only
+    takes whole blocks, the filesystem reads its superblock's 116 bytes."""
+
+    def __init__(self, dev: Any) -> None:
+        self.dev = dev
+        self.block_size = dev.block_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        bs = self.block_size
+        start = offset - offset % bs
+        end = -(-(offset + length) // bs) * bs
+        data = self.dev.read(start, end - start)
+        return data[offset - start:offset - start + length]
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "the checker never writes")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.dev.close()
+
+
 def open_device(device: str) -> Any:
     if device.startswith("iscsi://"):
         from storaged.initiator.device import RemoteBlockDevice
-        return RemoteBlockDevice(device)
+        return AlignedReader(RemoteBlockDevice(device))
     from storaged.block.file import FileBlockDevice
     return FileBlockDevice(device, block_size=512, read_only=True)
 

@@ -134,6 +134,7 @@ class Watch:
         """Poll until every condition in ``names`` held (True) or ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
+            new = []
             for name, cond, detail in self.conds:
                 if name in self.met:
                     continue
@@ -141,7 +142,9 @@ class Watch:
                 if value:
                     wall = value if isinstance(value, float) else time.time()
                     self.met[name] = wall
-                    self.tl.mark(name, detail(value), wall=wall)
+                    new.append((wall, name, detail(value)))
+            for wall, name, text in sorted(new):  # some times come from logs: in order
+                self.tl.mark(name, text, wall=wall)
             if all(n in self.met for n in names):
                 return True
             if time.monotonic() > deadline:
@@ -314,6 +317,8 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
     w.add(f"{v.name} loses quorum", lambda: (s := probe.cluster_status(spec, v)) is not None
           and s.get("view") is not None and not _quorate(s),
           lambda _v: "no-quorum-policy stop: its locks are lost, its mount withdraws")
+    w.add(f"{v.name} mount withdrew", lambda: (probe.mount_status(spec, v) or {}).get(
+        "withdrawn"), lambda why: f"every operation now fails with EIO ({why})")
     w.add(f"{v.name} fenced at the SAN", lambda: _fenced_everywhere(spec, v.name),
           lambda _v: "fence_storaged off on every storage node (sessions dropped, logins "
                      "refused, PR keys preempted)")
@@ -349,7 +354,8 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
             "I/O resumed on survivors"] + ([f"journal {slot} replayed"] if slot is not None
                                            else [])
     complete = w.until(need, timeout)
-    w.until([f"{v.name} writer stopped", f"{v.name} loses quorum"], 1.0)
+    w.until([f"{v.name} writer stopped", f"{v.name} loses quorum", f"{v.name} mount withdrew"],
+            1.0)
     for step, needs in STEPS_NOT_ON_MAIN.items():
         tl.mark(f"{step}: not run", f"needs {needs}")
     time.sleep(1.0)
