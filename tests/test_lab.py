@@ -132,6 +132,12 @@ def test_lab_up_split_brain_down(lab_dir, tmp_path):
     res = json.load(open(out_json))
     assert res["ok"] and res["access"] == {"c1": True, "c2": False}
 
+    # lab status must not block on the cut-off node's mount (it waits for locks forever)
+    after = json.loads(lab("status", "--json", directory=directory, timeout=30).stdout)
+    seen = {n["node"]: n for n in after["nodes"]}
+    assert seen["c2"]["fenced_by"] == ["s1", "s2"] and seen["c1"]["fenced_by"] == []
+    assert seen["c1"]["cluster"]["view"]["members"] == [1]
+
     # From outside the scenario: each storage node's own record.
     for s in ("s1", "s2"):
         state = os.path.join(directory, s)

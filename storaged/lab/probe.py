@@ -14,7 +14,7 @@ from typing import Any
 
 from storaged.lab.plan import LabSpec, Node
 from storaged.lab.records import LabResource
-from storaged.lab.shell import is_mounted, proc_alive
+from storaged.lab.shell import is_mounted, proc_alive, resolve_parent
 
 
 def _unix_json(path: str, request: bytes | None, timeout: float = 2.0) -> Any:
@@ -50,7 +50,10 @@ def cluster_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
 
 def mount_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
     """The mount process's status (journal slot, withdrawn, pid), from its status socket."""
-    key = hashlib.sha1(os.path.realpath(spec.mountpoint(node)).encode()).hexdigest()[:16]
+    mp = spec.mountpoint(node)
+    # The mount's own key is sha1(realpath(mountpoint)); resolve only the parent here: an
+    # lstat of the mount point is a FUSE request, which blocks while that node waits.
+    key = hashlib.sha1(resolve_parent(mp).encode()).hexdigest()[:16]
     path = os.path.join(spec.run_dir(node), f"{key}.sock")
     if not os.path.exists(path):
         return None

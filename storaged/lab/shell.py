@@ -57,9 +57,16 @@ def netns_list() -> list[str]:
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
+def resolve_parent(path: str) -> str:
+    """``path`` with its parent resolved, not the last component: an lstat of a FUSE
+    mount point is a request to that filesystem, and blocks while its node waits."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def mounts_under(directory: str) -> list[str]:
     """Mount points at or below ``directory`` (from /proc/self/mounts)."""
-    top = os.path.realpath(directory)
+    top = resolve_parent(directory)
     out = []
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -72,7 +79,7 @@ def mounts_under(directory: str) -> list[str]:
 def is_mounted(path: str) -> bool:
     """``path`` is a mount point, from /proc/self/mounts: never a stat of the mount
     itself, which blocks when the filesystem behind it waits (a node without locks)."""
-    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    real = resolve_parent(path)
     with open("/proc/self/mounts") as f:
         return any(line.split()[1].replace("\\040", " ") == real for line in f)
 
@@ -190,7 +197,7 @@ class Runner:
         handler(step)
 
     def _inside(self, path: str) -> bool:
-        real = os.path.realpath(path)
+        real = resolve_parent(path)
         top = os.path.realpath(self.spec.directory)
         return real == top or real.startswith(top + os.sep)
 
@@ -305,6 +312,9 @@ class Runner:
     def _do_rm(self, step: Step) -> None:
         if not self._inside(step.path):
             raise LabError(f"refusing to remove {step.path}: outside {self.spec.directory}")
+        still = mounts_under(step.path)
+        if still:  # never walk into a mounted filesystem (it is the shared one)
+            raise LabError(f"refusing to remove {step.path}: {', '.join(still)} still mounted")
         if os.path.isdir(step.path) and not os.path.islink(step.path):
             shutil.rmtree(step.path, ignore_errors=True)
         elif os.path.lexists(step.path):
@@ -394,6 +404,8 @@ def lab_down(directory: str, echo: Callable[[str], None], lab_id: str | None = N
     if rec is None or rec.dir_created:
         try:
             os.rmdir(spec.directory)
+        except FileNotFoundError:
+            pass
         except OSError as e:
             raise LabError(f"{spec.directory}: {e.strerror} (something not made by the lab "
                            "is in it)") from e
