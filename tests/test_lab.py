@@ -122,6 +122,13 @@ def test_lab_up_split_brain_down(lab_dir, tmp_path):
         assert nodes[c]["mounted"] and nodes[c]["cluster"]["view"]["quorate"]
         assert nodes[c]["fenced_by"] == []
     assert "lab" in lab("status", directory=directory).stdout  # the rich table renders
+    # lab exec: inside c1's network namespace, with the host's files
+    ex = subprocess.run([sys.executable, "-m", "storaged", "lab", "exec", "--dir", directory,
+                         "c1", "--", "sh", "-c", "ip -br addr show eth0; ls " + directory],
+                        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=30)
+    assert ex.returncode == 0 and "10.250.0.21/24" in ex.stdout and "shared.img" in ex.stdout
+    assert "10.250.0.21" not in subprocess.run(["ip", "-br", "addr"], capture_output=True,
+                                               text=True).stdout  # not in the host's netns
 
     out_json = str(tmp_path / "split.json")
     r = lab("scenario", "split-brain", "--json", out_json, directory=directory)

@@ -286,13 +286,13 @@ class Runner:
         if is_mounted(step.path):
             raise LabError(f"{step.path} is still mounted")
 
-    def _do_kill(self, step: Step, grace: float = 5.0) -> None:
+    def _do_kill(self, step: Step, grace: float = 3.0) -> None:
         if not step.pid or not proc_alive(step.pid, step.start_ticks):
             return
         deadline = time.monotonic() + (grace if step.label.endswith("/mount") else 0)
         while time.monotonic() < deadline and proc_alive(step.pid, step.start_ticks):
             time.sleep(0.05)  # an unmounted mount process leaves the cluster and exits
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             if not proc_alive(step.pid, step.start_ticks):
                 return
             try:
