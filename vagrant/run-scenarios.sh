@@ -20,7 +20,8 @@ SD="/storaged/.venv/bin/storaged --dir /var/lib/storaged"
 DEV=/dev/mapper/36001405000000000000000000005ab01
 T0=$(date +%s.%N)
 
-stamp() { printf '%s +%7.3fs  %s\n' "$(date +%T.%3N)" "$(echo "$(date +%s.%N) - $T0" | bc)" "$*"; }
+stamp() { printf '%s +%7.3fs  %s\n' "$(date +%T.%3N)" \
+    "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN { print a - b }')" "$*"; }
 on() { local vm=$1; shift; vagrant ssh "$vm" -c "sudo $*" -- -q 2>/dev/null; }
 ip_of() { case $1 in client*) echo "$NET.$((20 + ${1#client}))" ;; storage*) echo "$NET.$((10 + ${1#storage}))" ;; esac; }
 
