@@ -203,7 +203,10 @@ def lab_check(directory: str, acks: str, via: str) -> None:
 
     _need_root()
     _st, spec = _state(directory)
-    node = spec.node(via) if via else spec.storage_nodes[0]
+    try:
+        node = spec.node(via) if via else spec.storage_nodes[0]
+    except KeyError as e:
+        _fail(str(e.args[0]))
     from storaged.lab.plan import shared_lun_url
     argv = spec.in_netns(node.netns, [spec.python, "-m", "storaged.lab.check",
                                       shared_lun_url(spec, "iqn.2026-11.org.storaged.lab:check"),
