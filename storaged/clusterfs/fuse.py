@@ -16,6 +16,7 @@ under the DLM lock: what another node committed is what is seen.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import json
 import logging
@@ -24,7 +25,14 @@ import socket
 import threading
 from typing import Any
 
-import mfusepy
+# libfuse 3 only: mfusepy picks libfuse.so.2 first when both are installed (bindfs
+# pulls in libfuse2), and under libfuse 2 the 1 MiB max_write set in init is larger
+# than libfuse 2's read buffer (every read of /dev/fuse fails EINVAL) and the
+# no-caching config below is never applied.
+if not os.environ.get("FUSE_LIBRARY_PATH") and ctypes.util.find_library("fuse3"):
+    os.environ["FUSE_LIBRARY_PATH"] = ctypes.util.find_library("fuse3") or ""
+
+import mfusepy  # noqa: E402 - after choosing the library
 
 from storaged.clusterfs.fs import ClusterFS
 

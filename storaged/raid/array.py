@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from storaged.block.base import BlockDeviceError
+from storaged.block.open import redact
 from storaged.raid.bitmap import BITMAP_OFFSET_SECTORS, WriteIntentBitmap
 from storaged.raid.journaling import Journaling
 from storaged.raid.layout import Geometry, layout_name
@@ -175,7 +176,8 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
         with self.lock:
             members = []
             for m in sorted(self.members, key=lambda m: m.dev_number):
-                members.append({"path": m.path, "dev_number": m.dev_number, "state": m.state,
+                members.append({"path": redact(m.path), "dev_number": m.dev_number,
+                                "state": m.state,
                                 "slot": m.slot if m.state in (IN_SYNC, RECOVERING, REPLACING)
                                 else None,
                                 "recovery_offset": m.recovery_offset

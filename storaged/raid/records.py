@@ -47,8 +47,9 @@ class RaidVolume(Record):
         if self.level not in LEVELS:
             errors.append(f"level must be one of {LEVELS}, got {self.level!r}")
         if not isinstance(self.members, list) or not all(
-                isinstance(p, str) and os.path.isabs(p) for p in self.members):
-            errors.append("members must be a list of absolute paths")
+                isinstance(p, str) and (os.path.isabs(p) or p.startswith("iscsi://"))
+                for p in self.members):
+            errors.append("members must be a list of absolute paths or iscsi:// URLs")
         for name in ("speed_limit_min", "speed_limit_max"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
