@@ -71,7 +71,9 @@ def test_plan_up_builds_every_piece(tmp_path):
             assert s.argv[:2] == ("nsenter", f"--net=/run/netns/{spec.node(s.node).netns}")
     # the pluggable pieces: portals per storage node, the device each node mounts
     assert portal_addresses(spec, spec.storage_nodes[1]) == ["10.250.0.12:3260"]
-    assert device_for(spec, spec.cluster_nodes[0]) == spec.image
+    assert device_for(spec, spec.cluster_nodes[0]) == (
+        "iscsi://10.250.0.11:3260/iqn.2026-11.org.storaged.lab:shared/0"
+        "?initiator=iqn.2026-11.org.storaged.lab:c1")
     # waits come after the spawns they wait for
     assert kinds.index("wait_mount") > max(i for i, k in enumerate(kinds) if k == "spawn")
 

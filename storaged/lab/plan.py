@@ -16,8 +16,8 @@ The pieces still to come plug in at one function each:
 
 * :func:`portal_addresses`: the storage nodes' portals; a floating portal
   address (``storaged vip``) and a group portal become the address here;
-* :func:`device_for`: what a cluster node mounts; the shared image today,
-  an ``iscsi://`` URL through the portal when clusterfs takes such devices;
+* :func:`device_for`: what a cluster node mounts: the shared LUN as an
+  ``iscsi://`` URL (storaged's initiator, the node's own IQN);
 * :func:`mount_steps`: how a cluster node mounts (and so runs its
   cluster node: the mount process holds membership + DLM).
 """
@@ -221,11 +221,11 @@ def shared_lun_url(spec: LabSpec, initiator: str | None = None,
 
 
 def device_for(spec: LabSpec, node: Node) -> str:
-    """What cluster node ``node`` mounts.  clusterfs on main takes files and block
-    devices only, so every node opens the shared image the storage nodes export
-    (one machine: one file).  When it takes ``iscsi://`` URLs this becomes
-    ``shared_lun_url(spec, node.iqn)``, and the SAN fence then stops the mount's I/O."""
-    return spec.image
+    """What cluster node ``node`` mounts: the shared LUN through storaged's initiator,
+    logged in as the node's own initiator name, so the SAN fence of that name
+    (sessions dropped, logins refused) withdraws the mount at its next I/O.
+    A floating portal address becomes the host part here."""
+    return shared_lun_url(spec, node.iqn)
 
 
 def mount_steps(spec: LabSpec, node: Node) -> list[Step]:

@@ -36,8 +36,6 @@ from storaged.lab.timeline import ScenarioResult, Timeline
 STEPS_NOT_ON_MAIN = {
     "portal failover": "floating portal addresses (storaged vip): kill the storage node "
                        "owning the portal address, the address moves, I/O resumes",
-    "mount withdraw on fence": "clusterfs on iscsi:// devices: the fenced node's next I/O "
-                               "gets RESERVATION CONFLICT and its mount withdraws",
 }
 
 POLL = 0.05
