@@ -33,7 +33,9 @@ def _mount_text(v: NodeView) -> str:
         return ""
     if not v.mounted:
         return "not mounted"
-    m = v.mount or {}
+    if v.mount is None:
+        return "mounted, status not answering"  # its node waits (e.g. for a fence)
+    m = v.mount
     text = f"journal {m.get('slot', '?')}"
     if m.get("withdrawn"):
         text += f" WITHDRAWN ({m['withdrawn']})"
