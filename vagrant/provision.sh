@@ -132,7 +132,7 @@ EOF
     fi
     unit storaged-fs "storaged shared filesystem on /mnt/shared" \
         "$SD fs mount $dev /mnt/shared --cluster /var/lib/storaged --foreground" \
-        "$ROOT/.venv/bin/storaged fs umount /mnt/shared" "FUSE_LIBRARY_NAME=fuse3" \
+        "$ROOT/.venv/bin/storaged fs umount /mnt/shared" "" \
         "iscsid.service multipathd.service"
 }
 

@@ -235,10 +235,7 @@ def mount_steps(spec: LabSpec, node: Node) -> list[Step]:
                         "--cluster", spec.node_dir(node), "--foreground", "--timeout", "60")
     return [Step("spawn", f"{node.name}: mount the shared filesystem (cluster node {node.index})",
                  argv=spec.in_netns(node.netns, cmd), node=node.name, label=f"{node.name}/mount",
-                 # mfusepy picks libfuse2 when both are installed (bindfs pulls it in);
-                 # the clusterfs shell's options are libfuse 3's.
-                 env=(("STORAGED_FS_RUNDIR", spec.run_dir(node)), ("STORAGED_LOG", "INFO"),
-                      ("FUSE_LIBRARY_NAME", "fuse3")),
+                 env=(("STORAGED_FS_RUNDIR", spec.run_dir(node)), ("STORAGED_LOG", "INFO")),
                  log=spec.log(node, "mount"), mount=spec.mountpoint(node))]
 
 
