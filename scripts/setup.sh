@@ -9,7 +9,8 @@
 #
 # Idempotent: rerunning on a set-up machine takes a second or two.
 # Environment: PYTHON (interpreter for the venv, default python3),
-# STORAGED_NO_EXTENSIONS=1 (install without compiled extensions).
+# STORAGED_NO_EXTENSIONS=1 (install without compiled extensions),
+# STORAGED_SETUP_ROLE=lab-client|lab-storage (a VM of vagrant/: see vagrant/README.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +29,17 @@ APT_PACKAGES=(
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
     corosync libcpg4 libquorum5 libvotequorum8 libcmap4 libcorosync-common4 pacemaker
 )
+# The lab (storaged lab, vagrant/): vagrant + vagrant-libvirt for `vagrant validate` of
+# vagrant/Vagrantfile (the plugin makes a provider usable without a hypervisor).  The
+# lab's VMs run this same script with STORAGED_SETUP_ROLE set: they need no vagrant, and
+# the client VMs add the kernel initiator and multipath (ALUA prio).
+case "${STORAGED_SETUP_ROLE:-}" in
+    "") APT_PACKAGES+=(vagrant vagrant-libvirt) ;;
+    lab-client) APT_PACKAGES+=(open-iscsi multipath-tools) ;;
+    lab-storage) ;;
+    *) printf 'ERROR: STORAGED_SETUP_ROLE=%s: expected lab-client or lab-storage\n' \
+           "$STORAGED_SETUP_ROLE" >&2; exit 2 ;;
+esac
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }

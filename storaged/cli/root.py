@@ -130,6 +130,7 @@ GROUPS: dict[str, str] = {
     "mgmt": "storaged.cli.fence:mgmt",
     "ocf": "storaged.ocf.cli:ocf",
     "lb": "storaged.lb.cli:lb",
+    "lab": "storaged.lab.cli:lab",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)

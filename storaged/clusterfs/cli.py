@@ -171,6 +171,7 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
     read_only = bool(opts.get("ro"))
     dev = _open_device(device, read_only=read_only)
     lt = node = None
+    control = ""
     if opts.get("local"):
         locks: Any = LocalLocks()
         mode = "local"
@@ -182,9 +183,21 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         if lockspace not in cfg.lockspaces:
             _fail(f"lockspace {lockspace!r} is not in cluster {cfg.name!r} "
                   f"({', '.join(cfg.lockspaces)})")
+        from storaged.cluster.client import socket_path
+        control = socket_path(cluster_dir or ".")
+        if os.path.exists(control):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                if probe.connect_ex(control) == 0:
+                    _fail(f"a cluster node already runs for {cluster_dir} ({control})")
+            finally:
+                probe.close()
+            os.unlink(control)  # a stale socket of a killed node or mount
         lt = LoopThread()
         try:
-            node = start_node(lt, cfg, node_id, timeout=timeout)
+            # The control socket lets `storaged cluster status` and `storaged lock`
+            # (with --dir) reach the node this mount runs.
+            node = start_node(lt, cfg, node_id, timeout=timeout, control_path=control)
         except Exception as e:  # noqa: BLE001 - reported as a CLI error
             _fail(f"cluster node {node_id} did not join a quorate view: {e}")
         locks = dlm_locks(lt, node, lockspace)
@@ -226,6 +239,8 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
                 stop_node(lt, node)
             finally:
                 lt.stop()
+                if control and os.path.exists(control):
+                    os.unlink(control)
         dev.close()
 
 

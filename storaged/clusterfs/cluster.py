@@ -38,13 +38,15 @@ class LoopThread:
 
 
 def start_node(lt: LoopThread, cfg: ClusterConfig, node_id: int, *, fencer: Any = None,
-               members: int | None = None, timeout: float = 30.0, wait: bool = True) -> Any:
+               members: int | None = None, timeout: float = 30.0, wait: bool = True,
+               control_path: str | None = None) -> Any:
     """Start cluster node ``node_id`` on ``lt``'s loop; with ``wait``, until it is in a
-    quorate view (start the others first: a lone node of three has no quorum)."""
+    quorate view (start the others first: a lone node of three has no quorum).
+    ``control_path``: serve ``storaged cluster status`` / ``storaged lock`` there."""
     from storaged.cluster.node import ClusterNode
 
     async def go() -> Any:
-        node = ClusterNode(cfg, node_id, fencer=fencer)
+        node = ClusterNode(cfg, node_id, fencer=fencer, control_path=control_path)
         await node.start()
         return node
     node = lt.call(go())
