@@ -42,6 +42,7 @@ from storaged.clusterfs.format import (
     max_file_blocks,
     pointers_per_block,
 )
+from storaged.clusterfs.glock import BlockCache
 from storaged.clusterfs.journal import Journal, JournalFull
 from storaged.clusterfs.locks import EX, PR, LockLayer, LockLost, WouldBlock
 from storaged.clusterfs.txn import Txn
@@ -109,6 +110,12 @@ class ClusterFS:
         self.withdrawn: str | None = None
         self.stats = {"ops": 0, "commits": 0, "restarts": 0, "replayed": 0}
         self._stats_lock = threading.Lock()
+        # Journal-slot locks are never cached (another node probes them with NOQUEUE).
+        self.jlocks: LockLayer = getattr(locks, "inner", locks)
+        self.cache: BlockCache | None = None
+        if getattr(locks, "caching", False):  # a lock layer private to this mount
+            self.cache = BlockCache()
+            locks.on_invalidate = self.cache.drop_owner  # type: ignore[attr-defined]
 
     # -------------------------------------------------------------- naming
     def iname(self, ino: int) -> str:
@@ -129,7 +136,7 @@ class ClusterFS:
         for attempt in range(5):  # a free slot may be held a moment by a recovery poll
             for s in slots:
                 try:
-                    self._jlock = self.locks.lock(self.jname(s), EX, noqueue=True)
+                    self._jlock = self.jlocks.lock(self.jname(s), EX, noqueue=True)
                 except WouldBlock:
                     continue
                 self.slot = s
@@ -154,7 +161,7 @@ class ClusterFS:
         Call only once the membership's fencer confirmed that node fenced: the
         DLM then has purged its journal lock, so taking it here is the proof."""
         try:
-            h = self.locks.lock(self.jname(slot), EX, noqueue=not wait)
+            h = self.jlocks.lock(self.jname(slot), EX, noqueue=not wait)
         except WouldBlock:
             return 0
         try:
@@ -163,7 +170,9 @@ class ClusterFS:
             if not self.read_only and not j.header()["flags"] & JH_CLEAN:
                 j.write_header(j.seq, clean=True)  # recovered: the slot is free and clean
         finally:
-            self.locks.unlock(h)
+            self.jlocks.unlock(h)
+        if n and self.cache is not None:
+            self.cache.clear()  # the replayed blocks were written under no inode lock
         self.stats["replayed"] += n
         return n
 
@@ -179,11 +188,16 @@ class ClusterFS:
 
     def umount(self) -> None:
         """Clean unmount: mark the journal clean and release its slot."""
+        drop = getattr(self.locks, "drop_all", None)
+        if drop is not None:
+            drop()  # cached glocks go back to the DLM (nothing is dirty: see glock.py)
+        if self.cache is not None:
+            self.cache.clear()
         if self.journal is not None and self.withdrawn is None:
             self.journal.write_header(self.journal.seq, clean=True)
         if self._jlock is not None:
             try:
-                self.locks.unlock(self._jlock)
+                self.jlocks.unlock(self._jlock)
             except LockLost:
                 pass
             self._jlock = None
@@ -212,6 +226,20 @@ class ClusterFS:
         except JournalFull as e:
             raise _err(errno.EFBIG, str(e)) from None
         self.stats["commits"] += 1
+        mark = getattr(self.locks, "mark_dirty", None)
+        if mark is not None:
+            for h in txn.held_ex():
+                mark(h)
+        cache = self.cache
+        if cache is not None:
+            for blk in txn.freed:
+                cache.discard(blk)
+            for blk in txn.dirty:
+                owner = txn.owners.get(blk)
+                if owner is None:
+                    cache.discard(blk)
+                else:
+                    cache.put(blk, bytes(txn.blocks[blk]), owner)
 
     @staticmethod
     def _seal(buf: bytearray) -> None:
@@ -243,7 +271,7 @@ class ClusterFS:
         t.lock(self.iname(ino), mode)
         ip = t.inodes.get(ino)
         if ip is None:
-            buf = t.read(ino)
+            buf = t.read(ino, self.iname(ino))
             ip = t.inodes[ino] = Inode(ino, INODE.unpack(buf), buf)
         return ip
 
@@ -291,10 +319,10 @@ class ClusterFS:
                 if not alloc:
                     return 0
                 blk = self.alloc(t, ip)
-                t.new(blk)
+                t.new(blk, self.iname(ip.ino))
                 t.change(owner)
                 self._setptr(buf, slot, blk)
-            buf, owner, slot = t.read(blk), blk, path[level][2]
+            buf, owner, slot = t.read(blk, self.iname(ip.ino)), blk, path[level][2]
         blk = self._ptr(buf, slot)
         if blk or not alloc:
             return blk
@@ -311,10 +339,11 @@ class ClusterFS:
             k = (home + step) % g.rg_count
             t.lock(self.rname(k), EX)
             hb = g.rg_block(k)
-            hdr = RGRP.unpack(t.read(hb))
+            rn = self.rname(k)
+            hdr = RGRP.unpack(t.read(hb, rn))
             if hdr["free"] == 0:
                 continue
-            bm = t.change(hb + 1)
+            bm = t.change(hb + 1, rn)
             n = hdr["data_blocks"]
             for byte in range((n + 7) // 8):
                 if bm[byte] != 0xFF:
@@ -337,11 +366,12 @@ class ClusterFS:
         k = g.rg_of(block)
         t.lock(self.rname(k), EX)
         hb = g.rg_block(k)
-        hdr = RGRP.unpack(t.read(hb))
+        rn = self.rname(k)
+        hdr = RGRP.unpack(t.read(hb, rn))
         i = block - hdr["data_start"]
         if not 0 <= i < hdr["data_blocks"]:
             raise _err(errno.EIO, f"freeing block {block} outside its group")
-        bm = t.change(hb + 1)
+        bm = t.change(hb + 1, rn)
         if bm[i // 8] & (1 << (i % 8)):
             bm[i // 8] &= ~(1 << (i % 8)) & 0xFF
             hdr["free"] += 1
@@ -349,11 +379,12 @@ class ClusterFS:
         if ip is not None:
             ip.f["blocks"] = max(0, ip.f["blocks"] - 1)
         t.data.pop(block, None)
+        t.freed.append(block)
 
     def new_inode(self, t: Txn, mode: int, uid: int, gid: int, parent: int = 0) -> Inode:
         blk = self.alloc(t, None)
         t.lock(self.iname(blk), EX)
-        buf = t.new(blk)
+        buf = t.new(blk, self.iname(blk))
         now = time.time_ns()
         f = {"mode": mode, "uid": uid, "gid": gid, "nlink": 1, "dir_depth": 0, "size": 0,
              "blocks": 0, "atime_ns": now, "mtime_ns": now, "ctime_ns": now,
@@ -380,7 +411,7 @@ class ClusterFS:
             if not blk:
                 return
             span = p ** (depth - 1)
-            buf = t.read(blk)
+            buf = t.read(blk, self.iname(ip.ino))
             for j in range(p):
                 s = start - j * span
                 if s >= span:
@@ -445,26 +476,31 @@ class ClusterFS:
         for b in range(1 << dp.f["dir_depth"]):
             blk = self.bmap(t, dp, b)
             if blk:
-                out.extend(self._bucket_entries(t.read(blk)))
+                out.extend(self._bucket_entries(t.read(blk, self.iname(dp.ino))))
         return out
 
     def lookup(self, t: Txn, dp: Inode, name: bytes) -> tuple[int, int] | None:
         blk = self.bmap(t, dp, self._bucket_of(dp, name))
         if not blk:
             return None
-        for n, ino, typ in self._bucket_entries(t.read(blk)):
+        for n, ino, typ in self._bucket_entries(t.read(blk, self.iname(dp.ino))):
             if n == name:
                 return ino, typ
         return None
 
     def dir_add(self, t: Txn, dp: Inode, name: bytes, ino: int, typ: int) -> None:
         b = self._bucket_of(dp, name)
-        blk = self.bmap(t, dp, b, alloc=True)
-        buf = t.read(blk)
+        own = self.iname(dp.ino)
+        blk = self.bmap(t, dp, b)
+        if blk:
+            buf = t.read(blk, own)
+        else:  # a fresh bucket: never trust what a freed block still holds
+            blk = self.bmap(t, dp, b, alloc=True)
+            buf = t.new(blk, own)
         entries = self._bucket_entries(buf) if buf[:4] == DIR_MAGIC else []
-        if self._write_bucket(t.change(blk), entries + [(name, ino, typ)]):
+        if self._write_bucket(t.change(blk, own), entries + [(name, ino, typ)]):
             return
-        self._write_bucket(t.change(blk), entries)
+        self._write_bucket(t.change(blk, own), entries)
         self._grow_dir(t, dp)
         self.dir_add(t, dp, name, ino, typ)
 
@@ -483,7 +519,7 @@ class ClusterFS:
             g = groups.get(b, [])
             blk = self.bmap(t, dp, b, alloc=bool(g))
             if blk:
-                if not self._write_bucket(t.change(blk), g):
+                if not self._write_bucket(t.change(blk, self.iname(dp.ino)), g):
                     dp.f["dir_depth"] = depth + 1
                     self.iput(t, dp)
                     self._grow_dir(t, dp)
@@ -495,11 +531,11 @@ class ClusterFS:
         blk = self.bmap(t, dp, self._bucket_of(dp, name))
         if not blk:
             raise _err(errno.ENOENT)
-        entries = self._bucket_entries(t.read(blk))
+        entries = self._bucket_entries(t.read(blk, self.iname(dp.ino)))
         kept = [e for e in entries if e[0] != name]
         if len(kept) == len(entries):
             raise _err(errno.ENOENT)
-        self._write_bucket(t.change(blk), kept)
+        self._write_bucket(t.change(blk, self.iname(dp.ino)), kept)
 
     # --------------------------------------------------------------- paths
     def walk(self, t: Txn, parts: list[str], mode: str = PR) -> Inode:
@@ -871,7 +907,7 @@ class ClusterFS:
         blk = ip.f["xattr_block"]
         if not blk:
             return {}
-        buf = t.read(blk)
+        buf = t.read(blk, self.iname(ip.ino))
         magic, count = XATTR_HEAD.unpack_from(buf, 0)
         if magic != XATTR_MAGIC:
             raise FormatError("bad xattr block")
@@ -895,7 +931,7 @@ class ClusterFS:
             blk = ip.f["xattr_block"]
             if not blk:
                 blk = ip.f["xattr_block"] = self.alloc(t, None)
-            buf = t.new(blk)
+            buf = t.new(blk, self.iname(ip.ino))
             raw = XATTR_HEAD.pack(XATTR_MAGIC, len(xa)) + body
             buf[:len(raw)] = raw
         ip.f["ctime_ns"] = time.time_ns()
