@@ -234,6 +234,19 @@ class Glocks:
             g.dirty = False
         self.sync.convert(g.handle, Mode[mode], flags=Flag.VALBLK, lvb=LVB.pack(g.version))
 
+    def _release(self, g: Glock) -> None:
+        """Give the DLM lock back (unlock is asynchronous: it does not wait for the
+        master); from EX the LVB is written with the version, bumped if changed."""
+        if g.dlm == EX:
+            if g.version is None:
+                g.version = random.getrandbits(62)
+            elif g.dirty:
+                g.version += 1
+            g.dirty = False
+            self.sync.unlock(g.handle, lvb=LVB.pack(g.version), flags=Flag.VALBLK)
+        else:
+            self.sync.unlock(g.handle)
+
     # --------------------------------------------------------- LockLayer
     def lock(self, name: str, mode: str, noqueue: bool = False) -> _Hold:
         """Hold glock ``name`` locally in ``mode``, asking the DLM only when the node's
@@ -373,9 +386,7 @@ class Glocks:
             target = str(info)
             try:
                 if target == "forget":
-                    if g.dlm == EX:
-                        self._dlm_down(g, "NL")
-                    self.sync.unlock(g.handle)
+                    self._release(g)
                     self._invalidate(g.name)
                 elif _RANK[g.dlm] > _RANK[target]:
                     self._dlm_down(g, target)
@@ -408,9 +419,7 @@ class Glocks:
             if g.handle is None:
                 continue
             try:
-                if g.dlm == EX:
-                    self._dlm_down(g, "NL")
-                self.sync.unlock(g.handle)
+                self._release(g)
             except LockError:
                 pass
             self._invalidate(g.name)
