@@ -24,7 +24,7 @@ APT_PACKAGES=(
     etcd-server
     nfs-ganesha nfs-ganesha-vfs
     libisal2
-    fuse3 ctdb
+    fuse3 ctdb bindfs
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
 )
 

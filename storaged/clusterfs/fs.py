@@ -113,9 +113,14 @@ class ClusterFS:
         # Journal-slot locks are never cached (another node probes them with NOQUEUE).
         self.jlocks: LockLayer = getattr(locks, "inner", locks)
         self.cache: BlockCache | None = None
+        self.lazy_checkpoint = False
         if getattr(locks, "caching", False):  # a lock layer private to this mount
             self.cache = BlockCache()
             locks.on_invalidate = self.cache.drop_owner  # type: ignore[attr-defined]
+            # Locks outlive transactions: checkpoint the journal only before one is
+            # given up (GFS2 flushes its log before a glock goes), not every commit.
+            locks.before_release = self.checkpoint  # type: ignore[attr-defined]
+            self.lazy_checkpoint = True
 
     # -------------------------------------------------------------- naming
     def iname(self, ino: int) -> str:
@@ -139,6 +144,10 @@ class ClusterFS:
                     self._jlock = self.jlocks.lock(self.jname(s), EX, noqueue=True)
                 except WouldBlock:
                     continue
+                except LockLost:  # the lockspace is still recovering from a join
+                    if attempt == 4:
+                        raise
+                    break
                 self.slot = s
                 break
             if self.slot is not None:
@@ -186,6 +195,16 @@ class ClusterFS:
                 n += self.recover(s, wait=False)
         return n
 
+    def checkpoint(self) -> None:
+        """Checkpoint this node's journal (before a lock goes to another node)."""
+        j = self.journal
+        if j is not None and self.withdrawn is None:
+            try:
+                j.checkpoint()
+            except BlockDeviceError as e:
+                self.withdrawn = f"I/O error: {e}"
+                raise LockLost(self.withdrawn) from None
+
     def umount(self) -> None:
         """Clean unmount: mark the journal clean and release its slot."""
         drop = getattr(self.locks, "drop_all", None)
@@ -194,6 +213,7 @@ class ClusterFS:
         if self.cache is not None:
             self.cache.clear()
         if self.journal is not None and self.withdrawn is None:
+            self.journal.checkpoint()
             self.journal.write_header(self.journal.seq, clean=True)
         if self._jlock is not None:
             try:
@@ -219,10 +239,11 @@ class ClusterFS:
             self.dev.write(blk * self.bs, data)
         if txn.data:
             self.dev.flush()
+            self.journal.note_flushed()
         for blk in txn.dirty:  # seal inode and resource-group checksums
             self._seal(txn.blocks[blk])
         try:
-            self.journal.commit(txn.images())
+            self.journal.commit(txn.images(), checkpoint=not self.lazy_checkpoint)
         except JournalFull as e:
             raise _err(errno.EFBIG, str(e)) from None
         self.stats["commits"] += 1

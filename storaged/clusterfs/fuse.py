@@ -294,7 +294,9 @@ def run_fuse(fs: ClusterFS, mountpoint: str, *, read_only: bool = False,
     """Mount ``fs`` at ``mountpoint`` and serve until it is unmounted (blocks)."""
     opts: dict[str, Any] = {"foreground": True, "default_permissions": True,
                             "allow_other": os.geteuid() == 0,
-                            "fsname": fsname, "subtype": "storaged"}
+                            "fsname": fsname, "subtype": "storaged",
+                            # also as options: set only in init, libfuse 3.14 kept 1 s
+                            "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0}
     if read_only:
         opts["ro"] = True
     try:

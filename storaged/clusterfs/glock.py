@@ -153,6 +153,7 @@ class Glocks:
         self.hold = hold
         self.max_glocks = max_glocks
         self.on_invalidate: Callable[[str], None] | None = None
+        self.before_release: Callable[[], None] | None = None  # journal checkpoint
         self._cond = threading.Condition()
         self._glocks: dict[str, Glock] = {}
         self._stop = False
@@ -224,6 +225,8 @@ class Glocks:
         if g.dlm != EX:
             self.sync.convert(g.handle, Mode[mode], flags=0)
             return
+        if self.before_release is not None:
+            self.before_release()  # no journal replay may touch what the next holder sees
         # Blocks stay cached across the demote: the LVB version decides at the next
         # grant whether they are still valid.  Nothing to write back (see module doc).
         if g.version is None:  # the LVB was invalid: start from a value no one cached
@@ -238,6 +241,8 @@ class Glocks:
         """Give the DLM lock back (unlock is asynchronous: it does not wait for the
         master); from EX the LVB is written with the version, bumped if changed."""
         if g.dlm == EX:
+            if self.before_release is not None:
+                self.before_release()
             if g.version is None:
                 g.version = random.getrandbits(62)
             elif g.dirty:
@@ -391,7 +396,9 @@ class Glocks:
                 elif _RANK[g.dlm] > _RANK[target]:
                     self._dlm_down(g, target)
                     self.stats["demotes"] += 1
-            except LockError:
+            except Exception:  # noqa: BLE001 - the demote thread must survive anything
+                # LockError (lockspace gone) or LockLost (withdrawn: the checkpoint
+                # failed): forget the glock and its blocks; the mount fails with EIO.
                 self._invalidate(g.name)
                 target = "lost"
             with self._cond:
@@ -420,7 +427,7 @@ class Glocks:
                 continue
             try:
                 self._release(g)
-            except LockError:
+            except (LockError, LockLost):
                 pass
             self._invalidate(g.name)
         with self._cond:  # usable again (a later mount of the same layer)

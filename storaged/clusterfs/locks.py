@@ -63,6 +63,7 @@ class LocalLocks:
     def __init__(self, caching: bool = False) -> None:
         self.caching = caching
         self.on_invalidate: Any = None
+        self.before_release: Any = None  # never called: no other node takes these locks
         self._cond = threading.Condition()
         self._readers: dict[str, int] = {}
         self._writer: set[str] = set()
