@@ -218,3 +218,16 @@ def test_localflocks_keeps_locks_on_each_node(two_mounts_localflocks):
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_bad_lock_mount_options_name_the_problem(tmp_path, env):
+    img = tmp_path / "img"
+    img.write_bytes(b"")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for opt in ("hold_ms=abc", "hold_ms=-1", "hold_ms"):
+        r = storaged("fs", "mount", str(img), str(mnt), "-o", f"local,{opt}", env=env,
+                     check=False)
+        assert r.returncode == 1 and "minimum lock hold time" in r.stderr, r.stderr
+    r = storaged("fs", "mount", str(img), str(mnt), "-o", "local,flocks", env=env, check=False)
+    assert r.returncode == 1 and "unknown mount option(s): flocks" in r.stderr, r.stderr

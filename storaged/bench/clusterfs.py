@@ -221,13 +221,19 @@ def main(argv: list[str]) -> int:
            for s in SIDES}
     print(f"clusterfs vs bindfs, medians of {args.runs} runs ({args.files} files, "
           f"{args.mib} MiB, cluster hold_ms={args.hold_ms:g})")
-    head = f"{'row':<30}{'local':>10}{'cluster':>10}{'bindfs':>10}{'loc/bfs':>9}{'clu/bfs':>9}"
-    print(head)
+    print("\n".join(report(med)))
+    return 0
+
+
+def report(med: dict[str, list[float]]) -> list[str]:
+    """The table of medians per side, ratios to bindfs, and the min-ratio line."""
+    lines = [f"{'row':<30}{'local':>10}{'cluster':>10}{'bindfs':>10}{'loc/bfs':>9}"
+             f"{'clu/bfs':>9}"]
     ratios = []
     for i, row in enumerate(ROWS):
         lo, cl, bf = med["local"][i], med["cluster"][i], med["bindfs"][i]
         rl, rc = lo / bf, cl / bf
         ratios += [rl, rc]
-        print(f"{row:<30}{lo:>10.1f}{cl:>10.1f}{bf:>10.1f}{rl:>9.2f}{rc:>9.2f}")
-    print(f"min ratio storaged/bindfs: {min(ratios):.2f}")
-    return 0
+        lines.append(f"{row:<30}{lo:>10.1f}{cl:>10.1f}{bf:>10.1f}{rl:>9.2f}{rc:>9.2f}")
+    lines.append(f"min ratio storaged/bindfs: {min(ratios):.2f}")
+    return lines

@@ -352,3 +352,10 @@ def fs_status(as_json: bool) -> None:
         click.echo(f"{m['mountpoint']}: {m['device']} journal {m['slot']} {m['mode']} "
                    f"pid {m['pid']}{w}; ops {m['stats']['ops']} commits "
                    f"{m['stats']['commits']} restarts {m['stats']['restarts']}")
+        ls, cache = m.get("lock_stats") or {}, m.get("cache") or {}
+        if "basts" in ls:
+            click.echo(f"  glocks: {ls['dlm_requests']} DLM requests, {ls['cached']} cached "
+                       f"grants, {ls['basts']} basts, {ls['demotes']} demotes, LVB hits "
+                       f"{ls['lvb_hits']}; block cache {cache.get('hits', 0)} hits "
+                       f"{cache.get('misses', 0)} misses; fcntl/flock "
+                       f"{'node-local' if m.get('localflocks') else 'cluster-wide'}")
