@@ -120,6 +120,7 @@ class ClusterFS:
             # Locks outlive transactions: checkpoint the journal only before one is
             # given up (GFS2 flushes its log before a glock goes), not every commit.
             locks.before_release = self.checkpoint  # type: ignore[attr-defined]
+            locks.on_lvb_invalid = self.recover_all  # type: ignore[attr-defined]
             self.lazy_checkpoint = True
 
     # -------------------------------------------------------------- naming

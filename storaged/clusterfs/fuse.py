@@ -296,7 +296,8 @@ def run_fuse(fs: ClusterFS, mountpoint: str, *, read_only: bool = False,
                             "allow_other": os.geteuid() == 0,
                             "fsname": fsname, "subtype": "storaged",
                             # also as options: set only in init, libfuse 3.14 kept 1 s
-                            "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0}
+                            "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0,
+                            "use_ino": True, "direct_io": True}
     if read_only:
         opts["ro"] = True
     try:

@@ -154,6 +154,10 @@ class Glocks:
         self.max_glocks = max_glocks
         self.on_invalidate: Callable[[str], None] | None = None
         self.before_release: Callable[[], None] | None = None  # journal checkpoint
+        # Called when a grant brings an invalid LVB: the DLM purged a dead node's
+        # PW/EX lock, so that node's journal must be replayed before anything
+        # under this lock is read (the dead node's last record may cover it).
+        self.on_lvb_invalid: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._glocks: dict[str, Glock] = {}
         self._stop = False
@@ -212,6 +216,8 @@ class Glocks:
                 raise WouldBlock(g.name) from None
             raise LockLost(f"lock {g.name}: {e.status.name}") from None
         version = self._lvb_version(g.handle)
+        if version is None and self.on_lvb_invalid is not None:
+            self.on_lvb_invalid()
         if version is None or version != g.version:
             if g.version is not None or version is None:
                 self.stats["lvb_misses"] += 1
