@@ -28,16 +28,16 @@ def test_registered_and_report_ratios():
 @pytest.mark.peer
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_tiny_run_prints_every_row_and_the_ratio_line(tmp_path):
+def test_a_tiny_run_prints_every_row_and_the_ratio_line():
     need_fuse()
     require_tool("bindfs", "bindfs")
     r = subprocess.run([sys.executable, "-m", "storaged.bench", "clusterfs", "--runs", "1",
                         "--files", "20", "--mib", "1"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=280, env=dict(os.environ, TMPDIR=str(tmp_path)))
+                       cwd=ROOT, timeout=280)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"min ratio storaged/bindfs: \d+\.\d\d", lines[-1]), r.stdout
     for row in ROWS:
         assert any(line.startswith(row) for line in lines), r.stdout
     with open("/proc/self/mounts") as f:
-        assert str(tmp_path) not in f.read()  # every mount of the run is gone
+        assert "storaged-bench-clusterfs-" not in f.read()  # every mount of the run is gone

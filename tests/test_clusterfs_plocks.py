@@ -125,9 +125,11 @@ def test_ping_pong_data_increment_is_two_on_both_nodes(two_nodes):
     ino = mounts[0].create("/pp", 0o644)
     mounts[0].truncate("/pp", 4)
     incs: dict[int, list[int]] = {}
+    start = threading.Barrier(2)
 
     def ping_pong(k: int) -> None:
         fs, pl, n, val, seen = mounts[k], pls[k], 3, [0] * 3, []
+        start.wait(10)  # both ask for lock 0 at once: from then on they alternate
         pl.setlk(ino, 1, WRITE, 0, 1, wait=True)
         i = 0
         for _ in range(60):
