@@ -480,6 +480,9 @@ class ClusterFS:
             off += nl
         return out
 
+    def _bucket_map(self, buf: bytes) -> dict[bytes, tuple[int, int]]:
+        return {n: (ino, typ) for n, ino, typ in self._bucket_entries(buf)}
+
     def _write_bucket(self, buf: bytearray, entries: list[tuple[bytes, int, int]]) -> bool:
         parts = [DIRENT_HEAD.pack(ino, typ, len(n)) + n for n, ino, typ in entries]
         body = b"".join(parts)
@@ -505,7 +508,15 @@ class ClusterFS:
         blk = self.bmap(t, dp, self._bucket_of(dp, name))
         if not blk:
             return None
-        for n, ino, typ in self._bucket_entries(t.read(blk, self.iname(dp.ino))):
+        own = self.iname(dp.ino)
+        buf = t.read(blk, own)
+        if self.cache is not None and blk not in t.dirty:
+            # Not changed by this transaction, so the cached image is what it read
+            # (only an EX holder changes it, and that is this transaction or none).
+            names = self.cache.decoded(blk, own, self._bucket_map)
+            if names is not None:
+                return names.get(name)
+        for n, ino, typ in self._bucket_entries(buf):
             if n == name:
                 return ino, typ
         return None

@@ -53,6 +53,7 @@ class BlockCache:
         self._lock = threading.Lock()
         self._blocks: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._owned: dict[str, set[int]] = {}
+        self._decoded: dict[int, Any] = {}  # block -> what a decoder made of its image
         self.stats = {"hits": 0, "misses": 0, "dropped": 0}
 
     def get(self, block: int, owner: str) -> bytes | None:
@@ -66,8 +67,21 @@ class BlockCache:
             self.stats["hits"] += 1
             return hit[0]
 
+    def decoded(self, block: int, owner: str, decode: Callable[[bytes], Any]) -> Any:
+        """``decode(image)`` of the cached ``block``, memoised until the image changes
+        (a directory bucket as a name -> entry map); None when not cached."""
+        with self._lock:
+            hit = self._blocks.get(block)
+            if hit is None or hit[1] != owner:
+                return None
+            out = self._decoded.get(block)
+            if out is None:
+                out = self._decoded[block] = decode(hit[0])
+            return out
+
     def put(self, block: int, image: bytes, owner: str) -> None:
         with self._lock:
+            self._decoded.pop(block, None)
             old = self._blocks.pop(block, None)
             if old is not None and old[1] != owner:
                 self._owned.get(old[1], set()).discard(block)
@@ -76,9 +90,11 @@ class BlockCache:
             while len(self._blocks) > self.max_blocks:
                 b, (_img, o) = self._blocks.popitem(last=False)
                 self._owned.get(o, set()).discard(b)
+                self._decoded.pop(b, None)
 
     def discard(self, block: int) -> None:
         with self._lock:
+            self._decoded.pop(block, None)
             old = self._blocks.pop(block, None)
             if old is not None:
                 self._owned.get(old[1], set()).discard(block)
@@ -87,6 +103,7 @@ class BlockCache:
         """Forget every block ``owner``'s lock protects (the lock was lost or changed)."""
         with self._lock:
             for b in self._owned.pop(owner, ()):
+                self._decoded.pop(b, None)
                 if self._blocks.pop(b, None) is not None:
                     self.stats["dropped"] += 1
 
@@ -95,6 +112,7 @@ class BlockCache:
             self.stats["dropped"] += len(self._blocks)
             self._blocks.clear()
             self._owned.clear()
+            self._decoded.clear()
 
     def __len__(self) -> int:
         return len(self._blocks)
