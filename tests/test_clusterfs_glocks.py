@@ -159,3 +159,21 @@ def test_lock_ping_pong_under_contention_loses_no_update(cluster2):
     assert rep.problems == [], rep.problems
     a.mount()
     b.mount()
+
+
+def test_glocks_beyond_the_limit_are_forgotten_and_stay_correct(cluster2):
+    _dev, (a, b) = cluster2
+    b.locks.max_glocks = 6
+    a.mkdir("/d", 0o755)
+    for i in range(30):
+        a.create(f"/d/f{i}", 0o644)
+        a.write(f"/d/f{i}", str(i).encode(), 0)
+    for i in range(30):
+        assert b.read(f"/d/f{i}", 10, 0) == str(i).encode()
+    deadline = time.monotonic() + 5
+    while len(b.locks._glocks) > 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(b.locks._glocks) <= 6
+    for i in range(30):  # a's writes after b forgot its locks are still seen
+        a.write(f"/d/f{i}", b"x", 0)
+        assert b.read(f"/d/f{i}", 10, 0)[:1] == b"x"

@@ -288,6 +288,9 @@ class Glocks:
             while True:
                 if self._stop:
                     raise LockLost(f"lock {name}: lock layer stopped")
+                cur = self._glocks.get(name)
+                if cur is not g:  # forgotten (evicted) while this thread waited
+                    g = cur if cur is not None else self._glocks.setdefault(name, Glock(name))
                 now = time.monotonic()
                 local_ok = not g.writer and (mode == PR or not g.readers)
                 blocked = g.busy or not local_ok or self._demote_due(g, now)
