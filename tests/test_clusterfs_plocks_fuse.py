@@ -126,8 +126,9 @@ def test_ping_pong_locks_and_data_coherent_across_two_mounts(two_mounts):
     outs = run_ping_pong([f1, f2], 8, rw=True)
     for out in outs:
         incs = re.findall(r"data increment = (\d+)", out)
-        # the first lines may say 1 while the other ping_pong starts; then always 2
-        assert incs and incs[-1] == "2" and incs[-3:] == ["2"] * len(incs[-3:]), out
+        # ping_pong prints the increment when it changes: 1 while it runs alone at
+        # the start, then 2 (it saw the other node's increment every time) to the end
+        assert incs and incs[-1] == "2", out
         assert rates(out), out
 
 
