@@ -159,7 +159,7 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
     from storaged.clusterfs.format import FormatError
     from storaged.clusterfs.fs import ClusterFS
     from storaged.clusterfs.fuse import run_fuse, serve_status
-    from storaged.clusterfs.locks import LocalLocks
+    from storaged.clusterfs.locks import LocalLocks, LockLost
 
     device, mountpoint = os.path.abspath(device), os.path.abspath(mountpoint)  # libfuse chdirs
     import faulthandler
@@ -198,6 +198,8 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         _fail(f"{device}: not a clusterfs filesystem ({e})")
     except OSError as e:
         _fail(f"{device}: {e.strerror}{': ' + e.filename if e.filename else ''}")
+    except LockLost as e:
+        _fail(f"{device}: the cluster's lock manager failed the mount: {e}")
     started = time.time()
     if plocks is not None:
         plocks.tag = fsobj.tag
