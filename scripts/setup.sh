@@ -26,6 +26,7 @@ APT_PACKAGES=(
     libisal2
     fuse3 ctdb bindfs
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
+    corosync libcpg4 libquorum5 libvotequorum8 libcmap4 libcorosync-common4 pacemaker
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -69,9 +70,10 @@ else
             fi
         done
         if [ ${#installable[@]} -gt 0 ]; then
-            # The peers (tgt, nfs-ganesha, rpcbind, etcd) are only started by the
-            # tests and benchmarks, on their own ports: keep their packages from
-            # starting system services that would hold 3260, 2049, 111 or 2379.
+            # The peers (tgt, nfs-ganesha, rpcbind, etcd, corosync, pacemaker) are only
+            # started by the tests and benchmarks, on their own ports or in their own
+            # network namespaces: keep their packages from starting system services
+            # that would hold 3260, 2049, 111, 2379 or 5405.
             policy=/usr/sbin/policy-rc.d
             made_policy=0
             if [ ! -e "$policy" ]; then

@@ -34,16 +34,31 @@ def _sock_for(mountpoint: str) -> str:
 
 
 def _open_device(path: str, read_only: bool = False) -> Any:
-    from storaged.block.file import FileBlockDevice
-    if path.startswith("iscsi://"):
-        _fail("iscsi:// devices need the userspace initiator (not available yet): "
-              "use the kernel initiator's /dev/sdX")
-    if not os.path.exists(path):
-        _fail(f"{path}: no such file or device")
+    """A file, block device or iscsi:// LUN (storaged.block.open); CLI error if not."""
+    from storaged.block.base import BlockDeviceError
+    from storaged.block.open import open_device
     try:
-        return FileBlockDevice(path, block_size=512, read_only=read_only)
+        return open_device(path, block_size=512, read_only=read_only)
+    except BlockDeviceError as e:
+        _fail(str(e.strerror or e))
     except OSError as e:
         _fail(f"cannot open {path}: {e.strerror}")
+
+
+def _device_name(path: str) -> str:
+    """How status shows a device: the real path, or the URL without its secrets."""
+    from storaged.block.open import is_url, redact
+    return redact(path) if is_url(path) else os.path.realpath(path)
+
+
+def _fsname(path: str) -> str:
+    """The mount table's source name: the file's name, or ``IQN/LUN`` of a URL
+    (no commas: libfuse splits its options on them)."""
+    from storaged.block.open import is_url
+    if is_url(path):
+        path = path.split("?")[0]
+        return "/".join(path.rstrip("/").split("/")[-2:]).replace(",", "_")
+    return os.path.basename(path)
 
 
 @click.group()
@@ -125,7 +140,8 @@ def fs_mount(device: str, mountpoint: str, options: tuple[str, ...], cluster_dir
         _fail(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint):
         _fail(f"{mountpoint}: something is already mounted there")
-    if not os.path.exists(device):
+    from storaged.block.open import exists
+    if not exists(device):
         _fail(f"{device}: no such file or device")
     if not foreground:
         _background(sys.argv, mountpoint, timeout)
@@ -156,12 +172,13 @@ def _background(argv: list[str], mountpoint: str, timeout: float) -> None:
 
 def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
            cluster_dir: str | None, timeout: float) -> None:
+    from storaged.block.open import normalize
     from storaged.clusterfs.format import FormatError
     from storaged.clusterfs.fs import ClusterFS
     from storaged.clusterfs.fuse import run_fuse, serve_status
     from storaged.clusterfs.locks import LocalLocks, LockLost
 
-    device, mountpoint = os.path.abspath(device), os.path.abspath(mountpoint)  # libfuse chdirs
+    device, mountpoint = normalize(device), os.path.abspath(mountpoint)  # libfuse chdirs
     import faulthandler
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the log, on demand
     read_only = bool(opts.get("ro"))
@@ -205,7 +222,7 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         plocks.tag = fsobj.tag
 
     def status() -> dict[str, Any]:
-        return {"device": os.path.realpath(device), "mountpoint": os.path.realpath(mountpoint),
+        return {"device": _device_name(device), "mountpoint": os.path.realpath(mountpoint),
                 "pid": os.getpid(), "mode": mode, "slot": fsobj.slot,
                 "read_only": read_only, "withdrawn": fsobj.withdrawn,
                 "uptime_s": round(time.time() - started, 1), "stats": dict(fsobj.stats),
@@ -223,7 +240,7 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         threading.Thread(target=_recovery_loop, args=(fsobj, done), daemon=True,
                          name="clusterfs-recovery").start()
     try:
-        run_fuse(fsobj, mountpoint, read_only=read_only, fsname=os.path.basename(device),
+        run_fuse(fsobj, mountpoint, read_only=read_only, fsname=_fsname(device),
                  plocks=plocks)
     except OSError as e:
         _fail(str(e.strerror))
@@ -305,7 +322,7 @@ def fs_check(device: str, repair: bool, as_json: bool) -> None:
     """Check DEVICE offline (it must not be mounted anywhere); exit 1 if problems remain."""
     from storaged.clusterfs.mkfs import check
     for info in _all_status():
-        if info.get("device") == os.path.realpath(device):
+        if info.get("device") == _device_name(device):
             _fail(f"{device} is mounted on {info['mountpoint']} (pid {info['pid']}): "
                   "unmount it on every node first")
     dev = _open_device(device, read_only=not repair)

@@ -14,6 +14,7 @@ the POSIX errno.  Permission checks are the kernel's (FUSE
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import struct
@@ -47,6 +48,8 @@ from storaged.clusterfs.journal import Journal, JournalFull
 from storaged.clusterfs.locks import EX, PR, LockLayer, LockLost, WouldBlock
 from storaged.clusterfs.txn import Txn
 from storaged.fastio import crc32c
+
+log = logging.getLogger("storaged.clusterfs")
 
 MAX_DIR_DEPTH = 24
 XATTR_CREATE = 1
@@ -285,6 +288,8 @@ class ClusterFS:
             raise _err(errno.EIO, str(e)) from None
         except BlockDeviceError as e:
             # The device failed us (or fenced us off): write nothing more, ever.
+            if self.withdrawn is None:
+                log.error("clusterfs %s: withdrawn: %s", self.tag, e)
             self.withdrawn = f"I/O error: {e}"
             raise _err(errno.EIO, self.withdrawn) from None
 

@@ -16,6 +16,7 @@ under the DLM lock: what another node committed is what is seen.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
 import fcntl
 import json
@@ -25,13 +26,20 @@ import socket
 import threading
 from typing import Any
 
-import mfusepy
+# libfuse 3 only: mfusepy picks libfuse.so.2 first when both are installed (bindfs
+# pulls in libfuse2), and under libfuse 2 the 1 MiB max_write set in init is larger
+# than libfuse 2's read buffer (every read of /dev/fuse fails EINVAL) and the
+# no-caching config below is never applied.
+if not os.environ.get("FUSE_LIBRARY_PATH") and ctypes.util.find_library("fuse3"):
+    os.environ["FUSE_LIBRARY_PATH"] = ctypes.util.find_library("fuse3") or ""
+
+import mfusepy  # noqa: E402 - after choosing the library
 
 from storaged.clusterfs.fs import ClusterFS
 from storaged.clusterfs.plocks import INF, READ, WRITE, PosixLocks
 
 log = logging.getLogger(__name__)
-MAX_WRITE = 1 << 17  # libfuse 3.14 on Linux 6.18: above 128 KiB /dev/fuse reads fail EINVAL
+MAX_WRITE = 1 << 20
 
 
 def _ctx() -> tuple[int, int]:
@@ -270,13 +278,13 @@ class _FUSE(mfusepy.FUSE):
 
     def open(self, path: bytes, fip: Any) -> int:
         res = super().open(path, fip)
-        fip.contents.direct_io = 1  # per open: libfuse 3.14 does not apply the config's
+        fip.contents.direct_io = 1  # per open and create as well as in the config: with
         return res
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:
         res = super().create(path, mode, fip)
-        fip.contents.direct_io = 1  # ...direct_io to create(), so a created file's
-        return res                  # reads came from the page cache (stale across nodes)
+        fip.contents.direct_io = 1  # libfuse 2 the config is never applied, and a file
+        return res                  # kept open read stale page-cache data across nodes
 
     def release(self, path: bytes | None, fip: Any) -> int:
         fi = fip.contents
@@ -295,7 +303,7 @@ def run_fuse(fs: ClusterFS, mountpoint: str, *, read_only: bool = False,
     opts: dict[str, Any] = {"foreground": True, "default_permissions": True,
                             "allow_other": os.geteuid() == 0,
                             "fsname": fsname, "subtype": "storaged",
-                            # also as options: set only in init, libfuse 3.14 kept 1 s
+                            # also as options: the init config is libfuse-3-only
                             "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0,
                             "use_ino": True, "direct_io": True}
     if read_only:
