@@ -25,7 +25,7 @@ APT_PACKAGES=(
     etcd-server
     nfs-ganesha nfs-ganesha-vfs
     libisal2
-    fuse3 ctdb
+    fuse3 ctdb bindfs
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
     corosync libcpg4 libquorum5 libvotequorum8 libcmap4 libcorosync-common4 pacemaker
 )

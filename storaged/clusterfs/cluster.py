@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from storaged.cluster.config import ClusterConfig
+from storaged.clusterfs.glock import DEFAULT_HOLD, Glocks
 from storaged.clusterfs.locks import DlmLocks
 from storaged.dlm.api import SyncLockspace
 
@@ -67,6 +68,10 @@ def stop_node(lt: LoopThread, node: Any, leave: bool = True) -> None:
     lt.call(node.leave() if leave else node.stop(), 30)
 
 
-def dlm_locks(lt: LoopThread, node: Any, lockspace: str = "default") -> DlmLocks:
-    """The clusterfs lock layer over ``node``'s lockspace ``lockspace``."""
-    return DlmLocks(SyncLockspace(node.lockspace(lockspace), lt.loop))
+def dlm_locks(lt: LoopThread, node: Any, lockspace: str = "default", *, cached: bool = True,
+              hold: float = DEFAULT_HOLD) -> DlmLocks | Glocks:
+    """The clusterfs lock layer over ``node``'s lockspace ``lockspace``: glocks kept
+    until another node asks (``cached``, minimum hold ``hold`` seconds), or plain
+    per-operation DLM locks."""
+    sync = SyncLockspace(node.lockspace(lockspace), lt.loop)
+    return Glocks(sync, hold=hold) if cached else DlmLocks(sync)
