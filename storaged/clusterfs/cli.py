@@ -288,21 +288,8 @@ def _recovery_loop(fsobj: Any, done: threading.Event, interval: float = 1.0) -> 
 
 
 def _query(sock: str) -> dict[str, Any] | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    try:
-        s.connect(sock)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-        return json.loads(buf)
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
+    from storaged.control.client import probe_json
+    return probe_json(sock)
 
 
 @fs.command("umount")

@@ -7,34 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from storaged.control.client import probe_json
 from storaged.lab.plan import LabSpec, Node
 from storaged.lab.records import LabResource
 from storaged.lab.shell import is_mounted, proc_alive, resolve_parent
-
-
-def _unix_json(path: str, request: bytes | None, timeout: float = 2.0) -> Any:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        if request is not None:
-            s.sendall(request)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-        return json.loads(buf)
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
 
 
 def cluster_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
@@ -42,7 +22,7 @@ def cluster_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
     path = os.path.join(spec.node_dir(node), "cluster.sock")
     if not os.path.exists(path):
         return None
-    r = _unix_json(path, json.dumps({"op": "status", "args": {}, "id": 1}).encode() + b"\n")
+    r = probe_json(path, json.dumps({"op": "status", "args": {}, "id": 1}).encode() + b"\n")
     if not isinstance(r, dict) or not r.get("ok"):
         return None
     return r.get("result")
@@ -57,7 +37,7 @@ def mount_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
     path = os.path.join(spec.run_dir(node), f"{key}.sock")
     if not os.path.exists(path):
         return None
-    return _unix_json(path, None)
+    return probe_json(path, None)
 
 
 def fence_states(spec: LabSpec, storage: Node) -> dict[str, bool] | None:
