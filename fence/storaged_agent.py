@@ -18,10 +18,11 @@ failure (the message says which: "Connection timed out", "Unable to
 connect/login to fencing device", "Failed: Unable to obtain correct plug
 status or plug is not available"...), 2 for ``status`` of a fenced node.
 
-How the agent reaches the storage nodes is a ``--method``: ``endpoint`` (the
-storage node's authenticated management endpoint) today; a method is a
-class with ``off``/``on``/``status``/``list``/``ping`` (see :class:`Method`),
-so a PR-only method through storaged's own initiator plugs in beside it.
+How the agent reaches the storage is a ``--method``: ``endpoint`` (the
+storage node's authenticated management endpoint) or ``pr`` (fence_scsi's
+persistent reservation fencing on the ``devices``, iscsi:// URLs, through
+storaged's own initiator: :mod:`fence.pr_method`).  A method is a class
+with ``off``/``on``/``status``/``list``/``ping`` (see :class:`Method`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,31 @@ OPTS: list[Opt] = [
     Opt("ipport", "ipport", "u", "port", type="integer", default=DEFAULT_PORT,
         desc="TCP port of the storage nodes' management endpoint"),
     Opt("method", "method", "m", "method", type="select", default="endpoint",
-        choices=("endpoint",),
-        desc="How to fence: endpoint = through the storage nodes' management endpoint"),
+        choices=("endpoint", "pr"),
+        desc="How to fence: endpoint = through the storage nodes' management endpoint; "
+             "pr = SCSI-3 persistent reservations on the devices, as fence_scsi does, "
+             "through storaged's own initiator"),
+    Opt("devices", "devices", "d", "devices",
+        desc="method=pr: comma-separated iscsi:// URLs of the shared LUNs"),
+    Opt("key", "key", "k", "key",
+        desc="method=pr: key to use for the current operation (hex); for on, the key "
+             "registering the local node; for off, the key to remove (default: derived "
+             "from cluster_name and the plug, as fence_scsi derives it)"),
+    Opt("key_value", "key-value", arg="<id|hash>", type="select", default="id",
+        choices=("id", "hash"),
+        desc="method=pr: derive keys from the node id (id) or from a hash of the node "
+             "name (hash), as fence_scsi's key_value"),
+    Opt("cluster_name", "cluster-name", arg="name",
+        desc="method=pr: cluster name the keys are derived from (corosync "
+             "totem.cluster_name for fence_scsi)"),
+    Opt("node_ids", "node-ids", arg="name=id,...",
+        desc="method=pr: node ids of node names (the corosync nodelist for fence_scsi); "
+             "a numeric plug is its own id"),
+    Opt("local_node", "local-node", arg="name",
+        desc="method=pr: the node this agent runs on (its key preempts others); default: "
+             "the key saved by unfencing in key_file"),
+    Opt("key_file", "key-file", arg="path", default="/var/run/cluster/fence_storaged.key",
+        desc="method=pr: where unfencing saves this host's key"),
     Opt("password", "password", "p", "password", obsoletes="passwd",
         desc="Login password or passphrase"),
     Opt("password_script", "password-script", "S", "script", obsoletes="passwd_script",
@@ -244,15 +268,19 @@ def validate(opts: dict[str, str]) -> list[str]:
     action = opts["action"]
     if action not in ACTION_NAMES:
         errors.append(f"Failed: Unrecognised action '{action}'")
-    if "ip" not in opts or not opts["ip"].strip():
-        errors.append("Failed: You have to enter fence address")
-    if "username" not in opts:
-        errors.append("Failed: You have to set login name")
-    if "password" not in opts and "password_script" not in opts:
-        errors.append(MSG_PASSWORD)
+    if opts.get("method") == "pr":
+        from fence.pr_method import problems
+        errors += problems(opts)
+    else:
+        if "ip" not in opts or not opts["ip"].strip():
+            errors.append("Failed: You have to enter fence address")
+        if "username" not in opts:
+            errors.append("Failed: You have to set login name")
+        if "password" not in opts and "password_script" not in opts:
+            errors.append(MSG_PASSWORD)
     if action in ("on", "off", "status") and not opts.get("plug"):
         errors.append("Failed: You have to enter plug number or machine identification")
-    if "ip" in opts and not errors:
+    if "ip" in opts and opts.get("method") != "pr" and not errors:
         try:
             storage_nodes(opts)
         except UsageError as e:
@@ -289,6 +317,9 @@ def _setup_logging(opts: dict[str, str]) -> None:
 
 
 def _connect(opts: dict[str, str]) -> list[Method]:
+    if opts["method"] == "pr":
+        from fence.pr_method import PrMethod
+        return [PrMethod(opts, AgentFailure)]
     pw = password(opts)
     cls = METHODS[opts["method"]]
     out: list[Method] = []

@@ -9,7 +9,8 @@
 #
 # Idempotent: rerunning on a set-up machine takes a second or two.
 # Environment: PYTHON (interpreter for the venv, default python3),
-# STORAGED_NO_EXTENSIONS=1 (install without compiled extensions).
+# STORAGED_NO_EXTENSIONS=1 (install without compiled extensions),
+# STORAGED_SETUP_ROLE=lab-client|lab-storage (a VM of vagrant/: see vagrant/README.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,10 +25,22 @@ APT_PACKAGES=(
     etcd-server
     nfs-ganesha nfs-ganesha-vfs
     libisal2
-    fuse3 ctdb
+    fuse3 ctdb bindfs
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
+    corosync libcpg4 libquorum5 libvotequorum8 libcmap4 libcorosync-common4 pacemaker
     iproute2
 )
+# The lab (storaged lab, vagrant/): vagrant + vagrant-libvirt for `vagrant validate` of
+# vagrant/Vagrantfile (the plugin makes a provider usable without a hypervisor).  The
+# lab's VMs run this same script with STORAGED_SETUP_ROLE set: they need no vagrant, and
+# the client VMs add the kernel initiator and multipath (ALUA prio).
+case "${STORAGED_SETUP_ROLE:-}" in
+    "") APT_PACKAGES+=(vagrant vagrant-libvirt) ;;
+    lab-client) APT_PACKAGES+=(open-iscsi multipath-tools) ;;
+    lab-storage) ;;
+    *) printf 'ERROR: STORAGED_SETUP_ROLE=%s: expected lab-client or lab-storage\n' \
+           "$STORAGED_SETUP_ROLE" >&2; exit 2 ;;
+esac
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }
@@ -70,9 +83,10 @@ else
             fi
         done
         if [ ${#installable[@]} -gt 0 ]; then
-            # The peers (tgt, nfs-ganesha, rpcbind, etcd) are only started by the
-            # tests and benchmarks, on their own ports: keep their packages from
-            # starting system services that would hold 3260, 2049, 111 or 2379.
+            # The peers (tgt, nfs-ganesha, rpcbind, etcd, corosync, pacemaker) are only
+            # started by the tests and benchmarks, on their own ports or in their own
+            # network namespaces: keep their packages from starting system services
+            # that would hold 3260, 2049, 111, 2379 or 5405.
             policy=/usr/sbin/policy-rc.d
             made_policy=0
             if [ ! -e "$policy" ]; then

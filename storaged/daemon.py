@@ -18,12 +18,17 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from storaged import metrics
 from storaged.block.file import FileBlockDevice
+from storaged.block.open import open_device, redact
 from storaged.iscsi.chap import Credentials
 from storaged.iscsi.server import IscsiServer
 from storaged.iscsi.target import Registry, TargetContext
+from storaged.lb.director import Director
+from storaged.lb.health import HealthChecker
+from storaged.lb.records import VirtualService
 from storaged.raid.service import RaidService
 from storaged.scsi.alua import Alua
 from storaged.scsi.atomic import attach_journal
@@ -31,6 +36,9 @@ from storaged.scsi.lu import LogicalUnit
 from storaged.scsi.target import ScsiTarget
 from storaged.scsi.types import ScsiCommand, ScsiResult
 from storaged.state import Backstore, Chap, StatePrStore, Store, Target, split_portal
+
+if TYPE_CHECKING:
+    from storaged.scsi.pr_cluster import SharedPr
 
 log = logging.getLogger("storaged")
 
@@ -58,6 +66,8 @@ class Runtime:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.registry = Registry()
+        self.director = self.registry.director = Director()  # storaged lb group portals
+        self.health = HealthChecker(self.director)
         self.raid = RaidService(store)  # RAID arrays; Backstore kind 'raid' opens one
         self.devices: dict[str, _Device] = {}
         self.alua = Alua()  # target port groups shared by every LU (storaged.scsi.alua)
@@ -71,6 +81,8 @@ class Runtime:
         self.nfs = NfsRuntime(store)
         from storaged.control.mgmt_server import MgmtServer
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
+        self.shared_pr: SharedPr | None = None
+        """Shared-LU persistent reservations, once a cluster node runs here."""
         # Floating addresses (storaged.vip): portals on one open only while it is held here.
         self.vip = None  # the VipService, when a cluster node runs in this daemon
         self.floating: set[str] = set()
@@ -115,11 +127,15 @@ class Runtime:
 
     def _open_device(self, b: Backstore) -> _Device | None:
         try:
-            dev = self.raid.lun_device(b.path, b.size) if b.kind == "raid" else \
-                FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only,
-                                direct=b.direct)
+            if b.kind == "raid":
+                dev = self.raid.lun_device(b.path, b.size)
+            elif b.kind == "iscsi":     # another storage node's LUN, through our initiator
+                dev = open_device(b.path, block_size=b.block_size, read_only=b.read_only)
+            else:
+                dev = FileBlockDevice(b.path, block_size=b.block_size, read_only=b.read_only,
+                                      direct=b.direct)
         except OSError as e:
-            log.error("backstore %s: cannot open %s: %s", b.name, b.path, e.strerror)
+            log.error("backstore %s: cannot open %s: %s", b.name, redact(b.path), e.strerror)
             return None
         # Physical block = logical block (LBPPBE 0): a file takes 512-byte writes
         # without read-modify-write visible to anyone, and libiscsi's
@@ -131,6 +147,7 @@ class Runtime:
                          physical_block_size=b.block_size,
                          pr_store=StatePrStore(self.store, b.name, b.wwn))
         self.alua.attach(lu)
+        self._share(lu, b)
         try:
             # WRITE ATOMIC(16) needs a write-ahead slot; replays one a crash left.
             attach_journal(lu, os.path.join(self.store.directory, "atomic", f"{b.name}.journal"))
@@ -138,6 +155,17 @@ class Runtime:
             log.warning("backstore %s: no atomic write journal (%s): WRITE ATOMIC disabled",
                         b.name, e)
         return _Device(b, dev, lu)
+
+    def _share(self, lu: LogicalUnit, b: Backstore) -> None:
+        """Shared backstores keep their PR state with the cluster's other nodes."""
+        if self.shared_pr is not None:
+            if b.shared:
+                self.shared_pr.attach(lu)
+            else:
+                self.shared_pr.detach(lu)
+        elif b.shared:
+            log.warning("backstore %s is shared but no cluster node runs here: its "
+                        "persistent reservations are this node's alone", b.name)
 
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
@@ -148,6 +176,7 @@ class Runtime:
         with self.store.read() as txn:
             backstores = {b.name: b for b in txn.list(Backstore)}
             targets = txn.list(Target)
+            services = txn.list(VirtualService)
             fenced_names, fenced_keys = fenced_initiators(txn)
             vips = txn.list(FloatingAddress)
         for name, b in backstores.items():
@@ -158,16 +187,19 @@ class Runtime:
                 cur.lu.read_only = b.read_only
                 cur.lu.online = b.online
                 cur.lu.wce = b.wce
-                if b.kind != "raid" and cur.device.direct != b.direct:
+                if b.kind in ("file", "block") and cur.device.direct != b.direct:
                     try:
                         cur.device.set_direct(b.direct)
                     except OSError as e:
                         log.error("backstore %s: cannot switch O_DIRECT: %s", name, e)
                 if cur.device.refresh_size() != cur.lu.num_blocks * cur.lu.block_size:
                     cur.lu.resize()
+                if cur.record.shared != b.shared:
+                    self._share(cur.lu, b)
                 cur.record = b
                 continue
             if cur is not None:
+                self._unshare(cur)
                 cur.device.close()
             new = self._open_device(b)
             if new is not None:
@@ -176,9 +208,11 @@ class Runtime:
                 self.devices.pop(name, None)
         for name in list(self.devices):
             if name not in backstores:
-                self.devices.pop(name).device.close()
+                gone = self.devices.pop(name)
+                self._unshare(gone)
+                gone.device.close()
         if fenced_names or fenced_keys:
-            self._preempt_fenced(fenced_names, fenced_keys)
+            await self._preempt_fenced(fenced_names, fenced_keys)
         denied = frozenset(fenced_names)
         wanted: set[tuple[str, int]] = set()
         seen: set[str] = set()
@@ -214,15 +248,32 @@ class Runtime:
                 for conn in self.registry.connections(name):
                     conn.drop("target deleted")
         self._reconcile_alua(targets)
+        if self.shared_pr is not None:
+            # A node that (re)starts catches up with the group before it serves.
+            await self.shared_pr.sync_new()
+        self.director.configure(services)
+        wanted.update(self.director.addresses())
         self._wanted = wanted
         self.floating = {v.ip for v in vips}
         if self.vip is None:  # managed outside storaged (ocf:storaged:vip): follow the kernel
             await self._follow_interfaces(vips)
-        await self.server.set_portals(self._portals())
+        await self._set_portals()
         if self.vip is not None:
             await self.vip.configure(vips)
         await self.nfs.reconcile()
         await self.mgmt.reconcile()
+
+    async def _set_portals(self) -> None:
+        """Listen on the wanted portals (floating addresses' only while held here)."""
+        try:
+            await self.server.set_portals(self._portals())
+        finally:
+            self.director.set_local_portals(self.server.listeners)
+            self.health.reconcile()  # after the portals: this node's own ones answer
+
+    def lb_live(self, args: dict) -> dict:
+        """Live connection counts of the virtual services (``storaged lb -L``)."""
+        return self.director.describe(self.registry.sessions.values(), time.monotonic())
 
     def _portals(self) -> set[tuple[str, int]]:
         """The portals to listen on: floating addresses' only while held here."""
@@ -239,7 +290,7 @@ class Runtime:
 
         (self.held_floating.add if on else self.held_floating.discard)(ip)
         try:
-            await self.server.set_portals(self._portals())
+            await self._set_portals()
         except PortalError as e:
             log.error("floating address %s: %s", ip, e)
         if not on:
@@ -278,7 +329,7 @@ class Runtime:
             vips = txn.list(FloatingAddress)
         await self._follow_interfaces(vips)
         try:
-            await self.server.set_portals(self._portals())
+            await self._set_portals()
         except PortalError as e:
             raise ConfigError(str(e)) from None
         return {"held": sorted(self.held_floating)}
@@ -292,11 +343,14 @@ class Runtime:
                 return vip_ls(txn)
         return {"live": True, "node": self.vip.node.node_id, "vips": self.vip.status()}
 
-    def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
+    async def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
-        PREEMPT AND ABORT (their tasks aborted, UAs for the others)."""
-        for name, d in self.devices.items():
-            removed = d.lu.pr.admin_preempt(names, keys)
+        PREEMPT AND ABORT (their tasks aborted, UAs for the others); on a
+        shared LU, on every storage node serving it."""
+        for name, d in list(self.devices.items()):
+            pr = d.lu.pr
+            removed = await pr.admin_preempt_everywhere(names, keys) if pr.backend.blocking \
+                else pr.admin_preempt(names, keys)
             if removed["registrations"]:
                 log.warning("fence: backstore %s: preempted %d registration(s) of fenced "
                             "initiators%s", name, removed["registrations"],
@@ -335,16 +389,29 @@ class Runtime:
         for name, d in self._pr_devices(args):
             used = [{"iqn": iqn, "lun": lun} for iqn, ctx in sorted(self.registry.targets.items())
                     for lun, lu in sorted(ctx.scsi.luns.items()) if lu is d.lu]
-            out.append({"backstore": name, "luns": used, **d.lu.pr.describe()})
+            item = {"backstore": name, "luns": used, **d.lu.pr.describe()}
+            if self.shared_pr is not None and d.lu.wwn.lower() in self.shared_pr.lus:
+                item["shared"] = {"synced": d.lu.wwn.lower() in self.shared_pr.synced}
+            out.append(item)
         return {"live": True, "backstores": out}
 
-    def pr_clear(self, args: dict) -> dict:
-        """``storaged pr clear``: drop registrations and reservations of a backstore."""
+    def _unshare(self, d: _Device) -> None:
+        if self.shared_pr is not None:
+            self.shared_pr.detach(d.lu)
+
+    async def pr_clear(self, args: dict) -> dict:
+        """``storaged pr clear``: drop registrations and reservations of a backstore
+        (on every node serving it, for a shared one)."""
         from storaged.control.ops import ConfigError
 
         if not args.get("backstore"):
             raise ConfigError("pr_clear needs a backstore")
         [(name, d)] = self._pr_devices(args)
+        if d.lu.pr.backend.blocking:
+            try:
+                return {"backstore": name, "cleared": await d.lu.pr.admin_clear_everywhere()}
+            except RuntimeError as e:
+                raise ConfigError(f"backstore {name}: {e}") from None
         return {"backstore": name, "cleared": d.lu.pr.admin_clear()}
 
     def status(self) -> dict:
@@ -414,6 +481,9 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
     from storaged.cluster.service import start_cluster_node, stop_cluster_node
 
     cluster_node = await start_cluster_node(directory, store)  # None: no cluster configured
+    if cluster_node is not None:
+        from storaged.scsi.pr_cluster import SharedPr
+        runtime.shared_pr = SharedPr(cluster_node)
     if metrics_addr and cluster_node is not None:
         metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))
     if cluster_node is not None:
@@ -430,6 +500,7 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
                                                     "pr_ls": runtime.pr_ls,
                                                     "pr_clear": runtime.pr_clear,
                                                     "alua_ls": runtime.alua_ls,
+                                                    "lb_live": runtime.lb_live,
                                                     "vip_ls": runtime.vip_ls,
                                                     "vip_sync": runtime.vip_sync,
                                                     **runtime.raid.control_ops()})
@@ -452,9 +523,12 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         await stop_control_server(control, sock_path)
         if runtime.vip is not None:
             await runtime.vip.stop()  # addresses removed, locks released: a survivor takes over
+        if runtime.shared_pr is not None:
+            runtime.shared_pr.close()
         if cluster_node is not None:
             await stop_cluster_node(directory, cluster_node)
         await runtime.mgmt.close()
+        await runtime.health.stop()
         await runtime.server.shutdown()
         await runtime.nfs.shutdown()
         for d in runtime.devices.values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from storaged.cluster.config import ClusterConfig, LocalNode
+from storaged.lab.records import LabRecord, LabResource
 from storaged.lb.records import VirtualService
 from storaged.nas.exports import Export, NfsSettings
 from storaged.raid.records import RaidVolume
@@ -28,7 +29,7 @@ RECORD_KINDS: tuple[type[Record], ...] = (
     Settings, Backstore, Target, AluaGroup, RaidVolume, Export, NfsSettings,
     ClusterConfig, LocalNode, VirtualService, FloatingAddress,
     PrRecord, NsmState, NsmMonitor, FenceNode, FenceEvent,
-    MgmtEndpoint, MgmtUser,
+    MgmtEndpoint, MgmtUser, LabRecord, LabResource,
 )
 
 #: The kinds that are configuration (they name a ``CONFIG_SECTION``).

@@ -69,6 +69,28 @@ def teardown_mount(mnt: str, env: dict, pids: list[int]) -> None:
         subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
 
 
+def mounted(mnt: str) -> bool:
+    """Whether ``mnt`` is in the mount table (also a dead FUSE mount, which
+    os.path.ismount misses: its stat fails with ENOTCONN)."""
+    real = os.path.realpath(mnt)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f)
+
+
+def teardown_mounts(mnts: list[str], env: dict, pids: list[int]) -> None:
+    """Unmount every one of ``mnts`` first, then wait for (or kill) the processes:
+    waiting for all of them after the first unmount would kill the others."""
+    for mnt in mnts:
+        if mounted(mnt):
+            r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+            if r.returncode != 0:
+                subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
+    for mnt in mnts:
+        teardown_mount(mnt, env, pids)
+        if mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", mnt], capture_output=True)
+
+
 @pytest.fixture
 def env(tmp_path):
     e = dict(os.environ, STORAGED_FS_RUNDIR=str(tmp_path / "run"))
@@ -231,8 +253,7 @@ def two_nodes(tmp_path, env):
         yield img, mnts
     finally:
         pids = mount_pids(env) or locals().get("pids", [])
-        for mnt in mnts:
-            teardown_mount(mnt, env, pids)
+        teardown_mounts(mnts, env, pids)
 
 
 def test_two_nodes_see_each_others_writes(two_nodes, env):

@@ -89,3 +89,21 @@ def test_config_save_carries_services(store):
     assert data["lb_services"][0]["scheduler"] == "lblcr"
     assert data["lb_services"][0]["reals"][0]["portal"] == "127.0.0.2:3260"
     assert os.path.exists(store / "cfg.json")
+
+
+def test_redirect_kind_saved_and_json_without_daemon(store):
+    assert run(store, "-A", "-t", "127.0.0.1:3260", "-s", "rr",
+               "--redirect", "permanent").returncode == 0
+    assert run(store, "-a", "-t", "127.0.0.1:3260", "-r", "127.0.0.2:3261").returncode == 0
+    saved = run(store, "-S").stdout
+    assert saved.splitlines()[0] == "-A -t 127.0.0.1:3260 -s rr --redirect permanent"
+    assert "redirect permanent" in run(store, "-L").stdout
+    out = json.loads(run(store, "-L", "--json").stdout)
+    assert out["live"] is False
+    [real] = out["services"][0]["reals"]
+    assert (real["portal"], real["active"], real["inactive"], real["up"]) == \
+        ("127.0.0.2:3261", 0, 0, True)
+    assert run(store, "-C").returncode == 0
+    assert run(store, "-R", stdin=saved).returncode == 0 and run(store, "-S").stdout == saved
+    r = run(store, "-E", "-t", "127.0.0.1:3260", "--redirect", "sideways")
+    assert r.returncode == 2 and "sideways" in r.stderr

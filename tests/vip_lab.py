@@ -206,8 +206,9 @@ class Lab:
                               capture_output=True, text=True, timeout=timeout)
 
     def sessions(self, node: int) -> str:
-        """``ss -tn`` inside the node's namespace (established TCP connections)."""
-        return run("ip", "netns", "exec", self.ns(node), "ss", "-tn", check=False).stdout
+        """Established TCP connections inside the node's namespace (``ss``)."""
+        return run("ip", "netns", "exec", self.ns(node), "ss", "-tn", "state",
+                   "established").stdout
 
     def hold_connection(self) -> subprocess.Popen:
         """A TCP connection from the client to the portal on the address, kept open."""

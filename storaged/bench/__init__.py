@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "dlm": ("storaged.bench.dlm", "DLM lock+unlock pairs/s and latency vs etcd 3.4"),
     "initiator": ("storaged.bench.initiator", "storaged initiator vs libiscsi (qemu-img bench)"),
     "fence": ("storaged.bench.fence", "fence_storaged: request to refused I/O / agent success"),
+    "clusterfs": ("storaged.bench.clusterfs", "cluster filesystem (local, 2-node) vs bindfs"),
 }
 
 

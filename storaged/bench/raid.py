@@ -17,8 +17,18 @@
    journal, and without either, so the cost of closing the write hole shows
    in the same run.
 
+3. ``--iscsi``: the same small writes through iSCSI, on one storaged daemon
+   (127.0.0.1, ``--port``) exporting a plain 1 GiB file LUN and a RAID-5 LUN
+   like ``storaged demo``'s (4 sparse members, 512 KiB chunk, bitmap + async
+   journal).  ``qemu-img bench`` 4 KiB writes at QD32, sequential (its
+   default, the issue's "4k write QD32" row) and scattered (a 1 MiB + 4 KiB
+   step: every write in another stripe row), alternating plain file, RAID-5
+   with the stripe cache and RAID-5 with ``raid cache --size 0`` in one
+   run; it prints each side's median and the RAID-5/plain-file ratios.
+
 The last line is ``min ratio storaged/isal: X.XX`` (the lower of the XOR
-and P+Q ratios), or ``min ratio storaged/isal: n/a`` without libisal2.
+and P+Q ratios), or ``min ratio storaged/isal: n/a`` without libisal2
+(with ``--iscsi`` only: ``min ratio raid5/plain: X.XX`` over the cached rows).
 """
 
 from __future__ import annotations
@@ -177,16 +187,147 @@ def block_layer(io_mib: int, seconds: float) -> list[tuple[str, dict[str, float]
     return rows
 
 
+ISCSI_PORT = 3297
+LUN_IQN = "iqn.2026-11.org.storaged:raidbench"
+SCATTER_STEP = (1 << 20) + 4096
+
+
+def _lun_daemon(workdir: str, port: int):  # noqa: ANN202 - a context manager
+    """``storaged serve`` with LUN 0 on a plain 1 GiB file and LUN 1 on a RAID-5 array."""
+    import contextlib
+    import subprocess
+    import sys
+
+    from storaged.bench.iscsi import (
+        STORAGED,
+        BenchError,
+        Endpoint,
+        _stop,
+        make_backing,
+        port_free,
+        wait_listening,
+    )
+    from storaged.raid.manage import size_for_capacity
+
+    @contextlib.contextmanager
+    def run():  # noqa: ANN202
+        if not port_free(port):
+            raise BenchError(f"port {port} is in use (--port)")
+        state = os.path.join(workdir, "state")
+        env = dict(os.environ, STORAGED_LOG="WARNING")
+        base = [sys.executable, "-m", "storaged", "--dir", state]
+
+        def cli(*args: str) -> None:
+            p = subprocess.run(base + list(args), capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise BenchError(f"storaged {' '.join(args)}: {p.stderr.strip()}")
+
+        image = os.path.join(workdir, "plain.img")
+        make_backing([image], 1 << 30)
+        members = [os.path.join(workdir, f"disk{i}.img") for i in range(4)]
+        per = size_for_capacity(1 << 30, 5, 4)
+        cli("raid", "create", "--level", "5", "--size", str(per), "--name", "r5", *members)
+        cli("raid", "backstore", "r5lun", "r5")
+        cli("backstore", "create", "plain", image)
+        cli("target", "create", LUN_IQN, "--portal", f"127.0.0.1:{port}")
+        cli("lun", "add", LUN_IQN, "plain", "--lun", "0")
+        cli("lun", "add", LUN_IQN, "r5lun", "--lun", "1")
+        cli("target", "open", LUN_IQN)
+        log = open(os.path.join(workdir, "storaged.log"), "wb")
+        proc = subprocess.Popen(base + ["serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_listening(port, proc, "storaged")
+            yield (Endpoint(STORAGED, port, LUN_IQN, 0, None, proc.pid),
+                   Endpoint(STORAGED, port, LUN_IQN, 1, None, proc.pid), cli)
+        finally:
+            _stop(proc)
+            log.close()
+
+    return run()
+
+
+def lun_rows(port: int, runs: int, seconds: float) -> list[tuple[str, dict[str, float]]]:
+    """IOPS of the plain-file LUN, the RAID-5 LUN and the RAID-5 LUN without cache."""
+    import statistics
+
+    from storaged.bench.iscsi import Case, parse_qemu_bench, qemu_command
+    from storaged.bench.iscsi import _run_tool as run_tool
+
+    def once(ep, case: Case, count: int, step: int | None) -> float:  # noqa: ANN001
+        cmd = qemu_command(ep, case, count)
+        if step:
+            i = cmd.index("--image-opts")
+            cmd[i:i] = ["-S", str(step)]
+        secs = parse_qemu_bench(run_tool(cmd, timeout=120 + 20 * seconds))
+        return count / secs if secs > 0 else 0.0
+
+    tmp = tempfile.mkdtemp(prefix="storaged-bench-raidlun-", dir="/var/tmp")
+    out: list[tuple[str, dict[str, float]]] = []
+    try:
+        with _lun_daemon(tmp, port) as (plain, raid, cli):
+            def cache(on: bool) -> None:
+                cli("raid", "cache", "r5", "--size", "1024" if on else "0")
+
+            case = Case("4k write QD32", "qemu", 4096, 32, write=True)
+            for label, step in (("4k write QD32 (sequential)", None),
+                                ("4k write QD32 (scattered)", SCATTER_STEP)):
+                sides = {"plain": (plain, True), "raid5": (raid, True),
+                         "raid5 no cache": (raid, False)}
+                rates: dict[str, float] = {}
+                for name, (ep, on) in sides.items():      # calibrate and warm up
+                    cache(on)
+                    rates[name] = once(ep, case, 8000, step)
+                count = max(128, round(statistics.geometric_mean(rates.values()) * seconds))
+                got: dict[str, list[float]] = {k: [] for k in sides}
+                order = list(sides)
+                for r in range(runs):
+                    for name in (order if r % 2 == 0 else order[::-1]):
+                        ep, on = sides[name]
+                        cache(on)
+                        got[name].append(once(ep, case, count, step))
+                cache(True)
+                out.append((label, {k: statistics.median(v) for k, v in got.items()}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m storaged.bench raid", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=256, help="parity working set (MiB)")
     ap.add_argument("--io-mib", type=int, default=128, help="array size for the I/O part")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=None,
+                    help="best of N for the kernels (5), median of N for --iscsi (3)")
     ap.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    ap.add_argument("--iscsi", action="store_true",
+                    help="only the iSCSI rows: RAID-5 LUN vs plain-file LUN, one daemon")
+    ap.add_argument("--port", type=int, default=ISCSI_PORT, help="iSCSI port for --iscsi")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per --iscsi run")
     args = ap.parse_args(argv)
+    if args.iscsi:
+        from storaged.bench.iscsi import BenchError
+        try:
+            rows = lun_rows(args.port, args.runs or 3, args.seconds)
+        except BenchError as e:
+            print(f"bench raid: error: {e}")
+            return 1
+        print("iSCSI, one storaged daemon: plain 1 GiB file LUN vs RAID-5 LUN "
+              "(4 members, 512K chunk, bitmap + async journal), qemu-img bench, IOPS")
+        print(f"  {'row':<30}{'plain':>10}{'raid5':>10}{'no cache':>10}"
+              f"{'raid5/plain':>13}{'no cache/plain':>16}")
+        ratios = []
+        for label, v in rows:
+            r1, r0 = v["raid5"] / v["plain"], v["raid5 no cache"] / v["plain"]
+            ratios.append(r1)
+            print(f"  {label:<30}{v['plain']:10.0f}{v['raid5']:10.0f}"
+                  f"{v['raid5 no cache']:10.0f}{r1:13.2f}{r0:16.2f}")
+        print(f"min ratio raid5/plain: {min(ratios):.2f}")
+        return 0
     if args.quick:
         args.mib, args.io_mib, args.runs = 16, 8, 2
+    args.runs = args.runs or 5
     seconds = 0.3 if args.quick else 2.0
     backend = ""
     try:

@@ -10,11 +10,11 @@ operation, one line out.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
 
+from storaged.block.open import normalize
 from storaged.cli.lazy import LazyGroup
 from storaged.cli.root import fail, op_command, pairs, run_op
 
@@ -42,10 +42,10 @@ def backstore() -> None:
 @op_command(backstore, "create", "backstore_create",
             done=lambda b, _: f"Created backstore {b['name']} ({b['kind']} {b['path']}, "
                               f"{_size_text(b)}).",
-            args=lambda p: {"name": p["name"], "path": os.path.abspath(p["path"]),
+            args=lambda p: {"name": p["name"], "path": normalize(p["path"]),
                             "size": p["size"], "block_size": int(p["block_size"]),
                             "read_only": p["read_only"], "wce": not p["no_write_cache"],
-                            "direct": p["direct"]})
+                            "direct": p["direct"], "shared": p["shared"]})
 @click.argument("name")
 @click.argument("path")
 @click.option("--size", help="Size for a new file: bytes or 512M, 10G, 1GiB (binary units).")
@@ -56,8 +56,12 @@ def backstore() -> None:
               help="Write-through: every write is durable before it is acknowledged.")
 @click.option("--direct", is_flag=True,
               help="O_DIRECT: bypass the host page cache (the filesystem must support it).")
+@click.option("--shared", is_flag=True,
+              help="Served by several storage nodes of the cluster (same backing storage): "
+                   "persistent reservations are kept cluster-wide (docs/ha.md).")
 def backstore_create() -> None:
-    """Register PATH (file or block device) as backstore NAME; creates a missing file."""
+    """Register PATH (file, block device or iscsi:// URL of another storage node's
+    LUN) as backstore NAME; creates a missing file."""
 
 
 @op_command(backstore, "delete", "backstore_delete",
@@ -77,6 +81,9 @@ def backstore_delete() -> None:
               help="Acknowledge writes from the page cache (WCE=1) or only once durable.")
 @click.option("--direct", type=click.Choice(["on", "off"]), default=None,
               help="O_DIRECT on or off: bypass the host page cache.")
+@click.option("--shared/--not-shared", default=None,
+              help="Keep persistent reservations with the cluster's other storage nodes "
+                   "serving this backstore (docs/ha.md).")
 def backstore_set() -> None:
     """Change flags of backstore NAME (live when the daemon runs)."""
 
@@ -328,6 +335,10 @@ def _pr_lines(b: dict[str, Any], live: bool) -> list[str]:
     for r in regs:
         mark = "  [holder]" if r["holder"] else ""
         lines.append(f"    {r['key']}  {r['initiator']} -> {r['target_port']}{mark}")
+    shared = b.get("shared")
+    if shared is not None:
+        lines.append(f"  shared with the cluster's storage nodes: change {b.get('seq', 0)}, "
+                     + ("in step" if shared["synced"] else "NOT caught up yet (PR IN refused)"))
     if not live:
         lines.append("  (daemon not running: saved APTPL state)")
     return lines

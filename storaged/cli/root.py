@@ -130,6 +130,7 @@ GROUPS: dict[str, str] = {
     "mgmt": "storaged.cli.fence:mgmt",
     "ocf": "storaged.ocf.cli:ocf",
     "lb": "storaged.lb.cli:lb",
+    "lab": "storaged.lab.cli:lab",
     "vip": "storaged.vip.cli:vip",
 }
 for _name, _target in GROUPS.items():

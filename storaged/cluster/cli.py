@@ -19,7 +19,14 @@ import click
 import zmq
 
 from storaged.cluster.client import NodeClient, NodeError, socket_path
-from storaged.cluster.config import FENCERS, NO_QUORUM_POLICIES, ClusterConfig, LocalNode, NodeEntry
+from storaged.cluster.config import (
+    FENCERS,
+    MEMBERSHIP_PROVIDERS,
+    NO_QUORUM_POLICIES,
+    ClusterConfig,
+    LocalNode,
+    NodeEntry,
+)
 from storaged.state import StateError, Store, ValidationError
 
 DEFAULT_PORT = 7870
@@ -93,6 +100,10 @@ def cluster() -> None:
               show_default=True, help="What the DLM does without quorum.")
 @click.option("--fencer", type=click.Choice(FENCERS), default="manual", show_default=True)
 @click.option("--fence-command", help="Command for --fencer command (node id is appended).")
+@click.option("--membership", type=click.Choice(MEMBERSHIP_PROVIDERS), default="storaged",
+              show_default=True,
+              help="Membership and quorum from storaged's heartbeats or from the local "
+                   "corosync (node ids must be corosync's).")
 @click.option("--lockspace", "lockspaces", multiple=True, help="Lockspace (default: default).")
 @click.option("--skew-warn-ms", type=int, default=1000, show_default=True,
               help="Warn when a peer's clock differs by more than this.")
@@ -103,7 +114,7 @@ def cluster() -> None:
 def cluster_init(ctx: click.Context, name: str, nodes: tuple[str, ...], node_id: int,
                  token_ms: int, consensus_ms: int, heartbeat_ms: int, expected_votes: int,
                  two_node: bool, wait_for_all: bool, no_quorum_policy: str, fencer: str,
-                 fence_command: str | None, lockspaces: tuple[str, ...],
+                 fence_command: str | None, membership: str, lockspaces: tuple[str, ...],
                  skew_warn_ms: int, clock_warn_ms: int) -> None:
     """Create cluster NAME in this state directory (copy the same command to every node,
     changing --id, or use 'storaged cluster join')."""
@@ -114,7 +125,7 @@ def cluster_init(ctx: click.Context, name: str, nodes: tuple[str, ...], node_id:
         wait_for_all=wait_for_all, no_quorum_policy=no_quorum_policy, fencer=fencer,
         fence_command=fence_command.split() if fence_command else [],
         lockspaces=list(lockspaces) or ["default"], skew_warn_ms=skew_warn_ms,
-        clock_warn_ms=clock_warn_ms)
+        clock_warn_ms=clock_warn_ms, membership=membership)
     if node_id not in entries:
         _fail(f"--id {node_id} is not one of the --node ids")
     save(_dir(ctx), cfg, node_id)
@@ -218,7 +229,10 @@ def cluster_node(ctx: click.Context, test_hooks: bool) -> None:
     logging.basicConfig(level=os.environ.get("STORAGED_LOG", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    asyncio.run(run_node(directory, cfg, node_id, test_hooks=test_hooks))
+    try:
+        asyncio.run(run_node(directory, cfg, node_id, test_hooks=test_hooks))
+    except RuntimeError as e:  # e.g. membership corosync without a corosync here
+        _fail(str(e))
 
 
 async def run_node(directory: str, cfg: ClusterConfig, node_id: int, *,
@@ -268,8 +282,13 @@ def cluster_status(ctx: click.Context, as_json: bool) -> None:
                               indent=2))
         return
     click.echo(f"Cluster {cfg.name} (config version {cfg.version}), this node: {node_id}")
-    click.echo(f"  token {cfg.token_ms} ms, consensus {int(cfg.consensus * 1000)} ms, "
-               f"no-quorum-policy {cfg.no_quorum_policy}, fencer {cfg.fencer}")
+    click.echo(f"  providers: membership {cfg.membership}, fencing {cfg.fencer}")
+    if cfg.membership == "corosync":
+        click.echo(f"  no-quorum-policy {cfg.no_quorum_policy} (token, quorum, two_node and "
+                   "wait_for_all are corosync's)")
+    else:
+        click.echo(f"  token {cfg.token_ms} ms, consensus {int(cfg.consensus * 1000)} ms, "
+                   f"no-quorum-policy {cfg.no_quorum_policy}, fencer {cfg.fencer}")
     for nid, e in sorted(cfg.nodes.items()):
         click.echo(f"  node {nid}: {e.address} votes {e.votes}")
     if live is None:
@@ -283,6 +302,20 @@ def cluster_status(ctx: click.Context, as_json: bool) -> None:
                    f"{'quorate' if v['quorate'] else 'NOT quorate'} "
                    f"({v['votes']}/{v['expected_votes']} votes, quorum {v['quorum']}"
                    f"{', waiting for all' if v['wait_for_all'] else ''})")
+    cs = live.get("corosync")
+    if cs is not None:
+        names = cs.get("names", {})
+        ring = ", ".join(f"{n} ({names.get(str(n), '?')})" for n in cs["ring_members"])
+        click.echo(f"  corosync: ring {cs['ring']} members [{ring}], "
+                   f"{'quorate' if cs['quorate'] else 'NOT quorate'} "
+                   f"({cs.get('total_votes', '?')}/{cs.get('expected_votes', '?')} votes, "
+                   f"quorum {cs.get('quorum', '?')}), token {cs.get('token_ms', '?')} ms, "
+                   f"storaged CPG members {cs['cpg_members']}")
+        for ls, members in live.get("dlm_members", {}).items():
+            click.echo(f"  DLM lockspace {ls}: members {members}")
+        if live.get("mismatch"):
+            click.echo(f"  MISMATCH: the DLM counts {live['mismatch']} as members but "
+                       "corosync dropped them (recovery pending)")
     if live["pending_fence"]:
         click.echo(f"  waiting for fencing of: {live['pending_fence']}")
     skew = ", ".join(f"node {n}: {ms:+.1f} ms" for n, ms in live["skew_ms"].items())

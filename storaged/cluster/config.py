@@ -17,7 +17,10 @@ from storaged.state.records import Record
 from storaged.state.validate import check_bool, check_int, normalize_portal, split_portal
 
 NO_QUORUM_POLICIES = ("stop", "freeze", "ignore")
-FENCERS = ("manual", "test", "command", "agent")
+FENCERS = ("manual", "test", "command", "agent", "pacemaker")
+#: who decides membership and quorum: storaged's own ZeroMQ heartbeats, or corosync (CPG +
+#: votequorum, see storaged.cluster.corosync); DLM messages travel over ZeroMQ either way
+MEMBERSHIP_PROVIDERS = ("storaged", "corosync")
 MAX_NODE_ID = 4095
 
 
@@ -93,6 +96,10 @@ class ClusterConfig(Record):
     clock_warn_ms: int = 1000
     lockspaces: list[str] = field(default_factory=lambda: ["default"])
     version: int = 1
+    membership: str = "storaged"
+    """Membership/quorum provider: ``storaged`` (heartbeats over ZeroMQ, the
+    default) or ``corosync`` (node ids, views and quorum from the local
+    corosync; token, two_node and wait_for_all are then corosync's)."""
 
     @property
     def key(self) -> str:
@@ -179,6 +186,8 @@ class ClusterConfig(Record):
                 errors.append(str(e))
         if self.no_quorum_policy not in NO_QUORUM_POLICIES:
             errors.append(f"no_quorum_policy must be one of {', '.join(NO_QUORUM_POLICIES)}")
+        if self.membership not in MEMBERSHIP_PROVIDERS:
+            errors.append(f"membership must be one of {', '.join(MEMBERSHIP_PROVIDERS)}")
         if self.fencer not in FENCERS:
             errors.append(f"fencer must be one of {', '.join(FENCERS)}")
         if not isinstance(self.fence_command, list) or \

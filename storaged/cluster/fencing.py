@@ -16,6 +16,10 @@ for every node that left uncleanly and recovery waits until it returns True
   options as ``name=value`` lines on stdin; exit status 0 means fenced.
   Before fencing it asks the agent for its own node's status: a node that
   was fenced itself (status exit 2) does not fence back.
+* :class:`PacemakerFencer`: asks pacemaker's fencer (``stonith_admin
+  --fence``), as dlm_controld does, then waits until pacemaker's fencing
+  history shows the node fenced *after* it left; the fence device is
+  whatever pacemaker has configured.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class Fencer(ABC):
     def acknowledge(self, node: int) -> None:
         """An operator confirmed ``node`` is fenced (only the manual fencer cares)."""
         _ = node
+
+    def node_left(self, node: int, incarnation: int, when: float) -> None:
+        """``node`` left the view uncleanly at wall-clock time ``when`` (the pacemaker
+        fencer only accepts a fence completed after that)."""
+        _ = (node, incarnation, when)
 
 
 class TestFencer(Fencer):
@@ -196,6 +205,104 @@ class AgentFencer(Fencer):
         return await self.run("off", plug) == 0
 
 
+STONITH_ADMIN = "stonith_admin"
+
+
+def parse_fence_history(xml: str, target: str) -> list[tuple[str, str, float]]:
+    """(action, status, completed wall time) of each ``<fence_event>`` for ``target`` in
+    ``stonith_admin --history TARGET --output-as xml`` output (pacemaker 2.1)."""
+    import calendar
+    import xml.etree.ElementTree as ET
+    out: list[tuple[str, str, float]] = []
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return out
+    for ev in root.iter("fence_event"):
+        if ev.get("target") != target:
+            continue
+        stamp = ev.get("completed") or ""
+        when = 0.0
+        for fmt in ("%Y-%m-%d %H:%M:%SZ", "%Y-%m-%d %H:%M:%S %z"):
+            try:
+                when = float(calendar.timegm(time.strptime(stamp.replace("+00:00", "Z")
+                                                           if fmt.endswith("Z") else stamp,
+                                                           fmt)))
+                break
+            except ValueError:
+                continue
+        out.append((ev.get("action", ""), ev.get("status", ""), when))
+    return out
+
+
+class PacemakerFencer(Fencer):
+    """Fences through pacemaker's fencer, like dlm_controld.
+
+    ``stonith_admin --fence NAME --tolerance S`` asks pacemaker to fence the
+    node unless it already did since the node left (pacemaker itself fences
+    a node it lost, so the two requests must not fence twice); then the node
+    counts as fenced only when ``stonith_admin --history NAME`` lists a
+    successful ``off`` or ``reboot`` completed at or after the second the node
+    left.  Needs pacemaker running on this host (its IPC is per network
+    namespace, like corosync's).
+    """
+
+    name = "pacemaker"
+
+    def __init__(self, names: dict[int, str], timeout: float = 120.0,
+                 tool: str = STONITH_ADMIN) -> None:
+        self.names = dict(names)
+        self.timeout = timeout
+        self.tool = tool
+        self.left_at: dict[tuple[int, int], float] = {}
+        self.calls: list[tuple[str, int]] = []
+
+    def node_left(self, node: int, incarnation: int, when: float) -> None:
+        self.left_at.setdefault((node, incarnation), when)
+
+    async def _run(self, *args: str) -> tuple[int, str]:
+        path = shutil.which(self.tool) or shutil.which(self.tool, path="/usr/sbin:/sbin")
+        if path is None:
+            log.error("%s not found: install pacemaker-cli-utils (and run pacemaker)",
+                      self.tool)
+            return -1, ""
+        proc = await asyncio.create_subprocess_exec(
+            path, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout + 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return -1, ""
+        rc = proc.returncode if proc.returncode is not None else -1
+        if rc != 0:
+            log.error("%s %s exited with %d: %s", self.tool, " ".join(args), rc,
+                      err.decode(errors="replace").strip()[-500:])
+        return rc, out.decode(errors="replace")
+
+    async def history_ok(self, plug: str, since: float) -> bool:
+        """True when pacemaker's history shows ``plug`` fenced at or after ``since``."""
+        rc, out = await self._run("--history", plug, "--output-as", "xml")
+        if rc != 0:
+            return False
+        return any(action in ("off", "reboot") and status == "success" and when >= int(since)
+                   for action, status, when in parse_fence_history(out, plug))
+
+    async def fence(self, node: int, incarnation: int) -> bool:
+        plug = self.names.get(node, f"node{node}")
+        since = self.left_at.get((node, incarnation), time.time())
+        if not await self.history_ok(plug, since):
+            tolerance = max(1, int(time.time() - since) + 1)
+            rc, _ = await self._run("--fence", plug, "--timeout", str(int(self.timeout)),
+                                    "--tolerance", f"{tolerance}s")
+            self.calls.append((plug, rc))
+        ok = await self.history_ok(plug, since)
+        if ok:
+            self.left_at.pop((node, incarnation), None)
+            log.warning("pacemaker fenced %s (node %d)", plug, node)
+        return ok
+
+
 def make_fencer(kind: str, command: list[str] | None = None, delay: float = 0.0, *,
                 config: ClusterConfig | None = None, node_id: int | None = None) -> Fencer:
     """The fencer named by the cluster config."""
@@ -205,6 +312,10 @@ def make_fencer(kind: str, command: list[str] | None = None, delay: float = 0.0,
         names = {n: config.node_name(n) for n in config.nodes}
         return AgentFencer(config.fence_agent, config.fence_options, names,
                            names.get(node_id) if node_id is not None else None)
+    if kind == "pacemaker":
+        if config is None:
+            raise ValueError("the pacemaker fencer needs the cluster config")
+        return PacemakerFencer({n: config.node_name(n) for n in config.nodes})
     if kind == "manual":
         return ManualFencer()
     if kind == "test":

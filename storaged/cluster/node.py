@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,7 +91,17 @@ class ClusterNode:
         self.control_path = control_path
         self.test_hooks = test_hooks
         self.on_config = on_config
-        self.membership = Membership(node_id, config, self.inc, time.monotonic())
+        self._corosync: Any = None
+        self.membership: Any
+        if config.membership == "corosync":
+            # Imported here: the default provider never loads the corosync binding.
+            from storaged.cluster.corosync.membership import CorosyncMembership
+            from storaged.cluster.corosync.shell import CorosyncShell
+            self.membership = CorosyncMembership(node_id, config, self.inc, os.getpid())
+            self._corosync = CorosyncShell(self.membership, self._flush_membership)
+        else:
+            self.membership = Membership(node_id, config, self.inc, time.monotonic())
+        self._mismatch: tuple[int, ...] = ()
         self.lockspaces: dict[str, Lockspace] = {}
         for name in config.lockspaces:
             core = LockspaceCore(name, node_id, no_quorum_policy=config.no_quorum_policy)
@@ -113,6 +124,11 @@ class ClusterNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, list[dict[str, Any]]] = {}
         self._flush_scheduled = False
+        self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
+        """Message kind -> handler(src, msg) for services built on the node
+        (storaged.scsi.pr_cluster); only messages from current members arrive."""
+        self.view_listeners: list[Callable[[View], None]] = []
+        """Called with every view installed (after the lockspaces saw it)."""
 
     # -------------------------------------------------------------- lifecycle
 
@@ -130,6 +146,26 @@ class ClusterNode:
             if n != self.node_id:
                 self._connect(n)
         loop.add_reader(r.getsockopt(zmq.FD), self._on_router)
+        if self._corosync is not None:
+            try:
+                self._corosync.start()
+            except RuntimeError:
+                loop.remove_reader(r.getsockopt(zmq.FD))
+                r.close(0)
+                for d in self._dealers.values():
+                    d.close(0)
+                self._dealers.clear()
+                self._ctx.term()
+                self._ctx = None
+                raise
+            if self.fencer.name == "pacemaker":
+                # Pacemaker knows nodes by corosync's names: use them where the config
+                # names none.
+                names = getattr(self.fencer, "names", {})
+                for n, name in self.membership.names.items():
+                    entry = self.config.nodes.get(n)
+                    if entry is not None and not entry.name:
+                        names[n] = name
         if self.control_path:
             self._client = await asyncio.start_unix_server(self._on_client, self.control_path)
         self._ticker = loop.create_task(self._tick_loop())
@@ -163,6 +199,8 @@ class ClusterNode:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._corosync is not None:
+            self._corosync.close()
         self._flush()
         if self._router is not None and not self._router.closed:
             loop.remove_reader(self._router.getsockopt(zmq.FD))
@@ -178,6 +216,8 @@ class ClusterNode:
     async def leave(self) -> None:
         """Leave the cluster cleanly (peers will not fence this node), then stop."""
         self.membership.leave()
+        if self._corosync is not None:
+            self._corosync.leave()
         self._flush_membership()
         await asyncio.sleep(0.05)
         await self.stop()
@@ -225,9 +265,16 @@ class ClusterNode:
         st["cluster"] = self.config.name
         st["no_quorum_policy"] = self.config.no_quorum_policy
         st["fencer"] = self.fencer.name
+        st["membership"] = self.config.membership
         st["lockspaces"] = {n: ls.core.state for n, ls in self.lockspaces.items()}
         st["token_ms"] = self.config.token_ms
         st["consensus_ms"] = int(self.config.consensus * 1000)
+        if self._corosync is not None:
+            info = self._corosync.info  # corosync's timeouts are the ones in force
+            st["token_ms"] = int(info.get("token_ms") or 0)
+            st["consensus_ms"] = int(info.get("consensus_ms") or 0)
+            st["dlm_members"] = {n: list(ls.core.members) for n, ls in self.lockspaces.items()}
+            st["mismatch"] = list(self._check_mismatch())
         return st
 
     # ---------------------------------------------------------------- sending
@@ -247,6 +294,11 @@ class ClusterNode:
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def send(self, dst: int, msg: dict[str, Any]) -> None:
+        """Queue a service message (a ``handlers`` kind) for node ``dst``: FIFO
+        with everything else this node sends there, dropped if it is not up."""
+        self._send(dst, msg)
 
     def _send_many(self, out: list[tuple[int, dict[str, Any]]]) -> None:
         for dst, msg in out:
@@ -325,6 +377,12 @@ class ClusterNode:
                 ls.core.receive(src, msg)
                 dirty.add(ls)
             return
+        handler = self.handlers.get(kind)  # type: ignore[arg-type]
+        if handler is not None:
+            v = self.view
+            if v is not None and v.incarnation(src) == inc:
+                handler(src, msg)
+            return
         if kind == "fack":
             self.fencer.acknowledge(int(msg["node"]))
             return
@@ -352,8 +410,24 @@ class ClusterNode:
             self._on_router()
             await asyncio.sleep(period)
 
+    def _check_mismatch(self) -> tuple[int, ...]:
+        """Nodes a lockspace still counts as members that corosync's ring dropped
+        (logged once per change; shown by ``cluster status``)."""
+        m = self.membership
+        ring = m.ring_nodes if m.ring_seq is not None else set()
+        dlm = {n for ls in self.lockspaces.values() for n in ls.core.members}
+        bad = tuple(sorted(dlm - ring)) if ring else ()
+        if bad != self._mismatch:
+            self._mismatch = bad
+            if bad:
+                log.warning("membership mismatch: the DLM counts %s as members, corosync "
+                            "dropped them (ring %s: %s)", list(bad), m.ring_seq, sorted(ring))
+        return bad
+
     def _flush_membership(self) -> None:
         m = self.membership
+        if self._corosync is not None:
+            self._corosync.flush()
         if m.out:
             out, m.out = m.out, []
             self._send_many(out)
@@ -398,9 +472,23 @@ class ClusterNode:
         if m.out:
             out, m.out = m.out, []
             self._send_many(out)
+        if self._corosync is not None:
+            self._corosync.flush()
+            self._check_mismatch()
 
     def _on_view(self, view: View) -> None:
         self.view = view
+        if view.removed:
+            # The node was gone at most one failure detection (token + consensus) before
+            # this view: a fence completed since then counts (pacemaker fences it too).
+            slack = self.config.token + self.config.consensus
+            if self._corosync is not None:
+                info = self._corosync.info
+                slack = (int(info.get("token_ms") or 0) + int(info.get("consensus_ms") or 0)
+                         ) / 1000 or slack
+            since = time.time() - slack
+            for n, i in view.removed:
+                self.fencer.node_left(n, i, since)
         self.view_events.append((time.time(), view))
         q = view.quorum
         log.info("view %s: members %s, %s (%d/%d votes, quorum %d)%s", view.label(),
@@ -414,6 +502,11 @@ class ClusterNode:
             ls.pump()
         self._view_changed.set()
         self._view_changed = asyncio.Event()
+        for listener in list(self.view_listeners):
+            try:
+                listener(view)
+            except Exception:  # noqa: BLE001 - a service bug must not stop membership
+                log.exception("view listener failed")
 
     def _fence_state(self) -> None:
         ok = not self.membership.pending_fence

@@ -57,7 +57,13 @@ async def start_cluster_node(directory: str, store: Store) -> ClusterNode | None
             txn.put(c)
 
     node = ClusterNode(cfg, node_id, control_path=path, on_config=save)
-    await node.start()
+    try:
+        await node.start()
+    except RuntimeError as e:
+        # membership=corosync without a usable corosync: the rest of the daemon (LUNs,
+        # exports) still serves; the node is simply not running (cluster status says so).
+        log.error("cluster node %d of %s not started: %s", node_id, cfg.name, e)
+        return None
     log.info("cluster node %d of %s runs in the daemon (endpoint %s)", node_id, cfg.name, path)
     return node
 

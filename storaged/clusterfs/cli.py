@@ -34,16 +34,31 @@ def _sock_for(mountpoint: str) -> str:
 
 
 def _open_device(path: str, read_only: bool = False) -> Any:
-    from storaged.block.file import FileBlockDevice
-    if path.startswith("iscsi://"):
-        _fail("iscsi:// devices need the userspace initiator (not available yet): "
-              "use the kernel initiator's /dev/sdX")
-    if not os.path.exists(path):
-        _fail(f"{path}: no such file or device")
+    """A file, block device or iscsi:// LUN (storaged.block.open); CLI error if not."""
+    from storaged.block.base import BlockDeviceError
+    from storaged.block.open import open_device
     try:
-        return FileBlockDevice(path, block_size=512, read_only=read_only)
+        return open_device(path, block_size=512, read_only=read_only)
+    except BlockDeviceError as e:
+        _fail(str(e.strerror or e))
     except OSError as e:
         _fail(f"cannot open {path}: {e.strerror}")
+
+
+def _device_name(path: str) -> str:
+    """How status shows a device: the real path, or the URL without its secrets."""
+    from storaged.block.open import is_url, redact
+    return redact(path) if is_url(path) else os.path.realpath(path)
+
+
+def _fsname(path: str) -> str:
+    """The mount table's source name: the file's name, or ``IQN/LUN`` of a URL
+    (no commas: libfuse splits its options on them)."""
+    from storaged.block.open import is_url
+    if is_url(path):
+        path = path.split("?")[0]
+        return "/".join(path.rstrip("/").split("/")[-2:]).replace(",", "_")
+    return os.path.basename(path)
 
 
 @click.group()
@@ -85,10 +100,20 @@ def _parse_opts(opts: tuple[str, ...]) -> dict[str, str | bool]:
                 continue
             key, eq, val = item.partition("=")
             out[key] = val if eq else True
-    known = {"ro", "rw", "noatime", "relatime", "local", "lockspace"}
+    known = {"ro", "rw", "noatime", "relatime", "local", "lockspace", "hold_ms", "localflocks",
+             "nocache"}
     unknown = sorted(set(out) - known)
     if unknown:
         _fail(f"unknown mount option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if "hold_ms" in out:
+        raw = out["hold_ms"]
+        try:
+            hold = float(raw) if isinstance(raw, str) else -1.0
+        except ValueError:
+            hold = -1.0
+        if not 0 <= hold <= 60000:
+            _fail(f"hold_ms={raw if isinstance(raw, str) else ''}: the minimum lock hold time "
+                  "must be a number of milliseconds from 0 to 60000")
     return out
 
 
@@ -96,7 +121,8 @@ def _parse_opts(opts: tuple[str, ...]) -> dict[str, str | bool]:
 @click.argument("device")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-o", "options", multiple=True,
-              help="Comma-separated: ro, noatime, relatime, local, lockspace=NAME.")
+              help="Comma-separated: ro, noatime, relatime, local, lockspace=NAME, "
+                   "hold_ms=N (minimum lock hold time), localflocks, nocache.")
 @click.option("--cluster", "cluster_dir", type=click.Path(file_okay=False),
               help="State directory of this host's cluster config (storaged cluster init); "
                    "the mount runs that cluster node.  Required unless -o local.")
@@ -114,7 +140,8 @@ def fs_mount(device: str, mountpoint: str, options: tuple[str, ...], cluster_dir
         _fail(f"{mountpoint}: mount point is not a directory")
     if os.path.ismount(mountpoint):
         _fail(f"{mountpoint}: something is already mounted there")
-    if not os.path.exists(device):
+    from storaged.block.open import exists
+    if not exists(device):
         _fail(f"{device}: no such file or device")
     if not foreground:
         _background(sys.argv, mountpoint, timeout)
@@ -145,32 +172,55 @@ def _background(argv: list[str], mountpoint: str, timeout: float) -> None:
 
 def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
            cluster_dir: str | None, timeout: float) -> None:
+    from storaged.block.open import normalize
     from storaged.clusterfs.format import FormatError
     from storaged.clusterfs.fs import ClusterFS
     from storaged.clusterfs.fuse import run_fuse, serve_status
-    from storaged.clusterfs.locks import LocalLocks
+    from storaged.clusterfs.locks import LocalLocks, LockLost
 
-    device, mountpoint = os.path.abspath(device), os.path.abspath(mountpoint)  # libfuse chdirs
+    device, mountpoint = normalize(device), os.path.abspath(mountpoint)  # libfuse chdirs
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the log, on demand
     read_only = bool(opts.get("ro"))
     dev = _open_device(device, read_only=read_only)
     lt = node = None
+    control = ""
+    plocks: Any = None
     if opts.get("local"):
-        locks: Any = LocalLocks()
+        locks: Any = LocalLocks(caching=not opts.get("nocache"))
         mode = "local"
     else:
         from storaged.cluster.cli import load
         from storaged.clusterfs.cluster import LoopThread, dlm_locks, start_node
+        from storaged.clusterfs.glock import DEFAULT_HOLD
         cfg, node_id = load(cluster_dir or ".")
         lockspace = str(opts.get("lockspace") or "default")
         if lockspace not in cfg.lockspaces:
             _fail(f"lockspace {lockspace!r} is not in cluster {cfg.name!r} "
                   f"({', '.join(cfg.lockspaces)})")
+        from storaged.cluster.client import socket_path
+        control = socket_path(cluster_dir or ".")
+        if os.path.exists(control):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                if probe.connect_ex(control) == 0:
+                    _fail(f"a cluster node already runs for {cluster_dir} ({control})")
+            finally:
+                probe.close()
+            os.unlink(control)  # a stale socket of a killed node or mount
         lt = LoopThread()
         try:
-            node = start_node(lt, cfg, node_id, timeout=timeout)
+            # The control socket lets `storaged cluster status` and `storaged lock`
+            # (with --dir) reach the node this mount runs.
+            node = start_node(lt, cfg, node_id, timeout=timeout, control_path=control)
         except Exception as e:  # noqa: BLE001 - reported as a CLI error
             _fail(f"cluster node {node_id} did not join a quorate view: {e}")
-        locks = dlm_locks(lt, node, lockspace)
+        hold = float(str(opts.get("hold_ms", DEFAULT_HOLD * 1000))) / 1000
+        locks = dlm_locks(lt, node, lockspace, cached=not opts.get("nocache"), hold=hold)
+        if not opts.get("localflocks"):
+            from storaged.clusterfs.plocks import PosixLocks
+            from storaged.dlm.api import SyncLockspace
+            plocks = PosixLocks(SyncLockspace(node.lockspace(lockspace), lt.loop), "")
         mode = f"cluster {cfg.name} node {node_id}"
     try:
         fsobj = ClusterFS(dev, locks, read_only=read_only).mount()
@@ -178,14 +228,22 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         _fail(f"{device}: not a clusterfs filesystem ({e})")
     except OSError as e:
         _fail(f"{device}: {e.strerror}{': ' + e.filename if e.filename else ''}")
+    except LockLost as e:
+        _fail(f"{device}: the cluster's lock manager failed the mount: {e}")
     started = time.time()
+    if plocks is not None:
+        plocks.tag = fsobj.tag
 
     def status() -> dict[str, Any]:
-        return {"device": os.path.realpath(device), "mountpoint": os.path.realpath(mountpoint),
+        return {"device": _device_name(device), "mountpoint": os.path.realpath(mountpoint),
                 "pid": os.getpid(), "mode": mode, "slot": fsobj.slot,
                 "read_only": read_only, "withdrawn": fsobj.withdrawn,
                 "uptime_s": round(time.time() - started, 1), "stats": dict(fsobj.stats),
-                "lock_stats": dict(getattr(locks, "stats", {}))}
+                "lock_stats": dict(getattr(locks, "stats", {})),
+                "cache": None if fsobj.cache is None else
+                dict(fsobj.cache.stats, blocks=len(fsobj.cache)),
+                "plocks": None if plocks is None else dict(plocks.stats),
+                "localflocks": plocks is None}
 
     os.makedirs(run_dir(), exist_ok=True)
     sock = _sock_for(mountpoint)
@@ -195,7 +253,8 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
         threading.Thread(target=_recovery_loop, args=(fsobj, done), daemon=True,
                          name="clusterfs-recovery").start()
     try:
-        run_fuse(fsobj, mountpoint, read_only=read_only, fsname=os.path.basename(device))
+        run_fuse(fsobj, mountpoint, read_only=read_only, fsname=_fsname(device),
+                 plocks=plocks)
     except OSError as e:
         _fail(str(e.strerror))
     finally:
@@ -209,6 +268,8 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
                 stop_node(lt, node)
             finally:
                 lt.stop()
+                if control and os.path.exists(control):
+                    os.unlink(control)
         dev.close()
 
 
@@ -227,21 +288,8 @@ def _recovery_loop(fsobj: Any, done: threading.Event, interval: float = 1.0) -> 
 
 
 def _query(sock: str) -> dict[str, Any] | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    try:
-        s.connect(sock)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-        return json.loads(buf)
-    except (OSError, ValueError):
-        return None
-    finally:
-        s.close()
+    from storaged.control.client import probe_json
+    return probe_json(sock)
 
 
 @fs.command("umount")
@@ -276,7 +324,7 @@ def fs_check(device: str, repair: bool, as_json: bool) -> None:
     """Check DEVICE offline (it must not be mounted anywhere); exit 1 if problems remain."""
     from storaged.clusterfs.mkfs import check
     for info in _all_status():
-        if info.get("device") == os.path.realpath(device):
+        if info.get("device") == _device_name(device):
             _fail(f"{device} is mounted on {info['mountpoint']} (pid {info['pid']}): "
                   "unmount it on every node first")
     dev = _open_device(device, read_only=not repair)
@@ -325,3 +373,10 @@ def fs_status(as_json: bool) -> None:
         click.echo(f"{m['mountpoint']}: {m['device']} journal {m['slot']} {m['mode']} "
                    f"pid {m['pid']}{w}; ops {m['stats']['ops']} commits "
                    f"{m['stats']['commits']} restarts {m['stats']['restarts']}")
+        ls, cache = m.get("lock_stats") or {}, m.get("cache") or {}
+        if "basts" in ls:
+            click.echo(f"  glocks: {ls['dlm_requests']} DLM requests, {ls['cached']} cached "
+                       f"grants, {ls['basts']} basts, {ls['demotes']} demotes, LVB hits "
+                       f"{ls['lvb_hits']}; block cache {cache.get('hits', 0)} hits "
+                       f"{cache.get('misses', 0)} misses; fcntl/flock "
+                       f"{'node-local' if m.get('localflocks') else 'cluster-wide'}")

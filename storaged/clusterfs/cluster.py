@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from storaged.cluster.config import ClusterConfig
+from storaged.clusterfs.glock import DEFAULT_HOLD, Glocks
 from storaged.clusterfs.locks import DlmLocks
 from storaged.dlm.api import SyncLockspace
 
@@ -38,13 +39,15 @@ class LoopThread:
 
 
 def start_node(lt: LoopThread, cfg: ClusterConfig, node_id: int, *, fencer: Any = None,
-               members: int | None = None, timeout: float = 30.0, wait: bool = True) -> Any:
+               members: int | None = None, timeout: float = 30.0, wait: bool = True,
+               control_path: str | None = None) -> Any:
     """Start cluster node ``node_id`` on ``lt``'s loop; with ``wait``, until it is in a
-    quorate view (start the others first: a lone node of three has no quorum)."""
+    quorate view (start the others first: a lone node of three has no quorum).
+    ``control_path``: serve ``storaged cluster status`` / ``storaged lock`` there."""
     from storaged.cluster.node import ClusterNode
 
     async def go() -> Any:
-        node = ClusterNode(cfg, node_id, fencer=fencer)
+        node = ClusterNode(cfg, node_id, fencer=fencer, control_path=control_path)
         await node.start()
         return node
     node = lt.call(go())
@@ -65,6 +68,10 @@ def stop_node(lt: LoopThread, node: Any, leave: bool = True) -> None:
     lt.call(node.leave() if leave else node.stop(), 30)
 
 
-def dlm_locks(lt: LoopThread, node: Any, lockspace: str = "default") -> DlmLocks:
-    """The clusterfs lock layer over ``node``'s lockspace ``lockspace``."""
-    return DlmLocks(SyncLockspace(node.lockspace(lockspace), lt.loop))
+def dlm_locks(lt: LoopThread, node: Any, lockspace: str = "default", *, cached: bool = True,
+              hold: float = DEFAULT_HOLD) -> DlmLocks | Glocks:
+    """The clusterfs lock layer over ``node``'s lockspace ``lockspace``: glocks kept
+    until another node asks (``cached``, minimum hold ``hold`` seconds), or plain
+    per-operation DLM locks."""
+    sync = SyncLockspace(node.lockspace(lockspace), lt.loop)
+    return Glocks(sync, hold=hold) if cached else DlmLocks(sync)

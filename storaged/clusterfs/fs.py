@@ -14,6 +14,7 @@ the POSIX errno.  Permission checks are the kernel's (FUSE
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import struct
@@ -42,10 +43,13 @@ from storaged.clusterfs.format import (
     max_file_blocks,
     pointers_per_block,
 )
+from storaged.clusterfs.glock import BlockCache
 from storaged.clusterfs.journal import Journal, JournalFull
 from storaged.clusterfs.locks import EX, PR, LockLayer, LockLost, WouldBlock
 from storaged.clusterfs.txn import Txn
 from storaged.fastio import crc32c
+
+log = logging.getLogger("storaged.clusterfs")
 
 MAX_DIR_DEPTH = 24
 XATTR_CREATE = 1
@@ -109,6 +113,18 @@ class ClusterFS:
         self.withdrawn: str | None = None
         self.stats = {"ops": 0, "commits": 0, "restarts": 0, "replayed": 0}
         self._stats_lock = threading.Lock()
+        # Journal-slot locks are never cached (another node probes them with NOQUEUE).
+        self.jlocks: LockLayer = getattr(locks, "inner", locks)
+        self.cache: BlockCache | None = None
+        self.lazy_checkpoint = False
+        if getattr(locks, "caching", False):  # a lock layer private to this mount
+            self.cache = BlockCache()
+            locks.on_invalidate = self.cache.drop_owner  # type: ignore[attr-defined]
+            # Locks outlive transactions: checkpoint the journal only before one is
+            # given up (GFS2 flushes its log before a glock goes), not every commit.
+            locks.before_release = self.checkpoint  # type: ignore[attr-defined]
+            locks.on_lvb_invalid = self.recover_all  # type: ignore[attr-defined]
+            self.lazy_checkpoint = True
 
     # -------------------------------------------------------------- naming
     def iname(self, ino: int) -> str:
@@ -129,9 +145,13 @@ class ClusterFS:
         for attempt in range(5):  # a free slot may be held a moment by a recovery poll
             for s in slots:
                 try:
-                    self._jlock = self.locks.lock(self.jname(s), EX, noqueue=True)
+                    self._jlock = self.jlocks.lock(self.jname(s), EX, noqueue=True)
                 except WouldBlock:
                     continue
+                except LockLost:  # the lockspace is still recovering from a join
+                    if attempt == 4:
+                        raise
+                    break
                 self.slot = s
                 break
             if self.slot is not None:
@@ -154,7 +174,7 @@ class ClusterFS:
         Call only once the membership's fencer confirmed that node fenced: the
         DLM then has purged its journal lock, so taking it here is the proof."""
         try:
-            h = self.locks.lock(self.jname(slot), EX, noqueue=not wait)
+            h = self.jlocks.lock(self.jname(slot), EX, noqueue=not wait)
         except WouldBlock:
             return 0
         try:
@@ -163,7 +183,9 @@ class ClusterFS:
             if not self.read_only and not j.header()["flags"] & JH_CLEAN:
                 j.write_header(j.seq, clean=True)  # recovered: the slot is free and clean
         finally:
-            self.locks.unlock(h)
+            self.jlocks.unlock(h)
+        if n and self.cache is not None:
+            self.cache.clear()  # the replayed blocks were written under no inode lock
         self.stats["replayed"] += n
         return n
 
@@ -177,13 +199,29 @@ class ClusterFS:
                 n += self.recover(s, wait=False)
         return n
 
+    def checkpoint(self) -> None:
+        """Checkpoint this node's journal (before a lock goes to another node)."""
+        j = self.journal
+        if j is not None and self.withdrawn is None:
+            try:
+                j.checkpoint()
+            except BlockDeviceError as e:
+                self.withdrawn = f"I/O error: {e}"
+                raise LockLost(self.withdrawn) from None
+
     def umount(self) -> None:
         """Clean unmount: mark the journal clean and release its slot."""
+        drop = getattr(self.locks, "drop_all", None)
+        if drop is not None:
+            drop()  # cached glocks go back to the DLM (nothing is dirty: see glock.py)
+        if self.cache is not None:
+            self.cache.clear()
         if self.journal is not None and self.withdrawn is None:
+            self.journal.checkpoint()
             self.journal.write_header(self.journal.seq, clean=True)
         if self._jlock is not None:
             try:
-                self.locks.unlock(self._jlock)
+                self.jlocks.unlock(self._jlock)
             except LockLost:
                 pass
             self._jlock = None
@@ -205,13 +243,28 @@ class ClusterFS:
             self.dev.write(blk * self.bs, data)
         if txn.data:
             self.dev.flush()
+            self.journal.note_flushed()
         for blk in txn.dirty:  # seal inode and resource-group checksums
             self._seal(txn.blocks[blk])
         try:
-            self.journal.commit(txn.images())
+            self.journal.commit(txn.images(), checkpoint=not self.lazy_checkpoint)
         except JournalFull as e:
             raise _err(errno.EFBIG, str(e)) from None
         self.stats["commits"] += 1
+        mark = getattr(self.locks, "mark_dirty", None)
+        if mark is not None:
+            for h in txn.held_ex():
+                mark(h)
+        cache = self.cache
+        if cache is not None:
+            for blk in txn.freed:
+                cache.discard(blk)
+            for blk in txn.dirty:
+                owner = txn.owners.get(blk)
+                if owner is None:
+                    cache.discard(blk)
+                else:
+                    cache.put(blk, bytes(txn.blocks[blk]), owner)
 
     @staticmethod
     def _seal(buf: bytearray) -> None:
@@ -235,6 +288,8 @@ class ClusterFS:
             raise _err(errno.EIO, str(e)) from None
         except BlockDeviceError as e:
             # The device failed us (or fenced us off): write nothing more, ever.
+            if self.withdrawn is None:
+                log.error("clusterfs %s: withdrawn: %s", self.tag, e)
             self.withdrawn = f"I/O error: {e}"
             raise _err(errno.EIO, self.withdrawn) from None
 
@@ -243,7 +298,7 @@ class ClusterFS:
         t.lock(self.iname(ino), mode)
         ip = t.inodes.get(ino)
         if ip is None:
-            buf = t.read(ino)
+            buf = t.read(ino, self.iname(ino))
             ip = t.inodes[ino] = Inode(ino, INODE.unpack(buf), buf)
         return ip
 
@@ -291,10 +346,10 @@ class ClusterFS:
                 if not alloc:
                     return 0
                 blk = self.alloc(t, ip)
-                t.new(blk)
+                t.new(blk, self.iname(ip.ino))
                 t.change(owner)
                 self._setptr(buf, slot, blk)
-            buf, owner, slot = t.read(blk), blk, path[level][2]
+            buf, owner, slot = t.read(blk, self.iname(ip.ino)), blk, path[level][2]
         blk = self._ptr(buf, slot)
         if blk or not alloc:
             return blk
@@ -311,10 +366,11 @@ class ClusterFS:
             k = (home + step) % g.rg_count
             t.lock(self.rname(k), EX)
             hb = g.rg_block(k)
-            hdr = RGRP.unpack(t.read(hb))
+            rn = self.rname(k)
+            hdr = RGRP.unpack(t.read(hb, rn))
             if hdr["free"] == 0:
                 continue
-            bm = t.change(hb + 1)
+            bm = t.change(hb + 1, rn)
             n = hdr["data_blocks"]
             for byte in range((n + 7) // 8):
                 if bm[byte] != 0xFF:
@@ -337,11 +393,12 @@ class ClusterFS:
         k = g.rg_of(block)
         t.lock(self.rname(k), EX)
         hb = g.rg_block(k)
-        hdr = RGRP.unpack(t.read(hb))
+        rn = self.rname(k)
+        hdr = RGRP.unpack(t.read(hb, rn))
         i = block - hdr["data_start"]
         if not 0 <= i < hdr["data_blocks"]:
             raise _err(errno.EIO, f"freeing block {block} outside its group")
-        bm = t.change(hb + 1)
+        bm = t.change(hb + 1, rn)
         if bm[i // 8] & (1 << (i % 8)):
             bm[i // 8] &= ~(1 << (i % 8)) & 0xFF
             hdr["free"] += 1
@@ -349,11 +406,12 @@ class ClusterFS:
         if ip is not None:
             ip.f["blocks"] = max(0, ip.f["blocks"] - 1)
         t.data.pop(block, None)
+        t.freed.append(block)
 
     def new_inode(self, t: Txn, mode: int, uid: int, gid: int, parent: int = 0) -> Inode:
         blk = self.alloc(t, None)
         t.lock(self.iname(blk), EX)
-        buf = t.new(blk)
+        buf = t.new(blk, self.iname(blk))
         now = time.time_ns()
         f = {"mode": mode, "uid": uid, "gid": gid, "nlink": 1, "dir_depth": 0, "size": 0,
              "blocks": 0, "atime_ns": now, "mtime_ns": now, "ctime_ns": now,
@@ -380,7 +438,7 @@ class ClusterFS:
             if not blk:
                 return
             span = p ** (depth - 1)
-            buf = t.read(blk)
+            buf = t.read(blk, self.iname(ip.ino))
             for j in range(p):
                 s = start - j * span
                 if s >= span:
@@ -427,6 +485,9 @@ class ClusterFS:
             off += nl
         return out
 
+    def _bucket_map(self, buf: bytes) -> dict[bytes, tuple[int, int]]:
+        return {n: (ino, typ) for n, ino, typ in self._bucket_entries(buf)}
+
     def _write_bucket(self, buf: bytearray, entries: list[tuple[bytes, int, int]]) -> bool:
         parts = [DIRENT_HEAD.pack(ino, typ, len(n)) + n for n, ino, typ in entries]
         body = b"".join(parts)
@@ -445,26 +506,39 @@ class ClusterFS:
         for b in range(1 << dp.f["dir_depth"]):
             blk = self.bmap(t, dp, b)
             if blk:
-                out.extend(self._bucket_entries(t.read(blk)))
+                out.extend(self._bucket_entries(t.read(blk, self.iname(dp.ino))))
         return out
 
     def lookup(self, t: Txn, dp: Inode, name: bytes) -> tuple[int, int] | None:
         blk = self.bmap(t, dp, self._bucket_of(dp, name))
         if not blk:
             return None
-        for n, ino, typ in self._bucket_entries(t.read(blk)):
+        own = self.iname(dp.ino)
+        buf = t.read(blk, own)
+        if self.cache is not None and blk not in t.dirty:
+            # Not changed by this transaction, so the cached image is what it read
+            # (only an EX holder changes it, and that is this transaction or none).
+            names = self.cache.decoded(blk, own, self._bucket_map)
+            if names is not None:
+                return names.get(name)
+        for n, ino, typ in self._bucket_entries(buf):
             if n == name:
                 return ino, typ
         return None
 
     def dir_add(self, t: Txn, dp: Inode, name: bytes, ino: int, typ: int) -> None:
         b = self._bucket_of(dp, name)
-        blk = self.bmap(t, dp, b, alloc=True)
-        buf = t.read(blk)
+        own = self.iname(dp.ino)
+        blk = self.bmap(t, dp, b)
+        if blk:
+            buf = t.read(blk, own)
+        else:  # a fresh bucket: never trust what a freed block still holds
+            blk = self.bmap(t, dp, b, alloc=True)
+            buf = t.new(blk, own)
         entries = self._bucket_entries(buf) if buf[:4] == DIR_MAGIC else []
-        if self._write_bucket(t.change(blk), entries + [(name, ino, typ)]):
+        if self._write_bucket(t.change(blk, own), entries + [(name, ino, typ)]):
             return
-        self._write_bucket(t.change(blk), entries)
+        self._write_bucket(t.change(blk, own), entries)
         self._grow_dir(t, dp)
         self.dir_add(t, dp, name, ino, typ)
 
@@ -483,7 +557,7 @@ class ClusterFS:
             g = groups.get(b, [])
             blk = self.bmap(t, dp, b, alloc=bool(g))
             if blk:
-                if not self._write_bucket(t.change(blk), g):
+                if not self._write_bucket(t.change(blk, self.iname(dp.ino)), g):
                     dp.f["dir_depth"] = depth + 1
                     self.iput(t, dp)
                     self._grow_dir(t, dp)
@@ -495,11 +569,11 @@ class ClusterFS:
         blk = self.bmap(t, dp, self._bucket_of(dp, name))
         if not blk:
             raise _err(errno.ENOENT)
-        entries = self._bucket_entries(t.read(blk))
+        entries = self._bucket_entries(t.read(blk, self.iname(dp.ino)))
         kept = [e for e in entries if e[0] != name]
         if len(kept) == len(entries):
             raise _err(errno.ENOENT)
-        self._write_bucket(t.change(blk), kept)
+        self._write_bucket(t.change(blk, self.iname(dp.ino)), kept)
 
     # --------------------------------------------------------------- paths
     def walk(self, t: Txn, parts: list[str], mode: str = PR) -> Inode:
@@ -871,7 +945,7 @@ class ClusterFS:
         blk = ip.f["xattr_block"]
         if not blk:
             return {}
-        buf = t.read(blk)
+        buf = t.read(blk, self.iname(ip.ino))
         magic, count = XATTR_HEAD.unpack_from(buf, 0)
         if magic != XATTR_MAGIC:
             raise FormatError("bad xattr block")
@@ -895,7 +969,7 @@ class ClusterFS:
             blk = ip.f["xattr_block"]
             if not blk:
                 blk = ip.f["xattr_block"] = self.alloc(t, None)
-            buf = t.new(blk)
+            buf = t.new(blk, self.iname(ip.ino))
             raw = XATTR_HEAD.pack(XATTR_MAGIC, len(xa)) + body
             buf[:len(raw)] = raw
         ip.f["ctime_ns"] = time.time_ns()

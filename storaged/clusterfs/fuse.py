@@ -16,7 +16,9 @@ under the DLM lock: what another node committed is what is seen.
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -24,9 +26,17 @@ import socket
 import threading
 from typing import Any
 
-import mfusepy
+# libfuse 3 only: mfusepy picks libfuse.so.2 first when both are installed (bindfs
+# pulls in libfuse2), and under libfuse 2 the 1 MiB max_write set in init is larger
+# than libfuse 2's read buffer (every read of /dev/fuse fails EINVAL) and the
+# no-caching config below is never applied.
+if not os.environ.get("FUSE_LIBRARY_PATH") and ctypes.util.find_library("fuse3"):
+    os.environ["FUSE_LIBRARY_PATH"] = ctypes.util.find_library("fuse3") or ""
+
+import mfusepy  # noqa: E402 - after choosing the library
 
 from storaged.clusterfs.fs import ClusterFS
+from storaged.clusterfs.plocks import INF, READ, WRITE, PosixLocks
 
 log = logging.getLogger(__name__)
 MAX_WRITE = 1 << 20
@@ -55,9 +65,16 @@ class FuseOps(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, fs: ClusterFS, on_destroy: Any = None) -> None:
+    def __init__(self, fs: ClusterFS, on_destroy: Any = None, plocks: PosixLocks | None = None
+                 ) -> None:
         self.fs = fs
         self.on_destroy = on_destroy
+        self.plocks = plocks
+        if plocks is None:
+            # localflocks / local mode: no lock callbacks, so the kernel keeps fcntl
+            # and flock locks itself, local to this node (GFS2's localflocks).
+            self.lock = None  # type: ignore[assignment]
+            self.flock = None  # type: ignore[assignment]
 
     def init_with_config(self, conn_info: Any, config_3: Any) -> None:
         if conn_info:  # libfuse 3: max_write is set here, not by -o
@@ -71,6 +88,8 @@ class FuseOps(mfusepy.Operations):
             c.direct_io = 1
 
     def destroy(self, path: str) -> None:
+        if self.plocks is not None:
+            self.plocks.drop_all()
         self.fs.umount()
         if self.on_destroy is not None:
             self.on_destroy()
@@ -178,6 +197,43 @@ class FuseOps(mfusepy.Operations):
     def flush(self, path: str, fh: int) -> int:
         return 0
 
+    # --------------------------------------------------- fcntl and flock
+    def lock(self, path: str | None, owner: int, cmd: int, lockp: Any) -> int:
+        """POSIX byte-range locks (``owner`` is FUSE's lock_owner, see _FUSE.lock)."""
+        if path is None or self.plocks is None:
+            raise OSError(errno.ENOLCK, "no path for the lock")
+        fl = lockp.contents
+        start = int(fl.l_start)
+        end = INF if fl.l_len == 0 else start + int(fl.l_len)
+        if fl.l_len < 0:
+            start, end = start + int(fl.l_len), start
+        ino = self.fs.getattr(path)["st_ino"]
+        if cmd == fcntl.F_GETLK:
+            kind = READ if fl.l_type == fcntl.F_RDLCK else WRITE
+            found = self.plocks.getlk(ino, owner, kind, start, end)
+            if found is None:
+                fl.l_type = fcntl.F_UNLCK
+            else:
+                k, s, e = found
+                fl.l_type = fcntl.F_RDLCK if k == READ else fcntl.F_WRLCK
+                fl.l_whence = os.SEEK_SET
+                fl.l_start, fl.l_len, fl.l_pid = s, 0 if e >= INF else e - s, 0
+            return 0
+        if cmd not in (fcntl.F_SETLK, fcntl.F_SETLKW):
+            raise OSError(errno.EINVAL, f"lock command {cmd}")
+        kind = {fcntl.F_RDLCK: READ, fcntl.F_WRLCK: WRITE}.get(fl.l_type)
+        if kind is None and fl.l_type != fcntl.F_UNLCK:
+            raise OSError(errno.EINVAL, f"lock type {fl.l_type}")
+        self.plocks.setlk(ino, owner, kind, start, end, wait=cmd == fcntl.F_SETLKW)
+        return 0
+
+    def flock(self, path: str | None, owner: int, op: int) -> int:
+        """flock(2): one whole-file lock per open file (``owner``)."""
+        if path is None or self.plocks is None:
+            raise OSError(errno.ENOLCK, "no path for the lock")
+        self.plocks.flock(self.fs.getattr(path)["st_ino"], owner, op)
+        return 0
+
     def release(self, path: str, fh: int) -> int:
         return 0
 
@@ -206,16 +262,54 @@ def serve_status(path: str, status: Any) -> threading.Thread:
     return t
 
 
+class _FUSE(mfusepy.FUSE):
+    """mfusepy's FUSE, passing ``fuse_file_info.lock_owner`` to lock and flock: the
+    owner POSIX locks belong to (mfusepy passes only the file handle)."""
+
+    def lock(self, path: bytes | None, fip: Any, cmd: int, lock: Any) -> int:
+        return self.operations.lock(None if path is None else path.decode(self.encoding,
+                                                                          self.errors),
+                                    int(fip.contents.lock_owner), cmd, lock)
+
+    def flock(self, path: bytes | None, fip: Any, op: int) -> int:
+        return self.operations.flock(None if path is None else path.decode(self.encoding,
+                                                                           self.errors),
+                                     int(fip.contents.lock_owner), op)
+
+    def open(self, path: bytes, fip: Any) -> int:
+        res = super().open(path, fip)
+        fip.contents.direct_io = 1  # per open and create as well as in the config: with
+        return res
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        res = super().create(path, mode, fip)
+        fip.contents.direct_io = 1  # libfuse 2 the config is never applied, and a file
+        return res                  # kept open read stale page-cache data across nodes
+
+    def release(self, path: bytes | None, fip: Any) -> int:
+        fi = fip.contents
+        if fi.flock_release and getattr(self.operations, "plocks", None) is not None:
+            # the last close of a file that holds a flock: drop it (idempotent)
+            self.operations.flock(None if path is None else path.decode(self.encoding,
+                                                                        self.errors),
+                                  int(fi.lock_owner), fcntl.LOCK_UN)
+        return super().release(path, fip)
+
+
 def run_fuse(fs: ClusterFS, mountpoint: str, *, read_only: bool = False,
-             fsname: str = "clusterfs", on_destroy: Any = None) -> None:
+             fsname: str = "clusterfs", on_destroy: Any = None,
+             plocks: PosixLocks | None = None) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve until it is unmounted (blocks)."""
     opts: dict[str, Any] = {"foreground": True, "default_permissions": True,
                             "allow_other": os.geteuid() == 0,
-                            "fsname": fsname, "subtype": "storaged"}
+                            "fsname": fsname, "subtype": "storaged",
+                            # also as options: the init config is libfuse-3-only
+                            "attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0,
+                            "use_ino": True, "direct_io": True}
     if read_only:
         opts["ro"] = True
     try:
-        mfusepy.FUSE(FuseOps(fs, on_destroy), mountpoint, **opts)
+        _FUSE(FuseOps(fs, on_destroy, plocks), mountpoint, **opts)
     except RuntimeError as e:  # libfuse's fuse_main status
         raise OSError(errno.EIO, f"FUSE mount of {mountpoint} failed (libfuse status {e})"
                       ) from None

@@ -50,6 +50,9 @@ class Journal:
         self.mutex = threading.Lock()
         self.seq = 0
         self.commits = 0
+        self.unckpt = False        # the record at block 1 is committed, not checkpointed
+        self.inplace_dirty = False  # its in-place writes are not flushed yet
+        self.checkpoints = 0
 
     def _read(self, block: int, count: int = 1) -> bytes:
         return self.dev.read(block * self.bs, count * self.bs)
@@ -66,8 +69,31 @@ class Journal:
         self.dev.flush()
         self.seq = seq
 
-    def commit(self, images: dict[int, bytes]) -> None:
-        """Make ``images`` (block number -> new contents) durable, journaled (see module doc)."""
+    def note_flushed(self) -> None:
+        """The caller flushed the device: earlier in-place writes are durable."""
+        self.inplace_dirty = False
+
+    def checkpoint(self) -> None:
+        """Flush the last record's in-place writes and advance the header past it, so
+        this journal never replays it again.  Must happen before another node may
+        change one of its blocks (before a lock it covers is given up)."""
+        with self.mutex:
+            if not self.unckpt:
+                return
+            if self.inplace_dirty:
+                self.dev.flush()
+            self.write_header(self.seq + 1, False)
+            self.unckpt = self.inplace_dirty = False
+            self.checkpoints += 1
+
+    def commit(self, images: dict[int, bytes], checkpoint: bool = True) -> None:
+        """Make ``images`` (block number -> new contents) durable, journaled (see module doc).
+
+        ``checkpoint=False`` (the mount keeps its locks: glocks) leaves the record
+        un-checkpointed: its in-place writes are flushed by the next commit before
+        that one overwrites the record, and :meth:`checkpoint` runs before a lock is
+        given up.  A replay then applies the latest record again, which is harmless
+        while this node still holds every lock that covers its blocks."""
         if not images:
             return
         if len(images) > self.capacity:
@@ -76,6 +102,9 @@ class Journal:
         tbytes = struct.pack(f"<{len(targets)}Q", *targets)
         blobs = [bytes(images[t]) for t in targets]
         with self.mutex:
+            if self.inplace_dirty:  # the record about to be overwritten must be in place
+                self.dev.flush()
+                self.inplace_dirty = False
             seq = self.seq
             head = JOURNAL_RECORD.pack({"count": len(targets), "seq": seq})
             crc = record_crc(head, tbytes, blobs)
@@ -87,9 +116,13 @@ class Journal:
             self.dev.flush()                      # commit point
             for t, blob in zip(targets, blobs, strict=True):
                 self.dev.write(t * self.bs, blob)
+            self.commits += 1
+            if not checkpoint:
+                self.unckpt = self.inplace_dirty = True
+                return
             self.dev.flush()                      # in place
             self.write_header(seq + 1, False)     # checkpoint: never replay this again
-            self.commits += 1
+            self.unckpt = False
 
     def pending(self) -> tuple[int, dict[int, bytes]] | None:
         """The committed but not checkpointed record, as (seq, images), or None."""

@@ -55,9 +55,15 @@ class LocalLocks:
     """Single-node locks (like GFS2's lock_nolock / ``localflocks``): a PR/EX table.
 
     Still real locks between the threads of one mount, since FUSE calls come
-    from several threads at once."""
+    from several threads at once.  ``caching=True`` says this layer is private
+    to one mount of a device no other mount writes, so the mount may keep the
+    blocks it read across operations (the CLI's ``-o local``); tests that share
+    one LocalLocks between several mounts leave it False."""
 
-    def __init__(self) -> None:
+    def __init__(self, caching: bool = False) -> None:
+        self.caching = caching
+        self.on_invalidate: Any = None
+        self.before_release: Any = None  # never called: no other node takes these locks
         self._cond = threading.Condition()
         self._readers: dict[str, int] = {}
         self._writer: set[str] = set()

@@ -45,6 +45,7 @@ class Txn:
         self.dirty: set[int] = set()
         self.data: dict[int, bytes] = {}
         self.freed: list[int] = []
+        self.owners: dict[int, str] = {}  # block -> name of the lock that protects it
 
     # ---------------------------------------------------------------- locks
     def lock(self, name: str, mode: str, wait: bool = False) -> None:
@@ -73,26 +74,43 @@ class Txn:
             self.fs.locks.unlock(handle)
 
     # --------------------------------------------------------------- blocks
-    def read(self, block: int) -> bytearray:
-        """This transaction's copy of ``block`` (read from the device once)."""
+    def read(self, block: int, owner: str | None = None) -> bytearray:
+        """This transaction's copy of ``block`` (read from the device once).
+
+        ``owner`` names the lock (held by this transaction) that protects the
+        block: then the node's block cache may answer, and keeps what was read."""
         buf = self.blocks.get(block)
+        if owner is not None:
+            self.owners[block] = owner
         if buf is None:
-            buf = bytearray(self.fs.read_block(block))
+            cache = self.fs.cache
+            img = cache.get(block, owner) if cache is not None and owner else None
+            if img is None:
+                img = self.fs.read_block(block)
+                if cache is not None and owner:
+                    cache.put(block, img, owner)
+            buf = bytearray(img)
             self.blocks[block] = buf
         return buf
 
-    def new(self, block: int) -> bytearray:
+    def new(self, block: int, owner: str | None = None) -> bytearray:
         """A zeroed copy of ``block`` marked changed (a freshly allocated metadata block)."""
         buf = bytearray(self.fs.bs)
         self.blocks[block] = buf
         self.dirty.add(block)
+        if owner is not None:
+            self.owners[block] = owner
         return buf
 
-    def change(self, block: int) -> bytearray:
+    def change(self, block: int, owner: str | None = None) -> bytearray:
         """The copy of ``block`` to modify; it will be journaled at commit."""
-        buf = self.read(block)
+        buf = self.read(block, owner)
         self.dirty.add(block)
         return buf
+
+    def held_ex(self) -> list[Any]:
+        """Handles of the locks this transaction holds in EX."""
+        return [h for h, mode in self.held.values() if mode == EX]
 
     def write_data(self, block: int, data: bytes) -> None:
         """Queue a data block write (goes to the device before the journal record)."""

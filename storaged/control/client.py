@@ -66,3 +66,26 @@ def daemon_running(path: str, timeout: float = 1.0) -> bool:
         except OSError:
             return False
     return True
+
+
+def probe_json(path: str, request: bytes | None = None, timeout: float = 5.0) -> Any:
+    """One JSON line from the unix socket ``path`` (after sending ``request``), or None.
+
+    For status sockets polled by ``fs status`` and ``lab status``: a socket that
+    is gone, silent or answers garbage is "not answering", never an exception.
+    """
+    buf = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            if request is not None:
+                sock.sendall(request)
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return json.loads(buf)
+        except (OSError, ValueError):
+            return None

@@ -22,6 +22,7 @@ from typing import Any
 
 from storaged.block import FileBlockDevice
 from storaged.block.file import probe_direct
+from storaged.block.open import is_url, open_device, redact
 from storaged.state import (
     MAX_LUN,
     Acl,
@@ -166,6 +167,7 @@ def _chap_text(chap: Chap | None) -> str | None:
 def describe_backstore(b: Backstore, used_by: list[tuple[str, int]]) -> dict[str, Any]:
     """A backstore as a JSON-ready dict plus where it is exported."""
     d = b.to_dict()
+    d["path"] = redact(b.path)   # an iscsi:// URL may carry a CHAP secret
     d["used_by"] = [{"iqn": iqn, "lun": lun} for iqn, lun in used_by]
     return d
 
@@ -270,7 +272,8 @@ def _detect(path: str) -> tuple[str | None, os.stat_result | None]:
 @_op()
 def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = None,
                      kind: str | None = None, block_size: int = 512, read_only: bool = False,
-                     wce: bool = True, direct: bool = False) -> dict[str, Any]:
+                     wce: bool = True, direct: bool = False,
+                     shared: bool = False) -> dict[str, Any]:
     """Register a file or block device as a backstore.
 
     Files: an existing file is used at its size (``size``, if given, must
@@ -287,6 +290,10 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
     check_bool(read_only, "read_only")
     check_bool(wce, "wce")
     check_bool(direct, "direct")
+    check_bool(shared, "shared")
+    if isinstance(path, str) and is_url(path):
+        return _remote_backstore_create(txn, name, path, size, kind, block_size, read_only,
+                                        wce, direct)
     if not isinstance(path, str) or not os.path.isabs(path):
         raise ConfigError(f"backstore path must be absolute, got {path!r}")
     path = os.path.normpath(path)
@@ -327,7 +334,7 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
         raise ConfigError(f"size {final} of {path} is not a multiple of the block size "
                           f"{block_size}")
     record = Backstore(name=name, kind=kind, path=path, size=final, block_size=block_size,
-                       read_only=read_only, wce=wce, direct=direct)
+                       read_only=read_only, wce=wce, direct=direct, shared=shared)
     record.validate()
     if create:
         try:
@@ -349,6 +356,40 @@ def backstore_create(txn: Txn, name: str, path: str, size: str | int | None = No
     return describe_backstore(record, [])
 
 
+def _remote_backstore_create(txn: Txn, name: str, url: str, size: str | int | None,
+                             kind: str | None, block_size: int, read_only: bool, wce: bool,
+                             direct: bool) -> dict[str, Any]:
+    """A backstore on a LUN of another storage node (kind ``iscsi``): probed
+    through the initiator now, so a wrong URL fails here and not at start."""
+    if kind not in (None, "iscsi"):
+        raise ConfigError(f"{redact(url)} is an iscsi:// URL: kind must be 'iscsi'")
+    if direct:
+        raise ConfigError("direct (O_DIRECT) applies to file and block backstores, not iscsi")
+    for other in txn.list(Backstore):
+        if other.path == url:
+            raise ConfigError(f"{redact(url)} is already used by backstore {other.name!r}")
+    try:
+        dev = open_device(url, block_size=block_size, read_only=True, login_timeout=10.0,
+                          replacement_timeout=5.0)
+    except OSError as e:
+        raise ConfigError(f"cannot open {e.strerror or e}") from None
+    try:
+        lun_bytes = dev.size
+    finally:
+        dev.close()
+    nbytes = parse_size(size) if size not in (None, 0) else None
+    if nbytes is not None and nbytes > lun_bytes:
+        raise ConfigError(f"size {nbytes} exceeds the size of {redact(url)} ({lun_bytes} bytes)")
+    final = nbytes or 0
+    if final % block_size:
+        raise ConfigError(f"size {final} is not a multiple of the block size {block_size}")
+    record = Backstore(name=name, kind="iscsi", path=url, size=final, block_size=block_size,
+                       read_only=read_only, wce=wce)
+    record.validate()
+    txn.put(record)
+    return describe_backstore(record, [])
+
+
 @_op()
 def backstore_delete(txn: Txn, name: str) -> dict[str, Any]:
     """Forget a backstore (the file itself is kept); refused while a LUN uses it."""
@@ -365,20 +406,22 @@ def backstore_delete(txn: Txn, name: str) -> dict[str, Any]:
 @_op()
 def backstore_set(txn: Txn, name: str, read_only: bool | None = None,
                   online: bool | None = None, wce: bool | None = None,
-                  direct: bool | None = None) -> dict[str, Any]:
+                  direct: bool | None = None, shared: bool | None = None) -> dict[str, Any]:
     """Change a backstore's flags: write protection, online state, write cache,
-    O_DIRECT (switched on the open file, LUNs stay up)."""
+    O_DIRECT (switched on the open file, LUNs stay up), shared (persistent
+    reservations kept with the other storage nodes of the cluster)."""
     b = txn.get(Backstore, name)
     if b is None:
         raise ConfigError(f"backstore {name!r} does not exist")
     for value, what in ((read_only, "read_only"), (online, "online"), (wce, "wce"),
-                        (direct, "direct")):
+                        (direct, "direct"), (shared, "shared")):
         if value is not None:
             check_bool(value, what)
             setattr(b, what, value)
     if direct:
-        if b.kind == "raid":
-            raise ConfigError("direct (O_DIRECT) applies to file and block backstores, not raid")
+        if b.kind in ("raid", "iscsi"):
+            raise ConfigError("direct (O_DIRECT) applies to file and block backstores, "
+                              f"not {b.kind}")
         _check_direct(b.path, b.block_size)
     txn.put(b)
     return describe_backstore(b, _lun_users(txn, name))

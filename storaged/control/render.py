@@ -32,6 +32,8 @@ def backstore_label(b: dict[str, Any]) -> str:
     flags = [f"bs={b['block_size']}", "write-back" if b["wce"] else "write-through"]
     if b.get("direct"):
         flags.append("O_DIRECT")
+    if b.get("shared"):
+        flags.append("shared")
     if b["read_only"]:
         flags.append("read-only")
     if not b["online"]:

@@ -46,6 +46,10 @@ class Timeouts:
     max_redirects: int = 4
 
 
+def _path_text(path: list[tuple[str, int]]) -> str:
+    return " -> ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in path)
+
+
 class _Lost(Exception):
     pass
 
@@ -57,6 +61,8 @@ class IscsiClient:
                  timeouts: Timeouts | None = None) -> None:
         self.host, self.port = host, port
         self.portal = (host, port)
+        self.connected_to: tuple[str, int] | None = None
+        """The portal the current session logged in at (after any redirects)."""
         self.opt = options
         self.timeouts = timeouts or Timeouts()
         self.core: s.InitiatorConnection | None = None
@@ -80,8 +86,14 @@ class IscsiClient:
         self._noop_task = asyncio.get_running_loop().create_task(self._keepalive())
 
     async def _login(self) -> None:
+        """Log in at ``self.portal``, following at most ``max_redirects`` redirects
+        (§6.2.1).  A permanent move (0x0102) replaces ``self.portal`` for later
+        logins; after a temporary one (0x0101) they start at the original portal
+        again.  A redirect back to a portal already tried is a loop: an error
+        naming the portals, not a retry."""
         host, port = self.portal
-        for _ in range(self.timeouts.max_redirects + 1):
+        path = [self.portal]
+        while True:
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(host, port), self.timeouts.login_timeout)
@@ -100,8 +112,18 @@ class IscsiClient:
                 raise IscsiError(f"login to {host}:{port}: {e}") from e
             if isinstance(ev, s.Redirected):
                 writer.close()
-                log.info("login redirected to %s:%s", ev.host, ev.port)
+                log.info("login to %s:%s redirected (0x%04x) to %s:%s", host, port,
+                         ev.status, ev.host, ev.port)
                 host, port = ev.host, ev.port
+                looped = (host, port) in path
+                path.append((host, port))
+                if looped:
+                    raise IscsiError("login redirection loop: " + _path_text(path))
+                if len(path) - 1 > self.timeouts.max_redirects:
+                    raise IscsiError(f"too many login redirections (more than "
+                                     f"{self.timeouts.max_redirects}): {_path_text(path)}")
+                if ev.status == s.MOVED_PERMANENTLY:
+                    self.portal = (host, port)
                 continue
             if isinstance(ev, s.LoginFailed):
                 writer.close()
@@ -112,12 +134,12 @@ class IscsiClient:
             assert isinstance(ev, s.LoginDone)
             self.core, self._writer = core, writer
             self.params = ev.params
+            self.connected_to = (host, port)
             self._last_rx = asyncio.get_running_loop().time()
             self._reader_task = asyncio.get_running_loop().create_task(
                 self._read_loop(core, reader))
             self._up.set()
             return
-        raise IscsiError("too many login redirections")
 
     async def _login_exchange(self, core: s.InitiatorConnection, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> s.Event:
@@ -200,6 +222,14 @@ class IscsiClient:
                     self.reconnects += 1
                     break
                 except (IscsiError, OSError) as e:
+                    if isinstance(e, LoginError) and e.status >> 8 == 0x02:
+                        # Initiator error class (§11.13.5): the target will keep
+                        # refusing (e.g. our ACL was revoked by a fence), and the
+                        # RFC says not to retry: fail now, not after the timeout.
+                        log.error("iSCSI login to %s:%s refused on reconnect: %s",
+                                  self.host, self.port, e)
+                        self._fail_all(e)
+                        return
                     if loop.time() + delay > deadline:
                         self._fail_all(IscsiError(
                             f"no connection to {self.host}:{self.port} within the "

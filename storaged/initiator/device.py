@@ -4,7 +4,10 @@ URL: ``iscsi://[user[%password]@]host[:port]/IQN/LUN[?options]``.  Query
 options: ``target_password`` (and ``target_user``) for mutual CHAP,
 ``initiator`` (our IQN), ``header_digest``/``data_digest`` (``CRC32C``,
 ``None`` or a list such as ``CRC32C,None``), ``replacement_timeout``,
-``noop_interval``, ``noop_timeout`` (seconds).
+``noop_interval``, ``noop_timeout`` (seconds), ``pr_key`` (hex: register
+this reservation key and make sure a WRITE EXCLUSIVE - REGISTRANTS ONLY
+reservation exists when the device opens, as fence_scsi's unfencing does,
+so the device keeps write access on a LUN the cluster fences by PR).
 
 The BlockDevice protocol is synchronous; the session runs on an event loop
 in its own thread and the sync methods wait for it.  ``submit`` (and the
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 from storaged.block.base import BlockDeviceError
 from storaged.initiator import session as s
-from storaged.initiator.client import IscsiClient, IscsiError, Timeouts
+from storaged.initiator.client import IscsiClient, IscsiError, LoginError, Timeouts
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -34,7 +37,15 @@ PR_WE_RO = 5                 # WRITE EXCLUSIVE - REGISTRANTS ONLY (SPC-4 Table 2
 
 
 class FencedError(BlockDeviceError):
-    """The target answered RESERVATION CONFLICT: this node is fenced off."""
+    """The target answered RESERVATION CONFLICT, or refused our login again
+    after dropping the session: this node is fenced off."""
+
+
+def _login_refused(e: IscsiError) -> bool:
+    """A login refused for authorization (RFC 7143 §11.13.5 status 0x0201
+    authentication failure, 0x0202 authorization failure): after a session
+    drop this is what a fence that revoked our ACL looks like."""
+    return isinstance(e, LoginError) and e.status in (0x0201, 0x0202)
 
 
 class ScsiCheckError(BlockDeviceError):
@@ -147,8 +158,15 @@ class RemoteBlockDevice:
 
     read_only = False
 
-    def __init__(self, url: str, **overrides: object) -> None:
+    def __init__(self, url: str, read_only: bool = False, **overrides: object) -> None:
         self.url = parse_url(url)
+        self.read_only = read_only
+        key = self.url.options.get("pr_key")
+        try:
+            self.pr_key = int(key, 16) if key else None
+        except ValueError:
+            raise ValueError(f"pr_key must be a hexadecimal reservation key, got {key!r}"
+                             ) from None
         opts, timeouts = options_from_url(self.url, **overrides)
         self.unit_attentions: list[tuple[int, int]] = []
         """(ASC, ASCQ) of every unit attention seen (capacity changed 2A/09,
@@ -159,6 +177,8 @@ class RemoteBlockDevice:
         try:
             self._lt.run(self.client.connect())
             self._open()
+            if self.pr_key is not None and not read_only:
+                self.unfence(self.pr_key)
         except IscsiError as e:
             self.close()
             raise BlockDeviceError(str(e)) from e
@@ -175,6 +195,9 @@ class RemoteBlockDevice:
             try:
                 ev = await self.client.command(cdb, self.url.lun, read_len, data_out)
             except IscsiError as e:
+                if _login_refused(e):
+                    raise FencedError(f"{what}: session dropped and login refused "
+                                      f"(this node is fenced): {e}") from e
                 raise BlockDeviceError(f"{what}: {e}") from e
             if ev.status == GOOD:
                 return ev
@@ -238,6 +261,13 @@ class RemoteBlockDevice:
     def size(self) -> int:
         return self.blocks * self.block_size
 
+    def refresh_size(self) -> int:
+        """READ CAPACITY(16) again (the remote LUN may have grown); the size in bytes."""
+        ev = self.scsi(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), 32,
+                       what="READ CAPACITY(16)")
+        self.blocks = struct.unpack(">Q", ev.data[:8])[0] + 1
+        return self.size
+
     # --------------------------------------------------------------- async I/O
     def _check(self, offset: int, length: int) -> None:
         if offset % self.block_size or length % self.block_size:
@@ -246,8 +276,17 @@ class RemoteBlockDevice:
             raise BlockDeviceError(f"I/O beyond the end of the LUN ({self.size} bytes)")
 
     async def aread(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
         bs = self.block_size
+        if offset % bs or length % bs:
+            # A byte range (a superblock probe): read the blocks around it, as a
+            # file would; writes stay block-aligned (no read-modify-write here).
+            start = offset - offset % bs
+            end = -(-(offset + length) // bs) * bs
+            if offset < 0 or offset + length > self.size:
+                raise BlockDeviceError(f"I/O beyond the end of the LUN ({self.size} bytes)")
+            data = await self.aread(start, end - start)
+            return data[offset - start:offset - start + length]
+        self._check(offset, length)
         if length <= MAX_TRANSFER:     # one command: no task per part
             ev = await self.ascsi(struct.pack(">BBQIBB", 0x88, 0, offset // bs, length // bs,
                                               0, 0), length, what="READ(16)")
@@ -260,6 +299,8 @@ class RemoteBlockDevice:
         return b"".join(ev.data for ev in await asyncio.gather(*parts))
 
     async def awrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        if self.read_only:
+            raise BlockDeviceError(30, "write to a read-only device")   # EROFS
         self._check(offset, len(data))
         bs = self.block_size
         if len(data) <= MAX_TRANSFER:

@@ -60,6 +60,11 @@ class LoginFailed:
     message: str
 
 
+#: Login status class 1 details (§11.13.5): where the target went.
+MOVED_TEMPORARILY = 0x0101
+MOVED_PERMANENTLY = 0x0102
+
+
 @dataclass(slots=True)
 class Redirected:
     """Login status 0x0101/0x0102: try ``address`` (host, port) instead."""
@@ -404,7 +409,11 @@ class InitiatorConnection:
             if addr is None:
                 self._fail(status, "redirection without TargetAddress")
                 return
-            host, port = parse_target_address(addr)
+            try:
+                host, port = parse_target_address(addr)
+            except ValueError:
+                self._fail(status, f"redirection to a bad TargetAddress {addr!r}")
+                return
             self.closed = True
             self._events.append(Redirected(status, host, port))
             return
@@ -616,10 +625,14 @@ class InitiatorConnection:
 
     def send_targets(self, what: str = "All") -> int:
         """Text Request SendTargets (Appendix C); answered by ``TextDone``."""
+        return self.text_request([("SendTargets", what)])
+
+    def text_request(self, pairs: list[tuple[str, str]]) -> int:
+        """A Text Request with ``pairs`` (§11.10); answered by ``TextDone``."""
         itt = self._alloc_itt()
         self.others[itt] = "text"
         self.text_acc[itt] = bytearray()
-        data = text.encode([("SendTargets", what)])
+        data = text.encode(pairs)
         self._send(build(Op.TEXT_REQ, flags=0x80, data_len=len(data), itt=itt,
                          w20=RESERVED_TAG, w24=self.cmdsn, w28=self.expstatsn), data)
         self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF

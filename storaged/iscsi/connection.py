@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from storaged.fastio import crc32c, decode_bhs, encode_bhs
-from storaged.iscsi import text
+from storaged.iscsi import redirect, text
 from storaged.iscsi.chap import ChapError, ChapTarget
 from storaged.iscsi.params import NegotiationError, Negotiator
 from storaged.iscsi.pdu import BHS_LEN, PADS, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
@@ -227,6 +227,7 @@ class Connection:
         self.tsih = 0
         self.cid = 0
         self.nexus: Nexus | None = None
+        self.redirect_keys: list[tuple[str, str]] = []  # TargetAddress of a redirect
         # Digest and segment limits (login uses defaults).
         self.hd = False
         self.dd = False
@@ -373,7 +374,9 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        log.info("connection %s:%s dropped: %s", self.peer[0], self.peer[1], reason)
+        # A connection that never sent a Login (a health check's TCP connect) is debug.
+        log.log(logging.INFO if self.login_started else logging.DEBUG,
+                "connection %s:%s dropped: %s", self.peer[0], self.peer[1], reason)
         for task in self.tasks.values():
             task.aborted = True
         self._unregister()
@@ -517,7 +520,7 @@ class Connection:
             if not self.initiator:
                 status = self._login_identify(keys)
                 if status:
-                    self._login_fail(pdu, status, "login refused")
+                    self._login_fail(pdu, status, "login refused", self.redirect_keys)
                     return
                 if self.target is not None and not self.declared_tpgt:
                     self.declared_tpgt = True
@@ -567,6 +570,11 @@ class Connection:
         tname = keys.get("TargetName")
         if not tname:
             return LOGIN_MISSING_PARAM
+        moved = redirect.login_redirect(self.registry, self.local, self.peer, self.initiator,
+                                        tname, self.last_rx)
+        if moved is not None:  # a group portal: never logs in here itself
+            status, self.redirect_keys = moved
+            return status
         target = self.registry.target(tname)
         if target is None or not target.served_on(self.local):
             return LOGIN_NOT_FOUND
@@ -611,13 +619,22 @@ class Connection:
             raise ChapError("unexpected keys during CHAP")
         return out
 
-    def _login_fail(self, pdu: Pdu, status: int, reason: str) -> None:
-        log.warning("login from %s:%s (%s) failed: %s (status 0x%04x)", self.peer[0],
-                    self.peer[1], self.initiator or "?", reason, status)
-        hdr = build(Op.LOGIN_RSP, flags=0, b2=0, b3=0, lun=pdu.lun, itt=pdu.itt,
-                    w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn,
-                    w36=status << 16)
-        self._send(hdr)
+    def _login_fail(self, pdu: Pdu, status: int, reason: str,
+                    answers: list[tuple[str, str]] | None = None) -> None:
+        """End the login with a non-zero status (§11.13.5); ``answers`` carries
+        the TargetAddress of a redirect (status class 1)."""
+        if status >> 8 == 1:
+            log.info("login from %s:%s (%s) redirected: %s (status 0x%04x)", self.peer[0],
+                     self.peer[1], self.initiator, dict(answers or ()).get("TargetAddress"),
+                     status)
+        else:
+            log.warning("login from %s:%s (%s) failed: %s (status 0x%04x)", self.peer[0],
+                        self.peer[1], self.initiator or "?", reason, status)
+        data = text.encode(answers) if answers else b""
+        hdr = build(Op.LOGIN_RSP, flags=0, b2=0, b3=0, data_len=len(data), lun=pdu.lun,
+                    itt=pdu.itt, w24=self._next_statsn(), w28=self.expcmdsn,
+                    w32=self.maxcmdsn, w36=status << 16)
+        self._send(hdr, data)
         self.closed = True
         self._events.append(Close(reason))
 
@@ -661,13 +678,16 @@ class Connection:
                 # §6.3.5 session reinstatement: the old session's tasks end now.
                 old.drop("session reinstated by a new login with the same ISID")
             self.registry.sessions[key] = self
+            redirect.logged_in(self.registry, self)
             if self.quick is not None and not self.discovery:
                 self._quick = partial(self.quick, t.scsi, t.name,
                                       (self.nexus.initiator_port, self.nexus.target_port))
-        log.info("login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
-                 self.peer[0], self.peer[1],
-                 "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
-                 self.hd, self.dd, self.max_send)
+        quiet = self.discovery and self.initiator == redirect.HEALTH_INITIATOR
+        log.log(logging.DEBUG if quiet else logging.INFO,
+                "login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
+                self.peer[0], self.peer[1],
+                "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
+                self.hd, self.dd, self.max_send)
 
     # ------------------------------------------------------------ SCSI path
     def _scsi_command(self, pdu: Pdu) -> None:
@@ -1034,7 +1054,10 @@ class Connection:
         for key, value in pairs:
             if key == "SendTargets":
                 out += self._send_targets(value)
-        others = [(k, v) for k, v in pairs if k != "SendTargets"]
+            elif (count := redirect.answer_counts(self.registry, self.local, key)) is not None:
+                out.append((key, count))
+        others = [(k, v) for k, v in pairs if k != "SendTargets"
+                  and redirect.answer_counts(self.registry, self.local, k) is None]
         if others:
             out += self.neg.respond(others, in_login=False)
             self.max_send = self.neg.num("MaxRecvDataSegmentLength")
@@ -1058,9 +1081,15 @@ class Connection:
     def _send_targets(self, value: str) -> list[tuple[str, str]]:
         """SendTargets (§Appendix C): only what this initiator may see."""
         out: list[tuple[str, str]] = []
+        group = redirect.group_portal(self.registry, self.local)
+        if value == "All" and not self.discovery:
+            return [("SendTargets", "Reject")]
+        if group is not None:
+            # A group portal lists itself as the address of every target (§13.8).
+            for t in redirect.group_targets(self.registry, self.initiator, value, self.target):
+                out += [("TargetName", t.name), ("TargetAddress", f"{group},{t.tpgt}")]
+            return out
         if value == "All":
-            if not self.discovery:
-                return [("SendTargets", "Reject")]
             targets = self.registry.visible(self.initiator, self.local)
         elif value == "" or value is None:
             targets = [self.target] if self.target else []
@@ -1140,6 +1169,24 @@ class Connection:
             resp = TmfResponse.NO_REASSIGN
         else:
             resp = TmfResponse.REJECTED
+        take = getattr(target.scsi, "take_reset_barriers", None) if target is not None else None
+        waits = take() if take is not None else []
+        if waits:
+            # A shared LU: answer once the other storage nodes have reset it too.
+            left = [len(waits)]
+
+            def one(_f: object) -> None:
+                left[0] -= 1
+                if left[0] == 0 and not self.closed:
+                    self._tmf_respond(pdu, fn, resp, target)
+                    self.on_output()
+            for w in waits:
+                w.add_done_callback(one)
+            return
+        self._tmf_respond(pdu, fn, resp, target)
+
+    def _tmf_respond(self, pdu: Pdu, fn: int, resp: int,
+                     target: TargetContext | None) -> None:
         self._send(build(Op.TMF_RSP, flags=0x80, b2=resp, itt=pdu.itt,
                          w24=self._next_statsn(), w28=self.expcmdsn, w32=self.maxcmdsn))
         if fn == TmfFunction.TARGET_COLD_RESET and resp == TmfResponse.COMPLETE \

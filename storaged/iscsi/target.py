@@ -15,6 +15,7 @@ from storaged.iscsi.chap import Credentials
 
 if TYPE_CHECKING:
     from storaged.iscsi.connection import Connection
+    from storaged.lb.director import Director
     from storaged.scsi.target import ScsiTarget
 
 
@@ -65,6 +66,10 @@ class Registry:
         self.targets: dict[str, TargetContext] = {}
         self.sessions: dict[tuple[str, int, str], Connection] = {}
         self.next_tsih = 1
+        self.director: Director | None = None
+        """Login balancing on group portals (storaged.iscsi.redirect); None: none."""
+        self.portal_logins: dict[tuple[str, int], int] = {}
+        """Normal-session logins per local portal since start (health checks read it)."""
 
     def target(self, name: str) -> TargetContext | None:
         return self.targets.get(name.lower())

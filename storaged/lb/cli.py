@@ -9,13 +9,14 @@ LVS admin knows them; each command runs one control operation of
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from typing import Any
 
 import click
 
-from storaged.cli.root import fail, run_op
+from storaged.cli.root import fail, run_op, socket_path
 from storaged.lb.sched import DEFAULT_PERSISTENCE
 
 _COMMANDS = {
@@ -35,6 +36,8 @@ def _service_line(s: dict[str, Any]) -> str:
             out += f" -M {s['netmask']}"
         if s["pe"]:
             out += f" --pe {s['pe']}"
+    if s.get("redirect", "temporary") != "temporary":
+        out += f" --redirect {s['redirect']}"
     return out
 
 
@@ -47,8 +50,66 @@ def _real_line(s: dict[str, Any], r: dict[str, Any]) -> str:
     return out
 
 
-def _list(services: list[dict[str, Any]], mode: str) -> None:
-    """ipvsadm -L -n's layout; the forwarding column says "Redir" (login redirect)."""
+def _live_raw(ctx: click.Context) -> dict[str, Any] | None:
+    """The daemon's ``lb_live`` answer (None: no daemon running)."""
+    from storaged.control.client import call, daemon_running
+    from storaged.control.ops import ConfigError
+
+    sock = socket_path(ctx.find_root().obj["dir"])
+    if not daemon_running(sock):
+        return None
+    try:
+        return call(sock, "lb_live", {})
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _live(ctx: click.Context) -> dict[str, dict[str, dict[str, Any]]] | None:
+    """The daemon's live counts per service and real server (None: no daemon)."""
+    live = _live_raw(ctx)
+    if live is None:
+        return None
+    return {g["vip"]: g["reals"] for g in live["services"]}
+
+
+def _connections(ctx: click.Context, vip: str | None, as_json: bool) -> None:
+    """``-L -c``: pending redirects and persistence templates, as ipvsadm lists
+    its connection entries (expire mm:ss, state, source, virtual, destination)."""
+    live = _live_raw(ctx)
+    entries = [] if live is None else [e for e in live["connections"]
+                                       if vip is None or e["vip"] == vip]
+    if as_json:
+        click.echo(json.dumps({"live": live is not None, "connections": entries}, indent=2))
+        return
+    click.echo("storaged login balancer entries")
+    click.echo("pro expire state      source                   virtual              "
+               "destination")
+    for e in entries:
+        m, sec = divmod(int(e["expires"]), 60)
+        click.echo(f"TCP {m:02d}:{sec:02d}  {e['state']:<10} {e['source']:<24} "
+                   f"{e['vip']:<20} {e['real']}"
+                   + (f"  {e['initiator']}" if e["initiator"] else ""))
+    if live is None:
+        click.echo("(daemon not running: no entries)")
+
+
+def _merge(services: list[dict[str, Any]],
+           live: dict[str, dict[str, dict[str, Any]]] | None) -> None:
+    """Put each real server's live counters (zeros without a daemon) into it."""
+    for s in services:
+        for r in s["reals"]:
+            got = (live or {}).get(s["vip"], {}).get(r["portal"], {})
+            r["up"] = got.get("up", True)
+            for key in ("active", "inactive", "redirects", "logins"):
+                r[key] = got.get(key, 0)
+
+
+def _list(services: list[dict[str, Any]], mode: str, live: bool) -> None:
+    """ipvsadm -L -n's layout; the forwarding column says "Redir" (login redirect).
+
+    ActiveConn counts logged-in sessions on this node's portals, InActConn
+    redirects not yet logged in (see storaged.lb.director); a real server
+    whose health check fails is marked "down" (its weight counts as 0)."""
     click.echo("storaged login balancer (ipvsadm semantics)")
     click.echo("Prot LocalAddress:Port Scheduler Flags")
     if mode == "stats":
@@ -65,12 +126,18 @@ def _list(services: list[dict[str, Any]], mode: str) -> None:
                 line += f" mask {s['netmask']}"
             if s["pe"]:
                 line += f" pe {s['pe']}"
+        if s.get("redirect", "temporary") != "temporary":
+            line += f" redirect {s['redirect']}"
         click.echo(line)
         for r in reversed(s["reals"]):  # the kernel's list order: newest first
+            down = "" if r["up"] else "  down"
             if mode == "stats":
-                click.echo(f"  -> {r['portal']:<32} {0:<8} {0}")
+                click.echo(f"  -> {r['portal']:<32} {r['logins']:<8} {r['redirects']}{down}")
             else:
-                click.echo(f"  -> {r['portal']:<28} Redir   {r['weight']:<6} {0:<10} {0}")
+                click.echo(f"  -> {r['portal']:<28} Redir   {r['weight']:<6} "
+                           f"{r['active']:<10} {r['inactive']}{down}")
+    if not live:
+        click.echo("(daemon not running: no live counts)")
 
 
 def _parse_restore(text: str) -> list[dict[str, Any]]:
@@ -93,7 +160,8 @@ def _parse_restore(text: str) -> list[dict[str, Any]]:
                              "flags": _flags(p["sched_flags"]),
                              "persistent": p["persistent"] or 0,
                              "netmask": p["netmask"] or "255.255.255.255",
-                             "pe": p["pe"] or "", "reals": []}
+                             "pe": p["pe"] or "", "reals": [],
+                             "redirect": p["redirect"] or "temporary"}
         elif p["add_real"]:
             if vip not in services:
                 fail(f"line {n}: real server for {vip} before its -A line")
@@ -103,6 +171,16 @@ def _parse_restore(text: str) -> list[dict[str, Any]]:
         else:
             fail(f"line {n}: only -A and -a lines can be restored")
     return list(services.values())
+
+
+def _normalize_vip(vip: str) -> str:
+    from storaged.state.errors import ValidationError
+    from storaged.state.validate import normalize_portal
+
+    try:
+        return normalize_portal(vip)
+    except ValidationError as e:
+        fail(str(e))
 
 
 def _flags(value: str | None) -> list[str]:
@@ -141,9 +219,14 @@ def _options(fn: Any) -> Any:
         click.option("-y", "--l-threshold", "lower", type=int,
                      help="Lower connection threshold."),
         click.option("-n", "--numeric", is_flag=True, help="Numeric output (always)."),
-        click.option("-c", "--connection", is_flag=True, help="List sessions."),
+        click.option("-c", "--connection", is_flag=True,
+                     help="-L: list pending redirects and persistence templates."),
         click.option("--stats", is_flag=True, help="List with statistics."),
         click.option("--rate", is_flag=True, help="List with rates."),
+        click.option("--redirect", type=click.Choice(["temporary", "permanent"]),
+                     help="Login status of the redirects: temporary 0x0101 (default) "
+                          "or permanent 0x0102."),
+        click.option("--json", "as_json", is_flag=True, help="-L: machine-readable output."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -178,11 +261,11 @@ def lb(ctx: click.Context, **p: Any) -> None:
             "vip": vip, "scheduler": p["scheduler"] or "wlc",
             "persistent": p["persistent"] or 0,
             "netmask": p["netmask"] or "255.255.255.255", "pe": p["pe"] or "",
-            "flags": _flags(p["sched_flags"])})
+            "flags": _flags(p["sched_flags"]), "redirect": p["redirect"] or "temporary"})
     elif cmd == "edit_service":
         args: dict[str, Any] = {"vip": vip}
         for key, name in (("scheduler", "scheduler"), ("persistent", "persistent"),
-                          ("netmask", "netmask"), ("pe", "pe")):
+                          ("netmask", "netmask"), ("pe", "pe"), ("redirect", "redirect")):
             if p[key] is not None:
                 args[name] = p[key]
         if p["sched_flags"] is not None:
@@ -208,5 +291,13 @@ def lb(ctx: click.Context, **p: Any) -> None:
             for r in s["reals"]:
                 click.echo(_real_line(s, r))
     else:
+        if p["connection"]:
+            _connections(ctx, _normalize_vip(vip) if vip else None, p["as_json"])
+            return
         res = run_op(ctx, "lb_list", {"vip": vip} if vip else {})
-        _list(res["services"], "stats" if p["stats"] or p["rate"] else "plain")
+        live = _live(ctx)
+        _merge(res["services"], live)
+        if p["as_json"]:
+            click.echo(json.dumps({"live": live is not None, **res}, indent=2))
+            return
+        _list(res["services"], "stats" if p["stats"] or p["rate"] else "plain", live is not None)

@@ -35,10 +35,11 @@ def _put(txn: Txn, svc: VirtualService) -> dict[str, Any]:
 @_op()
 def lb_add_service(txn: Txn, vip: str, scheduler: str = "wlc", persistent: int = 0,
                    netmask: str = "255.255.255.255", pe: str = "",
-                   flags: list[str] | None = None) -> dict[str, Any]:
+                   flags: list[str] | None = None, redirect: str = "temporary"
+                   ) -> dict[str, Any]:
     """ipvsadm -A: a new virtual service on portal ``vip``."""
     svc = VirtualService(vip=vip, scheduler=scheduler, persistent=persistent,
-                         netmask=netmask, pe=pe, flags=list(flags or []))
+                         netmask=netmask, pe=pe, flags=list(flags or []), redirect=redirect)
     svc.validate()
     if txn.get(VirtualService, svc.vip) is not None:
         raise ConfigError(f"virtual service {svc.vip} already exists")
@@ -48,11 +49,13 @@ def lb_add_service(txn: Txn, vip: str, scheduler: str = "wlc", persistent: int =
 @_op()
 def lb_edit_service(txn: Txn, vip: str, scheduler: str | None = None,
                     persistent: int | None = None, netmask: str | None = None,
-                    pe: str | None = None, flags: list[str] | None = None) -> dict[str, Any]:
+                    pe: str | None = None, flags: list[str] | None = None,
+                    redirect: str | None = None) -> dict[str, Any]:
     """ipvsadm -E: change a virtual service (only what is given)."""
     svc = _get(txn, vip)
     for name, value in (("scheduler", scheduler), ("persistent", persistent),
-                        ("netmask", netmask), ("pe", pe), ("flags", flags)):
+                        ("netmask", netmask), ("pe", pe), ("flags", flags),
+                        ("redirect", redirect)):
         if value is not None:
             setattr(svc, name, value)
     return _put(txn, svc)

@@ -19,6 +19,10 @@ from storaged.state.validate import normalize_portal
 SCHED_FLAGS = ("sh-fallback", "sh-port")
 #: ``--pe``: persistence engines; "iqn" keys persistence on the initiator name.
 PERSISTENCE_ENGINES = ("", "iqn")
+#: ``--redirect``: the Login status a redirect carries (RFC 7143 §11.13.5):
+#: "temporary" 0x0101 (initiators come back to the group portal next time),
+#: "permanent" 0x0102 (they may remember the real server's portal).
+REDIRECT_KINDS = ("temporary", "permanent")
 MAX_WEIGHT = 65535
 
 
@@ -29,7 +33,8 @@ def _int(errors: list[str], value: Any, what: str, lo: int, hi: int) -> None:
 
 @dataclass
 class VirtualService(Record):
-    """``ipvsadm -A -t VIP -s SCHED [-p TIMEOUT] [-M NETMASK] [--pe iqn] [-b FLAGS]``."""
+    """``ipvsadm -A -t VIP -s SCHED [-p TIMEOUT] [-M NETMASK] [--pe iqn] [-b FLAGS]``,
+    plus ``--redirect temporary|permanent`` (the Login status of the redirect)."""
 
     RECORD_KIND: ClassVar[str] = "lb_service"
     CONFIG_SECTION: ClassVar[str | None] = "lb_services"
@@ -42,6 +47,7 @@ class VirtualService(Record):
     netmask: str = "255.255.255.255"
     pe: str = ""
     reals: list[dict[str, Any]] = field(default_factory=list)
+    redirect: str = "temporary"
 
     @property
     def key(self) -> str:
@@ -61,6 +67,8 @@ class VirtualService(Record):
         _int(errors, self.persistent, "persistence timeout", 0, 2**31 - 1)
         if self.pe not in PERSISTENCE_ENGINES:
             errors.append(f"unknown persistence engine {self.pe!r} (use iqn)")
+        if self.redirect not in REDIRECT_KINDS:
+            errors.append(f"unknown redirect kind {self.redirect!r} (temporary or permanent)")
         try:
             import ipaddress
             ipaddress.IPv4Network(f"0.0.0.0/{self.netmask}")

@@ -22,7 +22,10 @@ Behaviour follows Linux md where it matters to an admin:
   resynced.  ``check`` counts mismatches (md's ``mismatch_cnt``, in
   sectors), ``repair`` rewrites parity/copies.
 * Parity updates are reconstruct-writes (read the rest of the stripe's rows,
-  compute P/Q with the ``storaged.fastio`` kernels, write).
+  compute P/Q with the ``storaged.fastio`` kernels, write); small ones go
+  through the stripe cache (``storaged.raid.stripecache``, md's
+  ``stripe_cache_size``), which keeps the pages it read and merges the
+  home writes of a stripe.
 
 All I/O and every state change runs under one lock; the background worker
 takes it for one step at a time, so foreground I/O interleaves.
@@ -37,6 +40,7 @@ import time
 from typing import Any
 
 from storaged.block.base import BlockDeviceError
+from storaged.block.open import redact
 from storaged.raid.bitmap import BITMAP_OFFSET_SECTORS, WriteIntentBitmap
 from storaged.raid.journaling import Journaling
 from storaged.raid.layout import Geometry, layout_name
@@ -52,6 +56,12 @@ from storaged.raid.members import (
     Member,
     MemberOps,
     _MemberIOError,
+)
+from storaged.raid.stripecache import (
+    DEFAULT_STRIPE_CACHE_SIZE,
+    MAX_CACHED_ROWS,
+    StripeCache,
+    StripeCaching,
 )
 from storaged.raid.stripes import StripeIO
 from storaged.raid.superblock import (
@@ -72,17 +82,19 @@ from storaged.raid.sync import SyncState, SyncWorker
 log = logging.getLogger("storaged.raid")
 
 
-class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
+class RaidArray(MemberOps, StripeIO, StripeCaching, Journaling, SyncWorker):
     """A running md array; implements the BlockDevice protocol.
 
     The array's parts live in their own modules as mixins over this class's
-    state: members (storaged.raid.members), stripe I/O (stripes), the
-    write-hole journal (journaling) and the background worker (sync)."""
+    state: members (storaged.raid.members), stripe I/O (stripes), the stripe
+    cache (stripecache), the write-hole journal (journaling) and the
+    background worker (sync)."""
 
     def __init__(self, name: str, geometry: Geometry, members: list[Member], template: Superblock,
                  block_size: int = 512, start_worker: bool = True,
                  bitmap: WriteIntentBitmap | None = None,
-                 journal: tuple[int, int] | None = None, journal_sync: bool = False) -> None:
+                 journal: tuple[int, int] | None = None, journal_sync: bool = False,
+                 stripe_cache_size: int = DEFAULT_STRIPE_CACHE_SIZE) -> None:
         geometry.validate()
         self.name = name
         self.geo = geometry
@@ -123,6 +135,9 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
         self.last_sync: dict[str, Any] | None = None
         self.journal_replayed = 0
         self.journal_fua = journal_sync   # records durable before home writes (power cut)
+        self._sc: StripeCache | None = None
+        if geometry.level in (4, 5, 6) and stripe_cache_size:
+            self._sc = StripeCache(stripe_cache_size)
         self._check_alive()
         if self.journal is not None and not self.failed:
             self._journal_replay()
@@ -175,7 +190,8 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
         with self.lock:
             members = []
             for m in sorted(self.members, key=lambda m: m.dev_number):
-                members.append({"path": m.path, "dev_number": m.dev_number, "state": m.state,
+                members.append({"path": redact(m.path), "dev_number": m.dev_number,
+                                "state": m.state,
                                 "slot": m.slot if m.state in (IN_SYNC, RECOVERING, REPLACING)
                                 else None,
                                 "recovery_offset": m.recovery_offset
@@ -188,6 +204,7 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
                     "events_cleared": self.bitmap.events_cleared},
                 "journal": None if self.journal is None else
                 ("sync" if self.journal_fua else "async"),
+                "stripe_cache": None if self._sc is None else self._sc.describe(),
                 "last_sync": self.last_sync,
                 "name": self.name, "uuid": self.uuid, "level": self.geo.level,
                 "layout": layout_name(self.geo.level, self.geo.layout),
@@ -360,6 +377,9 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
                                                within, n)
                 else:
                     s, k = divmod(c, dd)
+                    if self._sc is not None:
+                        dst[:] = self._sc_read(s, k, within, within + n)
+                        continue
                     data, _, _ = self._stripe_read(s, within, within + n, {k})
                     dst[:] = data[k]
         return length
@@ -416,6 +436,14 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
             return
         dd = self.geo.data_disks
         chunk = self.geo.chunk
+        if self._sc is not None:
+            c, within = divmod(offset, chunk)
+            n = len(view)
+            if within + n <= chunk and n <= MAX_CACHED_ROWS:
+                # The common small write: one chunk, straight to the stripe cache.
+                s, k = divmod(c, dd)
+                self._sc_write(s, within, within + n, [(k, within, view)], fua)
+                return
         stripe_pieces: dict[int, list[tuple[int, int, memoryview]]] = {}
         order: list[int] = []
         for pos, c, within, n in self._pieces(offset, len(view)):
@@ -443,11 +471,18 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
             pieces = stripe_pieces[s]
             lo = min(a for _, a, _ in pieces)
             hi = max(a + len(d) for _, a, d in pieces)
+            if self._sc is not None:
+                if self._sc_wanted(lo, hi, pieces):
+                    self._sc_write(s, lo, hi, pieces, fua)
+                    self._die()
+                    continue
+                self._sc_forget(s, lo, hi)
             self._stripe_write(s, lo, hi, pieces, fua)
             self._die()
 
     def flush(self) -> None:
         with self.lock:
+            self._sc_destage_all()        # cached pages home first, then fdatasync
             for m in self.members:
                 if m.state in (IN_SYNC, RECOVERING) and m.dev is not None:
                     try:
@@ -475,6 +510,7 @@ class RaidArray(MemberOps, StripeIO, Journaling, SyncWorker):
         with self.lock:
             if self._closed:
                 return
+            self._sc_destage_all()
             if not self.failed and self.sync is None:
                 if not self.clean and self.resync_from is None:
                     self.flush()

@@ -109,6 +109,12 @@ def mdstat(arrays: list[dict[str, Any]]) -> str:
             lines.append(f"      bitmap: {bm['dirty']}/{bm['bits']} bits dirty, "
                          f"{bm['chunk'] // 1024}KB chunk"
                          + (f"; journal {a['journal']}" if a.get("journal") else ""))
+        sc = a.get("stripe_cache")
+        if sc:
+            looked = sc["hits"] + sc["misses"]
+            rate = f", {100 * sc['hits'] / looked:.0f}% hits" if looked else ""
+            lines.append(f"      stripe cache: {sc['cached']}/{sc['size']} heads, "
+                         f"{sc['dirty']} dirty{rate}")
         if a.get("last_check"):
             lc = a["last_check"]
             lines.append(f"      last {lc['action']}: mismatch_cnt={lc['mismatch_cnt']}")
@@ -269,6 +275,24 @@ def raid_speed(ctx: click.Context, name: str, minimum: int | None, maximum: int 
     st = raid_call(ctx, "speed", {"name": name, "minimum": minimum, "maximum": maximum})
     click.echo(f"{name}: speed_limit_min={st['speed_limit_min']} "
                f"speed_limit_max={st['speed_limit_max']} KiB/s")
+
+
+@raid.command("cache")
+@click.argument("name")
+@click.option("--size", type=click.IntRange(0), default=None,
+              help="Stripe heads (4 KiB of every member each; md's stripe_cache_size), "
+                   "32..32768, or 0 to turn the cache off.")
+@click.pass_context
+def raid_cache(ctx: click.Context, name: str, size: int | None) -> None:
+    """Show or set the stripe cache of RAID-4/5/6 array NAME (md's stripe_cache_size)."""
+    st = raid_call(ctx, "cache", {"name": name, "size": size})
+    sc = st.get("stripe_cache")
+    if sc is None:
+        click.echo(f"{name}: stripe cache off")
+        return
+    click.echo(f"{name}: stripe_cache_size={sc['size']} ({sc['cached']} cached, "
+               f"{sc['dirty']} dirty, {sc['hits']} hits, {sc['misses']} misses, "
+               f"{sc['evicted']} evicted)")
 
 
 @raid.command("stop")

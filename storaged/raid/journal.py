@@ -153,6 +153,29 @@ def encode_record(uuid: bytes, seq: int, durable_upto: int, stripe: int, lo: int
     return out
 
 
+def encode_records(uuid: bytes, seq: int, durable_upto: int, stripe: int, lo: int,
+                   slots: tuple[int, ...], payloads: list[bytes | bytearray | memoryview]
+                   ) -> list[bytearray]:
+    """The records of one update, one per slot in ``slots`` (``payloads`` in the same
+    order), byte for byte what :func:`encode_record` gives for each: the header is
+    packed once and only its slot and CRC fields differ."""
+    if len(slots) > MAX_SLOTS:
+        raise JournalError("too many slots in one record")
+    head = bytearray(HEADER)
+    struct.pack_into(f"<{len(slots)}H", head, _REC.size, *slots)
+    out = []
+    for slot, payload in zip(slots, payloads, strict=True):
+        n = len(payload)
+        rec = bytearray(HEADER + n)
+        _REC.pack_into(head, 0, RECORD_MAGIC, 0, uuid, seq, durable_upto, stripe, lo, n, slot,
+                       len(slots))
+        rec[:HEADER] = head
+        rec[HEADER:] = payload
+        struct.pack_into("<I", rec, 4, fastio.crc32c(rec))
+        out.append(rec)
+    return out
+
+
 def parse_ring(area: bytes | memoryview, uuid: bytes) -> list[tuple[int, Record]]:
     """Every valid record in a ring image: (offset in the image, record).
 

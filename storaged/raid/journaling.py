@@ -33,6 +33,7 @@ class Journaling:
     def _journal_checkpoint(self) -> None:
         """Flush members and restart the ring: every earlier record is durable at home."""
         assert self.journal is not None
+        self._sc_destage_all()            # what the records protect goes home first
         start, _end = self.journal
         for m in self._journal_members() if self.journal_fua else []:
             try:
@@ -101,6 +102,18 @@ class Journaling:
         if blocks:
             self._jlive.setdefault(s, []).append((lo, lo + len(blocks[0][1])))
         uuid = self.template.set_uuid
+        if blocks and (len(blocks[0][1]) < SPLIT_RECORD or self.journal_fua):
+            # Small records: one image each, the header packed once for all of them.
+            recs = jrnl.encode_records(uuid, seq, self._jupto, s, lo, slots,
+                                       [blk for _, blk in blocks])
+            for (m, _), rec in zip(blocks, recs, strict=True):
+                try:
+                    assert m.dev is not None
+                    m.dev.write(self._jpos, rec, fua=self.journal_fua)
+                except OSError as e:
+                    self._fail(m, f"journal write failed: {e}")
+            self._jpos += size
+            return
         for m, blk in blocks:
             try:
                 assert m.dev is not None

@@ -22,7 +22,7 @@ Everything here is pure arithmetic on chunk numbers, mirroring the kernel:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 # raid5/6 layout algorithms (include/linux/raid/pq.h / md_p.h ALGORITHM_*)
 LEFT_ASYMMETRIC = 0
@@ -182,8 +182,9 @@ class Geometry:
     raid_disks: int
     member_bytes: int        # usable data bytes per member (sb.size * 512)
 
-    @property
+    @cached_property
     def data_disks(self) -> int:
+        """Members holding data in each stripe (computed once: it is on every I/O)."""
         return {0: self.raid_disks, 1: 1, 4: self.raid_disks - 1, 5: self.raid_disks - 1,
                 6: self.raid_disks - 2}.get(self.level, self.raid_disks)
 

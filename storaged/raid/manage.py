@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from storaged.block.base import BlockDevice
 from storaged.block.file import FileBlockDevice
+from storaged.block.open import exists, is_url, open_device
 from storaged.raid import journal as jrnl
 from storaged.raid.array import RaidArray
 from storaged.raid.bitmap import (
@@ -51,9 +52,13 @@ log = logging.getLogger("storaged.raid")
 Opener = Callable[[str], BlockDevice]
 
 
-def open_member(path: str, create_size: int | None = None) -> FileBlockDevice:
-    """Open a member file or block device (creating a sparse file of ``create_size``)."""
-    return FileBlockDevice(path, block_size=SECTOR, create_size=create_size)
+def open_member(path: str, create_size: int | None = None) -> BlockDevice:
+    """Open a member: a file or block device (creating a sparse file of
+    ``create_size``) or a remote LUN (``iscsi://...``, storaged.block.open)."""
+    if create_size is None and not is_url(path) and not os.path.exists(path):
+        # FileBlockDevice's own error, as before (callers match on ENOENT).
+        return FileBlockDevice(path, block_size=SECTOR)
+    return open_device(path, block_size=SECTOR, create_size=create_size)
 
 
 def member_capacity(dev_bytes: int, level: int, chunk: int,
@@ -141,7 +146,7 @@ def create(name: str, paths: Sequence[str], level: int, chunk: int = DEFAULT_CHU
     devs: list[BlockDevice] = []
     try:
         for p in paths:
-            existed = os.path.exists(p)
+            existed = exists(p)     # a remote LUN always holds something
             if opener is not None:
                 devs.append(opener(p))
             else:

@@ -33,6 +33,7 @@ class RaidVolume(Record):
     speed_limit_min: int = 1000
     speed_limit_max: int = 200000
     force: bool = False
+    stripe_cache_size: int = 1024     # stripe heads (storaged.raid.stripecache); 0 = off
 
     @property
     def key(self) -> str:
@@ -47,10 +48,16 @@ class RaidVolume(Record):
         if self.level not in LEVELS:
             errors.append(f"level must be one of {LEVELS}, got {self.level!r}")
         if not isinstance(self.members, list) or not all(
-                isinstance(p, str) and os.path.isabs(p) for p in self.members):
-            errors.append("members must be a list of absolute paths")
+                isinstance(p, str) and (os.path.isabs(p) or p.startswith("iscsi://"))
+                for p in self.members):
+            errors.append("members must be a list of absolute paths or iscsi:// URLs")
         for name in ("speed_limit_min", "speed_limit_max"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 errors.append(f"{name} must be a positive number of KiB/s")
+        from storaged.raid.stripecache import check_cache_size
+        try:
+            check_cache_size(self.stripe_cache_size)
+        except ValueError as e:
+            errors.append(str(e))
         return errors

@@ -12,10 +12,10 @@ CLI runs them in-process on the store when no daemon is running.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from storaged.block.open import exists, normalize
 from storaged.control.ops import ConfigError, _op, format_size, parse_size
 from storaged.raid.array import RaidArray
 from storaged.raid.layout import DEFAULT_CHUNK
@@ -68,7 +68,8 @@ class ArrayLun:
 
 
 def _abs(paths: list[str]) -> list[str]:
-    return [os.path.abspath(p) for p in paths]
+    """Absolute member paths; iscsi:// URLs as they are (storaged.block.open)."""
+    return [normalize(p) for p in paths]
 
 
 class RaidService:
@@ -99,6 +100,8 @@ class RaidService:
         rec.size = arr.size
         rec.speed_limit_min = arr.speed_limit_min
         rec.speed_limit_max = arr.speed_limit_max
+        if arr.geo.level in (4, 5, 6):
+            rec.stripe_cache_size = arr.stripe_cache_size
         rec.validate()
         with self.store.write() as txn:
             txn.put(rec)
@@ -117,6 +120,7 @@ class RaidService:
             raise ConfigError(str(e)) from None
         arr.name = name
         arr.speed_limit_min, arr.speed_limit_max = rec.speed_limit_min, rec.speed_limit_max
+        arr.stripe_cache_size = rec.stripe_cache_size
         self.arrays[name] = arr
         return arr
 
@@ -157,7 +161,7 @@ class RaidService:
         members = _abs(members)
         nbytes = parse_size(size) if size is not None else None
         if nbytes is None:
-            missing = [p for p in members if not os.path.exists(p)]
+            missing = [p for p in members if not exists(p)]
             if missing:
                 raise ConfigError(f"{', '.join(missing)} does not exist; give --size to "
                                   "create sparse member files")
@@ -223,10 +227,10 @@ class RaidService:
         return arr.status()
 
     def fail(self, name: str, member: str) -> dict[str, Any]:
-        return self._act(name, lambda a: a.fail(os.path.abspath(member)))
+        return self._act(name, lambda a: a.fail(normalize(member)))
 
     def remove(self, name: str, member: str) -> dict[str, Any]:
-        path = os.path.abspath(member)
+        path = normalize(member)
         arr = self.array(name)
         if all(m.path != path for m in arr.members) and path in self._record(name).members:
             # Failed before the last assembly: only the record still names it.
@@ -235,11 +239,11 @@ class RaidService:
         return self._act(name, lambda a: a.remove(path))
 
     def add(self, name: str, member: str, size: str | int | None = None) -> dict[str, Any]:
-        path = os.path.abspath(member)
+        path = normalize(member)
         nbytes = parse_size(size) if size is not None else None
 
         def do(a: RaidArray) -> None:
-            if nbytes is None and not os.path.exists(path):
+            if nbytes is None and not exists(path):
                 raise RaidError(f"{path} does not exist; give --size to create it")
             dev = open_member(path, create_size=nbytes)
             try:
@@ -252,12 +256,12 @@ class RaidService:
     def replace(self, name: str, member: str, new: str, size: str | int | None = None
                 ) -> dict[str, Any]:
         """Hot-replace ``member`` by ``new`` (md's want_replacement; see RaidArray.replace)."""
-        path = os.path.abspath(member)
-        new_path = os.path.abspath(new)
+        path = normalize(member)
+        new_path = normalize(new)
         nbytes = parse_size(size) if size is not None else None
 
         def do(a: RaidArray) -> None:
-            if nbytes is None and not os.path.exists(new_path):
+            if nbytes is None and not exists(new_path):
                 raise RaidError(f"{new_path} does not exist; give --size to create it")
             dev = open_member(new_path, create_size=nbytes)
             try:
@@ -278,6 +282,19 @@ class RaidService:
                 a.speed_limit_min = int(minimum)
             if maximum is not None:
                 a.speed_limit_max = int(maximum)
+        return self._act(name, do)
+
+    def cache(self, name: str, size: int | None = None) -> dict[str, Any]:
+        """Set the stripe cache size of a RAID-4/5/6 array (md's stripe_cache_size)."""
+        def do(a: RaidArray) -> None:
+            if size is None:
+                return
+            if a.geo.level not in (4, 5, 6):
+                raise RaidError(f"raid{a.geo.level} has no stripe cache (raid4/5/6 only)")
+            try:
+                a.stripe_cache_size = int(size)
+            except ValueError as e:
+                raise RaidError(str(e)) from None
         return self._act(name, do)
 
     def stop(self, name: str) -> dict[str, Any]:
@@ -308,8 +325,8 @@ class RaidService:
 
     # ------------------------------------------------------------ control socket
     VERBS: ClassVar[tuple[str, ...]] = ("create", "assemble", "status", "fail", "remove",
-                                        "add", "replace", "check", "speed", "stop", "delete",
-                                        "wait")
+                                        "add", "replace", "check", "speed", "cache", "stop",
+                                        "delete", "wait")
 
     def call(self, verb: str, args: dict[str, Any]) -> Any:
         if verb not in self.VERBS:

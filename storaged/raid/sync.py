@@ -100,6 +100,7 @@ class SyncWorker:
                 while not self._want and not self._abort:
                     if not self.clean and self.resync_from is None and self._last_write and \
                             time.monotonic() - self._last_write >= self.safe_mode_delay:
+                        self._sc_destage_all()       # cached stripes home before "clean"
                         self.clean = True            # md safe mode: idle -> clean
                         if not self.failed:
                             self._sync_sbs()
@@ -263,6 +264,7 @@ class SyncWorker:
         level = self.geo.level
         if level in (4, 5, 6):
             s, lo = divmod(pos, self.geo.chunk)
+            self._sc_destage(s)           # the members hold the stripe's newest pages
             return self._sync_stripe(action, s, lo, lo + n)
         if level == 1:
             return self._sync_copies(action, [(slot, pos) for slot in

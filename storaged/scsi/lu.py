@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from storaged.block.base import BlockDevice, BlockDeviceError
 from storaged.scsi import modepages as mp
@@ -174,6 +175,10 @@ class LogicalUnit:
         self.alua.attach(self)
         self.reset_hooks: list[Callable[[LogicalUnit, int, int], None]] = []
         """Called on logical unit / target reset with the UA (asc, ascq)."""
+        self.reset_barriers: list[Any] = []
+        """Futures a reset hook adds that the task management response should
+        wait for (a shared LU: the other storage nodes have reset it too);
+        taken by :meth:`ScsiTarget.take_reset_barriers`."""
         self.nexus_lost_hooks: list[Callable[[LogicalUnit, Nexus], None]] = []
         self.abort_hooks: list[Callable[[LogicalUnit, Nexus], None]] = []
         """Called by PREEMPT AND ABORT for each preempted I_T nexus: abort its
@@ -400,7 +405,10 @@ class LogicalUnit:
             return False
         if spec.slow:
             return True
-        return spec.write and (not self._wce or (len(cdb) > 1 and bool(cdb[1] & 0x08)))
+        if spec.write:
+            return not self._wce or (len(cdb) > 1 and bool(cdb[1] & 0x08))
+        # PERSISTENT RESERVE OUT waits for the other nodes of a shared LU.
+        return cdb[0] == 0x5F and self.pr.backend.blocking
 
     def execute(self, cmd: ScsiCommand) -> ScsiResult:
         """Run one command; never raises."""

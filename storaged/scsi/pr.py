@@ -53,6 +53,14 @@ themselves).
 PREEMPT AND ABORT aborts the tasks of every preempted nexus before it
 completes by calling ``lu.abort_hooks`` (``ScsiTarget`` forwards them to its
 ``on_abort_nexus`` callback, which the iSCSI layer wires to its sessions).
+
+Every PERSISTENT RESERVE OUT goes through the LU's *PR state backend*
+(``pr.backend``, :mod:`storaged.scsi.pr_backend`): the command logic here
+stays sans-IO and records what a change did to nexuses (unit attentions,
+aborts) in an :class:`~storaged.scsi.pr_backend.Update`; the default local
+backend has nothing more to do, the cluster one (an LU served by several
+storage nodes) makes every node apply the update (:meth:`apply_update`)
+before the command completes.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from storaged.scsi.commands import Access, CommandSet, CommandSpec
+from storaged.scsi.pr_backend import LOCAL, PrBackend, Update
 from storaged.scsi.sense import Key
 from storaged.scsi.types import Nexus, ScsiCommand, ScsiResult, Status
 
@@ -304,6 +313,13 @@ class PersistentReservations:
         """The SPC-2 RESERVE holder: (initiator port, target port) as in the Nexus."""
         self._cache: dict[tuple[str, str], Registration | None] = {}
         self._saved = False
+        self.backend: PrBackend = LOCAL
+        """Where PERSISTENT RESERVE OUT changes are made to hold (storaged.scsi.pr_backend)."""
+        self.seq = 0
+        """Counts every change of the state (PRgeneration does not count RESERVE and
+        RELEASE); nodes serving one LU compare it to find the newest state."""
+        self.effects: list[list[Any]] | None = None
+        self._dirty = False
         lu.reset_hooks.append(self._on_reset)
         lu.nexus_lost_hooks.append(self._on_nexus_lost)
         if store is not None:
@@ -352,17 +368,86 @@ class PersistentReservations:
 
     def _ua(self, regs: Iterable[Registration], asc_ascq: tuple[int, int],
             skip: Nexus | None) -> None:
-        """Unit attention for every live nexus covered by ``regs`` except ``skip``."""
+        """Unit attention for every live nexus covered by ``regs`` except ``skip``
+        (recorded for the other nodes too while a change is being made)."""
+        regs = list(regs)
         for n in self._nexuses(regs):
             if skip is None or not self._same(n, skip):
                 self.lu.add_unit_attention(*asc_ascq, only_nexus=n)
+        if self.effects is not None and regs:
+            self.effects.append(["ua", _pairs(regs), asc_ascq[0], asc_ascq[1], _skip(skip)])
+
+    def _record_abort(self, regs: Iterable[Registration], skip: Nexus | None) -> None:
+        """Note for the other nodes that the tasks of ``regs``' nexuses were aborted."""
+        if self.effects is not None:
+            self.effects.append(["abort", _pairs(regs), _skip(skip)])
+
+    def _nexuses_of(self, pairs: Iterable[list[str]], skip: list[str] | None) -> list[Nexus]:
+        """Live local nexuses covered by ``[initiator, target_port]`` pairs of an
+        :class:`Update` effect, except the ``skip`` nexus."""
+        regs = [Registration(0, str(i), str(t), 0, b"") for i, t in pairs]
+        out = []
+        for n in self._nexuses(regs):
+            if skip and [n.initiator_port, n.target_port] == list(skip):
+                continue
+            out.append(n)
+        return out
+
+    # ------------------------------------------------------------ changes as a unit
+    def change(self, fn: Callable[[], ScsiResult]) -> tuple[ScsiResult, Update | None]:
+        """Run one change under the lock: its result, and the :class:`Update`
+        other nodes must apply (None if the state did not change)."""
+        with self.lock:
+            self.effects = []
+            self._dirty = False
+            try:
+                result = fn()
+                if not self._dirty:
+                    return result, None
+                return result, Update(self.seq, self.to_dict(), self.effects)
+            finally:
+                self.effects = None
+                self._dirty = False
+
+    def apply_update(self, update: Update) -> bool:
+        """Apply a change another node serving this LU made: take its state,
+        raise its unit attentions and abort its preempted tasks on this node's
+        nexuses, and save the state here too if APTPL.  SPC-2 reservations
+        stay local.  False (and nothing done) if this node already has it."""
+        aborts: list[Nexus] = []
+        with self.lock:
+            if update.seq <= self.seq:
+                return False
+            was_saved = self._saved
+            self.restore(update.state)
+            self.seq = update.seq
+            self._saved = was_saved
+            for fx in update.effects:
+                try:
+                    if fx[0] == "ua":
+                        for n in self._nexuses_of(fx[1], fx[4]):
+                            self.lu.add_unit_attention(int(fx[2]), int(fx[3]), only_nexus=n)
+                    elif fx[0] == "abort":
+                        aborts += self._nexuses_of(fx[1], fx[2])
+                except (IndexError, TypeError, ValueError):
+                    log.warning("%s: bad PR update effect %r ignored", self.lu.name, fx)
+            self._persist()
+        _run_abort_hooks(self.lu, aborts)
+        return True
 
     # ------------------------------------------------------------ state changes
     def _changed(self) -> ScsiResult | None:
         """After any PR change: drop the cache, (un)install the access check
         and save the state if APTPL.  Returns an error result if saving failed."""
         self._cache = {}
+        self.seq += 1
+        self._dirty = True
         self.sync_access_check()
+        return self._persist()
+
+    def _persist(self) -> ScsiResult | None:
+        """Save the state if APTPL (delete a saved one if no longer); an error
+        result if that failed."""
         store = self.store
         if store is None or not (self.aptpl or self._saved):
             return None
@@ -431,20 +516,38 @@ class PersistentReservations:
     def admin_clear(self) -> dict[str, Any]:
         """``storaged pr clear``: remove all registrations, the persistent and
         the SPC-2 reservation and the saved APTPL state.  Registered nexuses
-        get RESERVATIONS PREEMPTED, as after a CLEAR."""
+        get RESERVATIONS PREEMPTED, as after a CLEAR.  This node only: see
+        :meth:`admin_clear_everywhere` for an LU with a cluster backend."""
         with self.lock:
             before = self.describe()
-            self._ua(self.regs.values(), UA_RESERVATIONS_PREEMPTED, None)
-            if self.regs:
-                self._bump()
-            self.clear_all()
-            self.spc2 = None
-            self.aptpl = False
-            error = self._changed()
-            if error is not None:
+            if self._admin_clear() is not None:
                 raise RuntimeError("registrations cleared, but the saved APTPL state "
                                    "could not be deleted")
             return before
+
+    def _admin_clear(self) -> ScsiResult | None:
+        self._ua(self.regs.values(), UA_RESERVATIONS_PREEMPTED, None)
+        if self.regs:
+            self._bump()
+        self.clear_all()
+        self.spc2 = None
+        self.aptpl = False
+        return self._changed()
+
+    async def admin_clear_everywhere(self) -> dict[str, Any]:
+        """:meth:`admin_clear` through the PR backend, so every node serving the
+        LU clears it before this returns (call from the daemon's event loop)."""
+        before: dict[str, Any] = {}
+
+        def fn() -> ScsiResult:
+            before.update(self.describe())
+            return self._admin_clear() or ScsiResult()
+
+        result = await self.backend.arun(self, lambda: self.change(fn))
+        if result.status != Status.GOOD:
+            raise RuntimeError("the reservations could not be cleared everywhere: "
+                               f"{_result_text(result)}")
+        return before
 
     def admin_preempt(self, initiators: Iterable[str], keys: Iterable[int]) -> dict[str, Any]:
         """SAN-level fencing: remove the registrations of a fenced host as a
@@ -457,30 +560,50 @@ class PersistentReservations:
         reservation is released and, as for a release of a registrants-only
         or all-registrants reservation (SPC-4 §5.14.11.2.2), the remaining
         registrants get RESERVATIONS RELEASED.  Returns what was removed."""
+        with self.lock:
+            out, nexuses = self._admin_preempt(initiators, keys)
+        _run_abort_hooks(self.lu, nexuses)
+        return out
+
+    def _admin_preempt(self, initiators: Iterable[str], keys: Iterable[int]
+                       ) -> tuple[dict[str, Any], list[Nexus]]:
+        """The change of :meth:`admin_preempt` (under the lock): what was removed,
+        and the live nexuses whose tasks must be aborted."""
         names = {normalize_port(i) for i in initiators}
         key_set = set(keys)
-        with self.lock:
-            removed = [r for r in self.regs.values()
-                       if r.initiator.partition(",")[0] in names or r.initiator in names
-                       or r.key in key_set]
-            if not removed:
-                return {"registrations": 0, "released": False}
-            nexuses = self._nexuses(removed)
-            old_type = self.type
-            released = self._remove(removed)
-            self._ua(removed, UA_REGISTRATIONS_PREEMPTED, None)
-            if released and old_type in REGISTRANTS_TYPES:
-                self._ua(self.regs.values(), UA_RESERVATIONS_RELEASED, None)
-            self._bump()
-            self._changed()
-        for n in nexuses:
-            for hook in list(self.lu.abort_hooks):
-                try:
-                    hook(self.lu, n)
-                except Exception:  # noqa: BLE001 - the fence itself must complete
-                    log.exception("%s: aborting tasks of %s failed", self.lu.name,
-                                  n.initiator_port)
-        return {"registrations": len(removed), "released": released}
+        removed = [r for r in self.regs.values()
+                   if r.initiator.partition(",")[0] in names or r.initiator in names
+                   or r.key in key_set]
+        if not removed:
+            return {"registrations": 0, "released": False}, []
+        nexuses = self._nexuses(removed)
+        old_type = self.type
+        released = self._remove(removed)
+        self._ua(removed, UA_REGISTRATIONS_PREEMPTED, None)
+        if released and old_type in REGISTRANTS_TYPES:
+            self._ua(self.regs.values(), UA_RESERVATIONS_RELEASED, None)
+        self._record_abort(removed, None)
+        self._bump()
+        self._changed()
+        return {"registrations": len(removed), "released": released}, nexuses
+
+    async def admin_preempt_everywhere(self, initiators: Iterable[str],
+                                       keys: Iterable[int]) -> dict[str, Any]:
+        """:meth:`admin_preempt` through the PR backend: on an LU several nodes
+        serve, every node removes the registrations and aborts the tasks
+        before this returns (call from the daemon's event loop)."""
+        out: dict[str, Any] = {"registrations": 0, "released": False}
+        nexuses: list[Nexus] = []
+
+        def fn() -> ScsiResult:
+            got, live = self._admin_preempt(initiators, keys)
+            out.update(got)
+            nexuses.extend(live)
+            return ScsiResult()
+
+        await self.backend.arun(self, lambda: self.change(fn))
+        _run_abort_hooks(self.lu, nexuses)
+        return out
 
     # ------------------------------------------------------------ resets, nexus loss
     def _on_reset(self, lu: LogicalUnit, asc: int, ascq: int) -> None:
@@ -507,13 +630,14 @@ class PersistentReservations:
             d["holder"] = r is self.holder
             regs.append(d)
         return {"generation": self.generation, "aptpl": self.aptpl, "type": self.type,
-                "scope": self.scope, "registrations": regs}
+                "scope": self.scope, "registrations": regs, "seq": self.seq}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Load a saved state (APTPL restart); inconsistent parts are dropped."""
         with self.lock:
             self.clear_all()
             self.generation = int(data.get("generation", 0)) & 0xFFFFFFFF
+            self.seq = max(0, int(data.get("seq", 0)))
             self.aptpl = bool(data.get("aptpl", False))
             holder = None
             for d in data.get("registrations", []):
@@ -542,9 +666,35 @@ class PersistentReservations:
         """Registrations and reservations for ``storaged pr ls`` (live)."""
         with self.lock:
             out = describe_state(self.to_dict())
+            out["seq"] = self.seq
             out["spc2_reservation"] = None if self.spc2 is None else \
                 {"initiator": self.spc2[0], "target_port": self.spc2[1]}
             return out
+
+
+def _pairs(regs: Iterable[Registration]) -> list[list[str]]:
+    return [[r.initiator, r.target_port] for r in regs]
+
+
+def _skip(nexus: Nexus | None) -> list[str] | None:
+    return None if nexus is None else [nexus.initiator_port, nexus.target_port]
+
+
+def _result_text(result: ScsiResult) -> str:
+    if result.status == Status.CHECK_CONDITION and result.sense and len(result.sense) > 13:
+        s = result.sense
+        return f"sense key {s[2] & 0x0F:#x}, ASC/ASCQ {s[12]:02x}h/{s[13]:02x}h"
+    return f"status {int(result.status):#04x}"
+
+
+def _run_abort_hooks(lu: LogicalUnit, nexuses: Iterable[Nexus]) -> None:
+    """Abort every task of these nexuses on ``lu`` (PREEMPT AND ABORT, fencing)."""
+    for n in nexuses:
+        for hook in list(lu.abort_hooks):
+            try:
+                hook(lu, n)
+            except Exception:  # noqa: BLE001 - the preempt itself must complete
+                log.exception("%s: aborting tasks of %s failed", lu.name, n.initiator_port)
 
 
 def describe_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -631,6 +781,9 @@ def _prin(lu: LogicalUnit, cmd: ScsiCommand, build: Callable[[PersistentReservat
                                                               bytes]) -> ScsiResult:
     alloc = _be16(cmd.cdb, 7)
     st = lu.pr
+    refused = st.backend.stale(st)
+    if refused is not None:
+        return refused
     with st.lock:
         data = build(st)
     return ScsiResult(data=data[:alloc])
@@ -914,6 +1067,7 @@ def _preempt(o: _Out, plen: int, abort: bool) -> ScsiResult:
         st._ua(removed, UA_REGISTRATIONS_PREEMPTED, o.nexus)
     if abort and removed:
         _abort_tasks(o.lu, st._nexuses(removed), o.nexus)
+        st._record_abort(removed, o.nexus)
     st._bump()
     return o.done(plen)
 
@@ -921,14 +1075,7 @@ def _preempt(o: _Out, plen: int, abort: bool) -> ScsiResult:
 def _abort_tasks(lu: LogicalUnit, nexuses: list[Nexus], caller: Nexus) -> None:
     """PREEMPT AND ABORT: abort the preempted nexuses' tasks (SPC-4 §5.14.11.5),
     never the caller's (its own PREEMPT AND ABORT is still running)."""
-    for n in nexuses:
-        if PersistentReservations._same(n, caller):
-            continue
-        for hook in list(lu.abort_hooks):
-            try:
-                hook(lu, n)
-            except Exception:  # noqa: BLE001 - the preempt itself must complete
-                log.exception("%s: aborting tasks of %s failed", lu.name, n.initiator_port)
+    _run_abort_hooks(lu, [n for n in nexuses if not PersistentReservations._same(n, caller)])
 
 
 def _register_and_move(o: _Out, plen: int) -> ScsiResult:
@@ -997,22 +1144,27 @@ def _prout(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     elif sa not in (REGISTER, REGISTER_AND_MOVE) and plen != BASIC_PARAM_LEN:
         return lu.param_list_length_error()
     o = _Out(lu, cmd, p)
-    with o.st.lock:
-        if sa == REGISTER:
-            return _register(o, plen, False)
-        if sa == REGISTER_AND_IGNORE_EXISTING_KEY:
-            return _register(o, plen, True)
-        if sa == RESERVE:
-            return _reserve(o, plen)
-        if sa == RELEASE:
-            return _release(o, plen)
-        if sa == CLEAR:
-            return _clear(o, plen)
-        if sa == PREEMPT:
-            return _preempt(o, plen, False)
-        if sa == PREEMPT_AND_ABORT:
-            return _preempt(o, plen, True)
-        return _register_and_move(o, plen)
+    st = o.st
+    return st.backend.run(st, lambda: st.change(lambda: _dispatch_out(o, sa, plen)))
+
+
+def _dispatch_out(o: _Out, sa: int, plen: int) -> ScsiResult:
+    """Run one PERSISTENT RESERVE OUT service action (under the PR lock)."""
+    if sa == REGISTER:
+        return _register(o, plen, False)
+    if sa == REGISTER_AND_IGNORE_EXISTING_KEY:
+        return _register(o, plen, True)
+    if sa == RESERVE:
+        return _reserve(o, plen)
+    if sa == RELEASE:
+        return _release(o, plen)
+    if sa == CLEAR:
+        return _clear(o, plen)
+    if sa == PREEMPT:
+        return _preempt(o, plen, False)
+    if sa == PREEMPT_AND_ABORT:
+        return _preempt(o, plen, True)
+    return _register_and_move(o, plen)
 
 
 for _sa in SA_NAMES:

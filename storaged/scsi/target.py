@@ -201,6 +201,16 @@ class ScsiTarget:
             return TmfResponse.NO_REASSIGN          # transport-level (ERL 2)
         return TmfResponse.NOT_SUPPORTED
 
+    def take_reset_barriers(self) -> list[Any]:
+        """Futures the last reset's task management response must wait for (see
+        ``LogicalUnit.reset_barriers``); empty for LUs served by this node alone."""
+        out: list[Any] = []
+        for lu in self.luns.values():
+            if lu.reset_barriers:
+                out += lu.reset_barriers
+                lu.reset_barriers = []
+        return out
+
     def _abort_nexus(self, lu: LogicalUnit, nexus: Nexus) -> None:
         """LU abort hook: forward to ``on_abort_nexus`` with our LUN number(s) of ``lu``."""
         callback = self.on_abort_nexus

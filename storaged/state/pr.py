@@ -67,6 +67,9 @@ class PrRecord(Record):
     type: int = 0
     scope: int = 0
     registrations: list[PrRegistration] = field(default_factory=list)
+    seq: int = 0
+    """Change counter of a shared LU's PR state (storaged.scsi.pr_cluster): after a
+    restart of every node the one with the highest ``seq`` has the newest state."""
 
     @property
     def key(self) -> str:
@@ -79,6 +82,7 @@ class PrRecord(Record):
             errors.append("wwn must be a string")
         _collect(errors, check_int, self.generation, "generation", 0, 2**32 - 1)
         _collect(errors, check_bool, self.aptpl, "aptpl")
+        _collect(errors, check_int, self.seq, "seq", 0, 2**63 - 1)
         if self.type not in PR_TYPES or isinstance(self.type, bool):
             errors.append(f"type must be one of {PR_TYPES}, got {self.type!r}")
         if self.scope != 0 or isinstance(self.scope, bool):
@@ -107,7 +111,7 @@ class PrRecord(Record):
     def state(self) -> dict[str, Any]:
         """The SCSI layer's form (``PersistentReservations.restore``)."""
         return {"generation": self.generation, "aptpl": self.aptpl, "type": self.type,
-                "scope": self.scope,
+                "scope": self.scope, "seq": self.seq,
                 "registrations": [{"key": r.reservation_key, "initiator": r.initiator,
                                    "target_port": r.target_port,
                                    "relative_port_id": r.relative_port_id,
@@ -125,7 +129,8 @@ class PrRecord(Record):
                 for r in state.get("registrations", [])]
         return cls(backstore=backstore, wwn=wwn, generation=state.get("generation", 0),
                    aptpl=bool(state.get("aptpl", True)), type=state.get("type", 0),
-                   scope=state.get("scope", 0), registrations=regs)
+                   scope=state.get("scope", 0), registrations=regs,
+                   seq=int(state.get("seq", 0)))
 
 
 class StatePrStore:

@@ -39,7 +39,8 @@ R = TypeVar("R", bound="Record")
 
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
-BACKSTORE_KINDS = ("file", "block", "raid")  # raid: path is the RAID array name
+BACKSTORE_KINDS = ("file", "block", "raid", "iscsi")  # raid: path is the RAID array name;
+# iscsi: path is the iscsi:// URL of a remote LUN (storaged.block.open)
 _SERIAL_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 _WWN_RE = re.compile(r"^6[0-9a-f]{31}$")
 
@@ -244,6 +245,9 @@ class Backstore(Record):
     wwn: str = field(default_factory=new_wwn)
     online: bool = True
     direct: bool = False  # O_DIRECT: bypass the page cache (files and block devices)
+    shared: bool = False
+    """Served by several storage nodes of the cluster over the same backing storage:
+    persistent reservations are one state for all of them (storaged.scsi.pr_cluster)."""
 
     @classmethod
     def config_label(cls, item: Any, index: int) -> str:
@@ -271,9 +275,13 @@ class Backstore(Record):
         errors: list[str] = []
         _collect(errors, normalize_name, self.name, "backstore name")
         if self.kind not in BACKSTORE_KINDS:
-            errors.append(f"kind must be 'file', 'block' or 'raid', got {self.kind!r}")
+            errors.append(f"kind must be 'file', 'block', 'raid' or 'iscsi', got {self.kind!r}")
         if self.kind == "raid":
             _collect(errors, normalize_name, self.path, "raid array name")
+        elif self.kind == "iscsi":
+            if not isinstance(self.path, str) or not self.path.startswith("iscsi://"):
+                errors.append(f"path of an iscsi backstore must be an iscsi:// URL, "
+                              f"got {self.path!r}")
         elif not isinstance(self.path, str) or not os.path.isabs(self.path) or "\0" in self.path:
             errors.append(f"path must be an absolute path, got {self.path!r}")
         else:
@@ -286,10 +294,11 @@ class Backstore(Record):
                 errors.append("size of a file backstore must be > 0")
             elif size % self.block_size:
                 errors.append(f"size {size} is not a multiple of block_size {self.block_size}")
-        for name in ("read_only", "wce", "online", "direct"):
+        for name in ("read_only", "wce", "online", "direct", "shared"):
             _collect(errors, check_bool, getattr(self, name), name)
-        if self.direct is True and self.kind == "raid":
-            errors.append("direct (O_DIRECT) applies to file and block backstores, not raid")
+        if self.direct is True and self.kind in ("raid", "iscsi"):
+            errors.append("direct (O_DIRECT) applies to file and block backstores, "
+                          f"not {self.kind}")
         if not isinstance(self.serial, str) or not _SERIAL_RE.match(self.serial):
             errors.append(f"serial must be 1-64 characters [0-9A-Za-z._-], got {self.serial!r}")
         if isinstance(self.wwn, str):
