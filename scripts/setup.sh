@@ -28,6 +28,7 @@ APT_PACKAGES=(
     fuse3 ctdb bindfs
     pacemaker-cli-utils resource-agents libxml2-utils fence-agents
     corosync libcpg4 libquorum5 libvotequorum8 libcmap4 libcorosync-common4 pacemaker
+    iproute2
 )
 # The lab (storaged lab, vagrant/): vagrant + vagrant-libvirt for `vagrant validate` of
 # vagrant/Vagrantfile (the plugin makes a provider usable without a hypervisor).  The

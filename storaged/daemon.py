@@ -83,6 +83,11 @@ class Runtime:
         self.mgmt = MgmtServer(store, self.reconcile)  # fence ops over TCP, off by default
         self.shared_pr: SharedPr | None = None
         """Shared-LU persistent reservations, once a cluster node runs here."""
+        # Floating addresses (storaged.vip): portals on one open only while it is held here.
+        self.vip = None  # the VipService, when a cluster node runs in this daemon
+        self.floating: set[str] = set()
+        self.held_floating: set[str] = set()
+        self._wanted: set[tuple[str, int]] = set()
 
     # The hot path: one SCSI command, with its metrics.
     def run_command(self, scsi: ScsiTarget, cmd: ScsiCommand, target: str) -> ScsiResult:
@@ -165,6 +170,7 @@ class Runtime:
     async def reconcile(self) -> None:
         """Bring devices, targets and listeners in line with the store."""
         from storaged.control.fence_ops import fenced_initiators
+        from storaged.vip.records import FloatingAddress
 
         self.raid.reconcile()
         with self.store.read() as txn:
@@ -172,6 +178,7 @@ class Runtime:
             targets = txn.list(Target)
             services = txn.list(VirtualService)
             fenced_names, fenced_keys = fenced_initiators(txn)
+            vips = txn.list(FloatingAddress)
         for name, b in backstores.items():
             cur = self.devices.get(name)
             if cur is not None and (cur.record.path, cur.record.block_size) == \
@@ -246,17 +253,95 @@ class Runtime:
             await self.shared_pr.sync_new()
         self.director.configure(services)
         wanted.update(self.director.addresses())
+        self._wanted = wanted
+        self.floating = {v.ip for v in vips}
+        if self.vip is None:  # managed outside storaged (ocf:storaged:vip): follow the kernel
+            await self._follow_interfaces(vips)
+        await self._set_portals()
+        if self.vip is not None:
+            await self.vip.configure(vips)
+        await self.nfs.reconcile()
+        await self.mgmt.reconcile()
+
+    async def _set_portals(self) -> None:
+        """Listen on the wanted portals (floating addresses' only while held here)."""
         try:
-            await self.server.set_portals(wanted)
+            await self.server.set_portals(self._portals())
         finally:
             self.director.set_local_portals(self.server.listeners)
             self.health.reconcile()  # after the portals: this node's own ones answer
-        await self.nfs.reconcile()
-        await self.mgmt.reconcile()
 
     def lb_live(self, args: dict) -> dict:
         """Live connection counts of the virtual services (``storaged lb -L``)."""
         return self.director.describe(self.registry.sessions.values(), time.monotonic())
+
+    def _portals(self) -> set[tuple[str, int]]:
+        """The portals to listen on: floating addresses' only while held here."""
+        return {p for p in self._wanted if p[0] not in self.floating
+                or p[0] in self.held_floating}
+
+    async def serve_floating(self, ip: str, on: bool) -> None:
+        """The VipService took (``on``) or dropped floating address ``ip``.
+
+        Dropping closes its listeners and ends every connection that came in on
+        it, so a node that lost quorum stops serving through the address at once.
+        """
+        from storaged.iscsi.server import PortalError
+
+        (self.held_floating.add if on else self.held_floating.discard)(ip)
+        try:
+            await self._set_portals()
+        except PortalError as e:
+            log.error("floating address %s: %s", ip, e)
+        if not on:
+            self._drop_sessions_on(ip)
+
+    async def _follow_interfaces(self, vips: list) -> None:  # noqa: ANN001 - records
+        """Without a cluster node, a floating address is held while it is on its interface
+        (pacemaker's ocf:storaged:vip adds and removes it); sessions on one that went away
+        end."""
+        from storaged.vip import net
+
+        held = set()
+        for v in vips:
+            if await asyncio.to_thread(net.has_address, v.dev, v.ip):
+                held.add(v.ip)
+        for ip in self.held_floating - held:
+            self._drop_sessions_on(ip)
+        self.held_floating = held
+
+    def _drop_sessions_on(self, ip: str) -> None:
+        for proto in list(self.server.protocols):
+            conn = proto.conn
+            if conn is not None and conn.local[0] == ip and not conn.closed:
+                conn.drop(f"floating address {ip} released")
+
+    async def vip_sync(self, args: dict) -> dict:
+        """``ocf:storaged:vip`` changed an address: open or close its portals now."""
+        from storaged.control.ops import ConfigError
+        from storaged.iscsi.server import PortalError
+        from storaged.vip.records import FloatingAddress
+
+        if self.vip is not None:
+            raise ConfigError("this node's storaged cluster manages the floating addresses "
+                              "(do not also run ocf:storaged:vip here)")
+        with self.store.read() as txn:
+            vips = txn.list(FloatingAddress)
+        await self._follow_interfaces(vips)
+        try:
+            await self._set_portals()
+        except PortalError as e:
+            raise ConfigError(str(e)) from None
+        return {"held": sorted(self.held_floating)}
+
+    def vip_ls(self, args: dict) -> dict:
+        """Live floating addresses (``storaged vip ls``)."""
+        from storaged.vip.ops import vip_ls
+
+        if self.vip is None:
+            with self.store.read() as txn:
+                return vip_ls(txn)
+        return {"live": True, "node": self.vip.node.node_id, "vips": self.vip.status()}
 
     async def _preempt_fenced(self, names: set[str], keys: set[int]) -> None:
         """Fenced nodes lose their registrations on every open LU, as after a
@@ -401,9 +486,14 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         runtime.shared_pr = SharedPr(cluster_node)
     if metrics_addr and cluster_node is not None:
         metrics.REGISTRY.register(metrics.ClusterCollector(cluster_node.status))
+    if cluster_node is not None:
+        from storaged.vip.service import VipService
+        runtime.vip = VipService(cluster_node, runtime.serve_floating)
     # Portals open here; the control socket follows at once, so a CLI call made as
     # soon as the iSCSI port answers reaches the daemon (nothing slow in between).
     await runtime.reconcile()
+    if runtime.vip is not None:
+        runtime.vip.start()
     sock_path = os.path.join(directory, "control.sock")
     control = await start_control_server(sock_path, store, runtime.reconcile,
                                          extra_ops={"status": lambda *_a, **_k: runtime.status(),
@@ -411,6 +501,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
                                                     "pr_clear": runtime.pr_clear,
                                                     "alua_ls": runtime.alua_ls,
                                                     "lb_live": runtime.lb_live,
+                                                    "vip_ls": runtime.vip_ls,
+                                                    "vip_sync": runtime.vip_sync,
                                                     **runtime.raid.control_ops()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -429,6 +521,8 @@ async def _run(directory: str, metrics_addr: str | None, banner: str | None) -> 
         log.info("shutting down")
         _notify("STOPPING=1")
         await stop_control_server(control, sock_path)
+        if runtime.vip is not None:
+            await runtime.vip.stop()  # addresses removed, locks released: a survivor takes over
         if runtime.shared_pr is not None:
             runtime.shared_pr.close()
         if cluster_node is not None:

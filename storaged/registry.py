@@ -21,12 +21,13 @@ from storaged.state.mgmt import MgmtEndpoint, MgmtUser
 from storaged.state.nsm import NsmMonitor, NsmState
 from storaged.state.pr import PrRecord
 from storaged.state.records import Backstore, Record, Settings, Target
+from storaged.vip.records import FloatingAddress
 
 #: Every top-level record kind.  Config kinds come first, in the order of their
 #: sections in a ``config save`` file and in ``storaged ls``.
 RECORD_KINDS: tuple[type[Record], ...] = (
     Settings, Backstore, Target, AluaGroup, RaidVolume, Export, NfsSettings,
-    ClusterConfig, LocalNode, VirtualService,
+    ClusterConfig, LocalNode, VirtualService, FloatingAddress,
     PrRecord, NsmState, NsmMonitor, FenceNode, FenceEvent,
     MgmtEndpoint, MgmtUser, LabRecord, LabResource,
 )
@@ -42,6 +43,7 @@ OPERATION_MODULES: tuple[str, ...] = (
     "storaged.raid.service",
     "storaged.control.fence_ops",
     "storaged.lb.ops",
+    "storaged.vip.ops",
 )
 
 

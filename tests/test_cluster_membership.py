@@ -185,3 +185,22 @@ def test_read_kernel_clock_reports_a_state():
     assert clock.maxerror_us >= 0 and isinstance(clock.synced, bool)
     if clock.status & 0x40:  # STA_UNSYNC
         assert not clock.synced
+
+
+def test_rejoining_lowest_id_node_is_not_removed_again():
+    """Node 1 (the coordinator after it rejoins) used to propose a view before its first
+    heartbeat as the new incarnation: the others acked, then removed and fenced it again
+    because they still knew only its dead incarnation (a reset every few ticks)."""
+    from storaged.cluster.membership import FenceRequest
+
+    net = Net(cfg(3))
+    net.run(1.5)
+    net.cut |= {(1, 2), (1, 3), (2, 1), (3, 1)}
+    net.run(3.0)
+    assert net.view(2).nodes == (2, 3)
+    net.cut.clear()
+    net.run(3.0)
+    resets = [e for e in net.events[1] if isinstance(e, Reset)]
+    fences = {e.inc for n in (2, 3) for e in net.events[n] if isinstance(e, FenceRequest)}
+    assert len(resets) == 1 and fences == {101}
+    assert net.view(2).nodes == (1, 2, 3) and net.view(2).incarnation(1) == resets[0].new_inc

@@ -131,6 +131,7 @@ GROUPS: dict[str, str] = {
     "ocf": "storaged.ocf.cli:ocf",
     "lb": "storaged.lb.cli:lb",
     "lab": "storaged.lab.cli:lab",
+    "vip": "storaged.vip.cli:vip",
 }
 for _name, _target in GROUPS.items():
     cli.add_lazy(_name, _target)

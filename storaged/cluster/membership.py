@@ -504,4 +504,8 @@ class Membership:
         self.inc = max(old + 1, int(msg.get("min_inc", 0)))
         self.view = None
         self.proposal = None
+        # Heartbeat as the new incarnation before proposing anything: a peer that acked
+        # a view with us before hearing the new incarnation would still count us dead
+        # and remove us again at once (a rejoining lowest-id node flapped forever).
+        self.next_hb = 0.0
         self.events.append(Reset(old, self.inc))

@@ -204,6 +204,7 @@ def describe_txn(txn: Txn) -> dict[str, Any]:
     from storaged.control.alua_ops import describe_group, stored_groups
     from storaged.nas.exports import Export, NfsSettings
     from storaged.raid.records import RaidVolume
+    from storaged.vip.records import FloatingAddress
 
     nfs = txn.get(NfsSettings, NfsSettings.KEY) or NfsSettings()
     cluster = txn.get(ClusterConfig, ClusterConfig.KEY)
@@ -220,6 +221,7 @@ def describe_txn(txn: Txn) -> dict[str, Any]:
                          "backstore": exported.get(a.name)} for a in txn.list(RaidVolume)],
         "cluster": None if cluster is None else {
             **cluster.to_dict(), "local_node": local.node_id if local is not None else None},
+        "vips": [v.to_dict() for v in txn.list(FloatingAddress)],
     }
 
 

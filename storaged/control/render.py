@@ -103,6 +103,12 @@ def config_tree(desc: dict[str, Any], title: str = "storaged") -> Node:
         for nid, n in sorted(cluster["nodes"].items(), key=lambda kv: int(kv[0])):
             me = "  (this host)" if here is not None and int(nid) == here else ""
             node.add(f"node {nid}: {n['address']} votes={n['votes']}{me}")
+    vips = desc.get("vips") or []
+    if vips:
+        node = root.add(f"floating addresses ({len(vips)})")
+        for v in vips:
+            pref = ",".join(map(str, v["preference"]))
+            node.add(f"{v['address']} dev {v['dev']}{' preference ' + pref if pref else ''}")
     groups = desc.get("alua") or []
     if groups:
         node = root.add(f"alua target port groups ({len(groups)})")

@@ -10,7 +10,7 @@ import click
 from storaged.cli.root import fail
 
 OCF_DIR = "/usr/lib/ocf/resource.d/storaged"
-AGENTS = {"storaged": "storaged.ocf.daemon_ra"}
+AGENTS = {"storaged": "storaged.ocf.daemon_ra", "vip": "storaged.ocf.vip_ra"}
 
 
 def stub(name: str, module: str) -> str:
