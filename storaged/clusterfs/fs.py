@@ -33,15 +33,14 @@ from storaged.clusterfs.format import (
     JH_CLEAN,
     NAME_MAX,
     RGRP,
-    SUPERBLOCK,
     XATTR_ENTRY,
     XATTR_HEAD,
     XATTR_MAGIC,
     FormatError,
-    Geometry,
     direct_count,
     max_file_blocks,
     pointers_per_block,
+    read_geometry,
 )
 from storaged.clusterfs.glock import BlockCache
 from storaged.clusterfs.journal import Journal, JournalFull
@@ -101,8 +100,8 @@ class ClusterFS:
         self.locks = locks
         self.read_only = read_only
         self.want_slot = slot
-        sb = SUPERBLOCK.unpack(dev.read(0, SUPERBLOCK.size))
-        self.geo = Geometry(sb)
+        self.geo = read_geometry(dev)
+        sb = self.geo.sb
         self.bs = self.geo.bs
         self.ppb = pointers_per_block(self.bs)
         self.ndirect = direct_count(self.bs)
@@ -136,6 +135,38 @@ class ClusterFS:
     def jname(self, slot: int) -> str:
         return f"{self.tag}.j{slot}"
 
+    def rindex_name(self) -> str:
+        """The lock that serialises changes of the resource-group and journal index
+        (``fs grow``, ``fs add-journal``), like GFS2's rindex glock."""
+        return f"{self.tag}.rindex"
+
+    def refresh_geometry(self) -> bool:
+        """Re-read block 0 (superblock, journal index); True if the filesystem grew.
+
+        Another node's ``fs grow`` or ``add-journal`` rewrites block 0 only after
+        the new groups or journal are on the device, so reading it is enough
+        (no lock: a torn read fails its CRC and is retried).  Called when this
+        node runs out of space, meets a block past its idea of the end, on
+        statfs and before recovery polls."""
+        for _ in range(3):
+            try:
+                geo = read_geometry(self.dev)
+                break
+            except FormatError:
+                time.sleep(0.01)
+        else:
+            return False
+        old = self.geo
+        if geo.total_blocks < old.total_blocks or geo.journals < old.journals:
+            return False  # never shrink under a mounted node
+        if (geo.total_blocks, geo.rg_count, geo.extra_journals) == \
+                (old.total_blocks, old.rg_count, old.extra_journals):
+            return False
+        self.geo = geo
+        if self.journal is not None:
+            self.journal.geo = geo
+        return True
+
     # ------------------------------------------------------------ mounting
     def mount(self) -> ClusterFS:
         """Claim a journal slot (its lock, held until umount), replay free journals."""
@@ -159,7 +190,7 @@ class ClusterFS:
             time.sleep(0.1 * (attempt + 1))
         if self.slot is None:
             raise _err(errno.EBUSY, f"all {self.geo.journals} journal slots are in use "
-                       "(storaged fs add-journal is not implemented yet; mkfs --journals N)")
+                       "(add one with 'storaged fs add-journal DEVICE')")
         self.journal = Journal(self.dev, self.geo, self.slot)
         self.stats["replayed"] += self.journal.replay()
         for s in range(self.geo.journals):
@@ -193,6 +224,7 @@ class ClusterFS:
         """Replay every other slot whose lock is free (its node is gone and fenced)."""
         if self.withdrawn is not None or self.journal is None:
             return 0
+        self.refresh_geometry()  # journals added by another node are recovered too
         n = 0
         for s in range(self.geo.journals):
             if s != self.slot:
@@ -229,6 +261,8 @@ class ClusterFS:
 
     # ---------------------------------------------------------- plumbing
     def read_block(self, block: int) -> bytes:
+        if block >= self.geo.total_blocks:
+            self.refresh_geometry()
         if block <= 0 or block >= self.geo.total_blocks:
             raise _err(errno.EIO, f"block {block} outside the filesystem")
         return self.dev.read(block * self.bs, self.bs)
@@ -316,6 +350,8 @@ class ClusterFS:
     def bmap(self, t: Txn, ip: Inode, idx: int, alloc: bool = False) -> int:
         """Device block of logical block ``idx`` (0 = hole); allocates with ``alloc``."""
         blk = self._bmap(t, ip, idx, alloc)
+        if blk >= self.geo.total_blocks:
+            self.refresh_geometry()  # another node allocated it in space grown since
         if blk and not self.geo.rg_start <= blk < self.geo.total_blocks:
             raise FormatError(f"inode {ip.ino}: block pointer {blk} outside the data area")
         return blk
@@ -360,6 +396,14 @@ class ClusterFS:
 
     def alloc(self, t: Txn, ip: Inode | None) -> int:
         """Allocate one block, starting in this node's home resource group."""
+        try:
+            return self._alloc(t, ip)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.refresh_geometry():
+                raise
+        return self._alloc(t, ip)  # another node grew the filesystem
+
+    def _alloc(self, t: Txn, ip: Inode | None) -> int:
         g = self.geo
         home = (self.slot or 0) % g.rg_count
         for step in range(g.rg_count):
@@ -928,6 +972,7 @@ class ClusterFS:
 
     def statfs(self) -> dict[str, int]:
         """Totals from the resource-group headers (read without locks: a snapshot)."""
+        self.refresh_geometry()
         g = self.geo
         free = 0
         for k in range(g.rg_count):
