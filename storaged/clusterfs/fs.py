@@ -51,6 +51,8 @@ from storaged.fastio import crc32c
 log = logging.getLogger("storaged.clusterfs")
 
 MAX_DIR_DEPTH = 24
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOCATE_CHUNK = 1024      # blocks allocated per transaction by fallocate
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
@@ -954,6 +956,49 @@ class ClusterFS:
             ip.f["mtime_ns"] = ip.f["ctime_ns"] = time.time_ns()
             self.iput(t, ip)
         self.run(body)
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE: allocate every block of
+        ``[offset, offset + length)`` that is a hole, so later writes there cannot
+        fail with ENOSPC; the size grows to the end of the range unless KEEP_SIZE.
+
+        The format has no "unwritten extent" flag, so new blocks are written
+        with zeros (ordered data, before the metadata that maps them).  Large
+        ranges commit FALLOCATE_CHUNK blocks per transaction (one journal record
+        each): an ENOSPC part way keeps what was allocated, as ext4 does.  Other
+        modes (punch hole, zero/collapse/insert range) give EOPNOTSUPP."""
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise _err(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
+        if offset < 0 or length <= 0:
+            raise _err(errno.EINVAL)
+        bs = self.bs
+        end = offset + length
+        if end > max_file_blocks(bs) * bs:
+            raise _err(errno.EFBIG)
+        parts = split_path(path)
+        first, last = offset // bs, (end - 1) // bs
+        zero = bytes(bs)
+        lo = first
+        while lo <= last:
+            hi = min(last + 1, lo + FALLOCATE_CHUNK)
+
+            def body(t: Txn, lo: int = lo, hi: int = hi) -> None:
+                ip = self.walk(t, parts, EX)
+                if ip.is_dir():
+                    raise _err(errno.EISDIR)
+                if not stat.S_ISREG(ip.mode):
+                    raise _err(errno.ENODEV)
+                for i in range(lo, hi):
+                    if not self.bmap(t, ip, i):
+                        t.write_data(self.bmap(t, ip, i, alloc=True), zero)
+                now = time.time_ns()
+                if hi > last and not mode & FALLOC_FL_KEEP_SIZE and end > ip.f["size"]:
+                    ip.f["size"] = end
+                    ip.f["mtime_ns"] = now
+                ip.f["ctime_ns"] = now
+                self.iput(t, ip)
+            self.run(body)
+            lo = hi
 
     # ------------------------------------------------------------- listing
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
