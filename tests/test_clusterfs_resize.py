@@ -8,7 +8,7 @@ import random
 import pytest
 
 from storaged.clusterfs import resize
-from storaged.clusterfs.format import JOURNAL_INDEX, Geometry, read_geometry
+from storaged.clusterfs.format import JOURNAL_INDEX, FormatError, Geometry, read_geometry
 from storaged.clusterfs.fs import ClusterFS
 from storaged.clusterfs.locks import LocalLocks
 from storaged.clusterfs.memdev import MemoryBlockDevice
@@ -168,3 +168,20 @@ def test_journal_index_golden_bytes():
                     "journal_blocks": 64, "journal_start": 1, "rg_start": 129, "rg_count": 1,
                     "rg_data": 1, "root_ino": 131, "uuid": b""}, (4242,))
     assert [geo.journal_block(s) for s in range(geo.journals)] == [1, 65, 4242]
+
+
+def test_a_corrupt_journal_index_is_a_format_error_not_a_crash():
+    dev = small(4 << 20)
+    fs = ClusterFS(dev, LocalLocks()).mount()
+    resize.add_journals(fs, 1)
+    fs.umount()
+    raw = bytearray(dev.read(0, 4096))
+    raw[264:272] = (1 << 40).to_bytes(8, "little")  # a start past the end, CRC redone
+    raw[256:508] = JOURNAL_INDEX.pack({"count": 1, "starts": bytes(raw[264:272])})
+    dev.write(0, bytes(raw))
+    with pytest.raises(FormatError, match="outside the data area"):
+        ClusterFS(dev, LocalLocks())
+    assert any("outside the data area" in p for p in check(dev).problems)
+    raw[300] ^= 0xFF  # and a flipped byte fails the CRC
+    dev.write(0, bytes(raw))
+    assert any("checksum" in p for p in check(dev).problems)

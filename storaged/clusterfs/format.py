@@ -189,7 +189,12 @@ def unpack_journal_index(block0: bytes) -> tuple[int, ...]:
 def read_geometry(dev: Any) -> Geometry:
     """The superblock and journal index of ``dev`` (FormatError if they are corrupt)."""
     sb = SUPERBLOCK.unpack(dev.read(0, max(SUPERBLOCK.size, 512)))
-    return Geometry(sb, unpack_journal_index(dev.read(0, 512)))
+    geo = Geometry(sb, unpack_journal_index(dev.read(0, 512)))
+    for start in geo.extra_journals:  # added journals lie inside the data area
+        if not geo.rg_start <= start <= geo.total_blocks - geo.journal_blocks:
+            raise FormatError(f"journal index: journal at block {start} is outside the "
+                              "data area")
+    return geo
 
 
 def pack_block0(geo: Geometry, sb: dict[str, Any], extra_journals: tuple[int, ...]) -> bytes:
