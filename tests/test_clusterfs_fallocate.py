@@ -1,4 +1,4 @@
-"""clusterfs fallocate: modes 0 and KEEP_SIZE in memory and through a FUSE mount."""
+"""clusterfs fallocate: modes 0, KEEP_SIZE and PUNCH_HOLE in memory and through FUSE."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_unsupported_modes_and_bad_arguments():
     dev, fs = new_fs()
     fs.create("/f", 0o644)
     fs.mkdir("/d", 0o755)
-    for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE):
+    for mode in (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
         with pytest.raises(OSError) as e:
             fs.fallocate("/f", mode, 0, 4096)
         assert e.value.errno == errno.EOPNOTSUPP
@@ -80,6 +80,25 @@ def test_unsupported_modes_and_bad_arguments():
         fs.fallocate("/f", 0, 0, 64 << 20)  # four times the device
     assert e.value.errno == errno.ENOSPC
     assert fs.statfs()["f_bfree"] < free  # whole chunks before the failure stay allocated
+    fs.umount()
+    assert check(dev).problems == []
+
+
+def test_punch_hole_frees_whole_blocks_zeroes_edges_and_keeps_the_size():
+    dev, fs = new_fs()
+    fs.create("/f", 0o644)
+    data = os.urandom(3 << 20)  # direct, single and double indirect blocks
+    fs.write("/f", data, 0)
+    free = fs.statfs()["f_bfree"]
+    fs.fallocate("/f", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1000, (2 << 20) + 5000)
+    assert fs.getattr("/f")["st_size"] == 3 << 20
+    end = 1000 + (2 << 20) + 5000
+    assert fs.read("/f", 3 << 20, 0) == data[:1000] + bytes(end - 1000) + data[end:]
+    assert fs.statfs()["f_bfree"] - free == (end // 4096) - 1  # whole blocks 1..end//4096-1
+    fs.fallocate("/f", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 1 << 40)  # past EOF
+    assert fs.read("/f", 3 << 20, 0) == bytes(3 << 20)
+    fs.write("/f", b"again", 2 << 20)  # a hole fills again
+    assert fs.read("/f", 5, 2 << 20) == b"again"
     fs.umount()
     assert check(dev).problems == []
 
@@ -104,8 +123,10 @@ def test_fallocate_through_a_fuse_mount(local_mount):
         assert _fallocate(fd, FALLOC_FL_KEEP_SIZE, 2 << 20, 1 << 20) == 0
         st = os.fstat(fd)
         assert st.st_size == 2 << 20 and st.st_blocks * 512 >= 3 << 20
-        assert _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096) \
-            == errno.EOPNOTSUPP
         assert os.pread(fd, 4096, 1 << 20) == bytes(4096)
+        os.pwrite(fd, b"\xff" * 8192, 0)
+        assert _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 4096) == 0
+        assert os.pread(fd, 8192, 0) == b"\xff" * 100 + bytes(4096) + b"\xff" * 3996
+        assert _fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, 4096) == errno.EOPNOTSUPP
     finally:
         os.close(fd)

@@ -52,6 +52,7 @@ log = logging.getLogger("storaged.clusterfs")
 
 MAX_DIR_DEPTH = 24
 FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOCATE_CHUNK = 1024      # blocks allocated per transaction by fallocate
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -965,17 +966,23 @@ class ClusterFS:
         The format has no "unwritten extent" flag, so new blocks are written
         with zeros (ordered data, before the metadata that maps them).  Large
         ranges commit FALLOCATE_CHUNK blocks per transaction (one journal record
-        each): an ENOSPC part way keeps what was allocated, as ext4 does.  Other
-        modes (punch hole, zero/collapse/insert range) give EOPNOTSUPP."""
-        if mode & ~FALLOC_FL_KEEP_SIZE:
+        each): an ENOSPC part way keeps what was allocated, as ext4 does.
+        PUNCH_HOLE|KEEP_SIZE frees the blocks the range covers whole and zeroes
+        the partial ones at its edges.  Other modes (zero, collapse, insert
+        range, punch without KEEP_SIZE as Linux) give EOPNOTSUPP."""
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if mode & ~punch or mode == FALLOC_FL_PUNCH_HOLE:
             raise _err(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
         if offset < 0 or length <= 0:
             raise _err(errno.EINVAL)
         bs = self.bs
         end = offset + length
+        parts = split_path(path)
+        if mode == punch:
+            self._punch(parts, offset, min(end, max_file_blocks(bs) * bs))
+            return
         if end > max_file_blocks(bs) * bs:
             raise _err(errno.EFBIG)
-        parts = split_path(path)
         first, last = offset // bs, (end - 1) // bs
         zero = bytes(bs)
         lo = first
@@ -996,6 +1003,65 @@ class ClusterFS:
                     ip.f["size"] = end
                     ip.f["mtime_ns"] = now
                 ip.f["ctime_ns"] = now
+                self.iput(t, ip)
+            self.run(body)
+            lo = hi
+
+    def _unmap(self, t: Txn, ip: Inode, idx: int) -> None:
+        """Free the block at logical index ``idx`` (mapping blocks stay)."""
+        nd, p = self.ndirect, self.ppb
+        if idx < nd:
+            slot = INODE_HEAD // 8 + idx
+            blk = self._ptr(ip.buf, slot)
+            if blk:
+                self.free(t, blk, ip)
+                self._setptr(ip.buf, slot, 0)
+                t.dirty.add(ip.ino)
+            return
+        idx -= nd
+        if idx < p:
+            path = [self.bs // 8 - 2, idx]
+        else:
+            idx -= p
+            path = [self.bs // 8 - 1, idx // p, idx % p]
+        buf, owner = ip.buf, ip.ino
+        for slot in path[:-1]:
+            blk = self._ptr(buf, slot)
+            if not blk:
+                return
+            buf, owner = t.read(blk, self.iname(ip.ino)), blk
+        blk = self._ptr(buf, path[-1])
+        if blk:
+            self.free(t, blk, ip)
+            t.change(owner)
+            self._setptr(buf, path[-1], 0)
+
+    def _punch(self, parts: list[str], offset: int, end: int) -> None:
+        """FALLOC_FL_PUNCH_HOLE: holes where the range covers whole blocks, zeros
+        in the partial blocks at its edges; the size stays."""
+        bs = self.bs
+        lo = offset // bs
+        last = (end - 1) // bs
+        while lo <= last:
+            hi = min(last + 1, lo + FALLOCATE_CHUNK)
+
+            def body(t: Txn, lo: int = lo, hi: int = hi) -> None:
+                ip = self.walk(t, parts, EX)
+                if ip.is_dir():
+                    raise _err(errno.EISDIR)
+                if not stat.S_ISREG(ip.mode):
+                    raise _err(errno.ENODEV)
+                for i in range(lo, hi):
+                    a, b = max(offset, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
+                    if b - a == bs:
+                        self._unmap(t, ip, i)
+                        continue
+                    blk = self.bmap(t, ip, i)
+                    if blk:
+                        old = t.data.get(blk) or self.dev.read(blk * bs, bs)
+                        t.write_data(blk, old[:a] + bytes(b - a) + old[b:])
+                now = time.time_ns()
+                ip.f["mtime_ns"] = ip.f["ctime_ns"] = now
                 self.iput(t, ip)
             self.run(body)
             lo = hi
