@@ -243,11 +243,13 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
                 "cache": None if fsobj.cache is None else
                 dict(fsobj.cache.stats, blocks=len(fsobj.cache)),
                 "plocks": None if plocks is None else dict(plocks.stats),
-                "localflocks": plocks is None}
+                "localflocks": plocks is None, "control": ctl}
 
     os.makedirs(run_dir(), exist_ok=True)
     sock = _sock_for(mountpoint)
+    ctl = sock[:-5] + ".ctl"
     serve_status(sock, status)
+    _serve_control(ctl, fsobj)
     done = threading.Event()
     if node is not None and not read_only:
         threading.Thread(target=_recovery_loop, args=(fsobj, done), daemon=True,
@@ -260,8 +262,9 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
     finally:
         done.set()
         fsobj.umount()  # idempotent: destroy() already did it on a clean unmount
-        if os.path.exists(sock):
-            os.unlink(sock)
+        for path in (sock, ctl):
+            if os.path.exists(path):
+                os.unlink(path)
         if node is not None and lt is not None:
             from storaged.clusterfs.cluster import stop_node
             try:
@@ -271,6 +274,56 @@ def _serve(device: str, mountpoint: str, opts: dict[str, str | bool],
                 if control and os.path.exists(control):
                     os.unlink(control)
         dev.close()
+
+
+def _admin(fsobj: Any, req: dict[str, Any]) -> dict[str, Any]:
+    """Run one ``fs grow`` / ``fs add-journal`` request on this mount."""
+    from storaged.clusterfs import resize
+    try:
+        if req.get("op") == "grow":
+            out: dict[str, Any] = resize.grow(fsobj).as_dict()
+        elif req.get("op") == "add-journal":
+            out = {"slots": resize.add_journals(fsobj, int(req.get("count", 1)))}
+        else:
+            return {"error": f"unknown request {req.get('op')!r}"}
+    except resize.ResizeError as e:
+        return {"error": str(e)}
+    except OSError as e:
+        return {"error": f"{e.strerror or e}"}
+    out["summary"] = resize.summary(fsobj)
+    return out
+
+
+def _serve_control(path: str, fsobj: Any) -> None:
+    """Answer JSON requests (one line in, one line out) on Unix socket ``path``: how
+    ``fs grow`` and ``fs add-journal`` reach a mount to run online under its locks.
+    The socket is mode 0600 in the run directory: only its owner (root) may ask."""
+    if os.path.exists(path):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o600)
+    srv.listen(4)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(10)
+                    line = conn.makefile("rb").readline()
+                    try:
+                        req = json.loads(line)
+                    except ValueError:
+                        req = {}
+                    reply = _admin(fsobj, req if isinstance(req, dict) else {})
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+    threading.Thread(target=loop, name="clusterfs-control", daemon=True).start()
 
 
 def _recovery_loop(fsobj: Any, done: threading.Event, interval: float = 1.0) -> None:
@@ -343,6 +396,86 @@ def fs_check(device: str, repair: bool, as_json: bool) -> None:
                    f"{len(rep.problems)} problem(s), {len(rep.repaired)} repaired")
     if rep.problems and not repair:
         sys.exit(1)
+
+
+def _resize(device: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``req`` online through this host's mount of ``device``, or offline."""
+    for info in _all_status():
+        if info.get("device") == _device_name(device) and not info.get("read_only"):
+            from storaged.control.client import probe_json
+            ctl = info.get("control")
+            reply = probe_json(ctl, json.dumps(req).encode() + b"\n", timeout=timeout) \
+                if ctl else None
+            if reply is None:
+                _fail(f"the mount on {info['mountpoint']} (pid {info['pid']}) did not answer")
+            reply["online"] = info["mountpoint"]
+            return reply
+    from storaged.clusterfs.format import FormatError, read_geometry
+    from storaged.clusterfs.fs import ClusterFS
+    from storaged.clusterfs.journal import Journal
+    from storaged.clusterfs.locks import LocalLocks
+    dev = _open_device(device)
+    try:
+        try:
+            geo = read_geometry(dev)
+            for s in range(geo.journals):
+                if not Journal(dev, geo, s).header()["flags"] & 1:
+                    _fail(f"{device}: journal {s} is in use: the filesystem is mounted on "
+                          "another node (run this there, online) or was not cleanly "
+                          "unmounted (storaged fs check --repair first)")
+            fsobj = ClusterFS(dev, LocalLocks()).mount()
+        except FormatError as e:
+            _fail(f"{device}: not a clusterfs filesystem ({e})")
+        try:
+            reply = _admin(fsobj, req)
+        finally:
+            fsobj.umount()
+    finally:
+        dev.close()
+    reply["online"] = None
+    return reply
+
+
+@fs.command("grow")
+@click.argument("device")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def fs_grow(device: str, as_json: bool, timeout: float) -> None:
+    """Add resource groups for the space DEVICE gained (like gfs2_grow).
+
+    Online through this host's mount of DEVICE (under the cluster's rindex lock;
+    the other nodes see the new space at once), or offline when nothing mounts it."""
+    reply = _resize(device, {"op": "grow"}, timeout)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    if "error" in reply:
+        _fail(f"{device}: {reply['error']}")
+    if not as_json:
+        s = reply["summary"]
+        how = f"online via {reply['online']}" if reply["online"] else "offline"
+        click.echo(f"{device}: grew {how} from {reply['old_blocks']} to {reply['new_blocks']} "
+                   f"blocks of {s['block_size']} bytes; {reply['old_groups']} -> "
+                   f"{reply['new_groups']} resource groups, {reply['added_free']} blocks free "
+                   "added")
+
+
+@fs.command("add-journal")
+@click.argument("device")
+@click.option("--count", "-n", type=int, default=1, show_default=True,
+              help="How many journal slots to add.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def fs_add_journal(device: str, count: int, as_json: bool, timeout: float) -> None:
+    """Add journal slots to DEVICE so more nodes can mount it (like gfs2_jadd)."""
+    reply = _resize(device, {"op": "add-journal", "count": count}, timeout)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    if "error" in reply:
+        _fail(f"{device}: {reply['error']}")
+    if not as_json:
+        how = f"online via {reply['online']}" if reply["online"] else "offline"
+        click.echo(f"{device}: added journal(s) {', '.join(map(str, reply['slots']))} {how}; "
+                   f"{reply['summary']['journals']} journals in all")
 
 
 def _all_status() -> list[dict[str, Any]]:

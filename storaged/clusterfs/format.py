@@ -111,6 +111,15 @@ XATTR_ENTRY = struct.Struct("<BH")
 
 NAME_MAX = 255
 
+#: Journals added after mkfs (``fs add-journal``) live in the data area; their
+#: first blocks are listed here, in block 0 after the superblock (zeros = none).
+JINDEX_OFFSET = 256
+JINDEX_MAX = 30
+JOURNAL_INDEX = Layout("journal index", [
+    ("magic", "4s"), ("count", "I"), ("starts", f"{8 * JINDEX_MAX}s"), ("crc", "I"),
+], b"SDJX")
+assert JINDEX_OFFSET + JOURNAL_INDEX.size <= 512  # fits block 0 at the smallest block size
+
 
 def pointers_per_block(block_size: int) -> int:
     """How many u64 block pointers one block holds."""
@@ -131,11 +140,13 @@ def max_file_blocks(block_size: int) -> int:
 class Geometry:
     """Where everything is, computed from the superblock fields."""
 
-    def __init__(self, sb: dict[str, Any]) -> None:
+    def __init__(self, sb: dict[str, Any], extra_journals: tuple[int, ...] = ()) -> None:
         self.sb = sb
+        self.extra_journals = tuple(extra_journals)
         self.bs: int = sb["block_size"]
         self.total_blocks: int = sb["total_blocks"]
-        self.journals: int = sb["journals"]
+        self.base_journals: int = sb["journals"]
+        self.journals: int = sb["journals"] + len(self.extra_journals)
         self.journal_blocks: int = sb["journal_blocks"]
         self.journal_start: int = sb["journal_start"]
         self.rg_start: int = sb["rg_start"]
@@ -145,7 +156,9 @@ class Geometry:
         self.uuid: bytes = sb["uuid"]
 
     def journal_block(self, slot: int) -> int:
-        """First block (the header) of journal ``slot``."""
+        """First block (the header) of journal ``slot`` (mkfs's, then the added ones)."""
+        if slot >= self.base_journals:
+            return self.extra_journals[slot - self.base_journals]
         return self.journal_start + slot * self.journal_blocks
 
     def rg_block(self, k: int) -> int:
@@ -160,3 +173,35 @@ class Geometry:
         """Data blocks of group ``k`` (the last one may be short)."""
         first = self.rg_block(k) + 2
         return max(0, min(self.rg_data, self.total_blocks - first))
+
+
+def unpack_journal_index(block0: bytes) -> tuple[int, ...]:
+    """First blocks of the journals added after mkfs (none if the area is zeros)."""
+    raw = block0[JINDEX_OFFSET:JINDEX_OFFSET + JOURNAL_INDEX.size]
+    if len(raw) < JOURNAL_INDEX.size or not any(raw):
+        return ()
+    ji = JOURNAL_INDEX.unpack(raw)
+    if ji["count"] > JINDEX_MAX:
+        raise FormatError(f"journal index: {ji['count']} entries, at most {JINDEX_MAX}")
+    return struct.unpack_from(f"<{ji['count']}Q", ji["starts"])
+
+
+def read_geometry(dev: Any) -> Geometry:
+    """The superblock and journal index of ``dev`` (FormatError if they are corrupt)."""
+    sb = SUPERBLOCK.unpack(dev.read(0, max(SUPERBLOCK.size, 512)))
+    geo = Geometry(sb, unpack_journal_index(dev.read(0, 512)))
+    for start in geo.extra_journals:  # added journals lie inside the data area
+        if not geo.rg_start <= start <= geo.total_blocks - geo.journal_blocks:
+            raise FormatError(f"journal index: journal at block {start} is outside the "
+                              "data area")
+    return geo
+
+
+def pack_block0(geo: Geometry, sb: dict[str, Any], extra_journals: tuple[int, ...]) -> bytes:
+    """Block 0 (superblock + journal index) as ``fs grow``/``add-journal`` rewrite it."""
+    raw = bytearray(SUPERBLOCK.pack(sb, geo.bs))
+    if extra_journals:
+        starts = struct.pack(f"<{len(extra_journals)}Q", *extra_journals)
+        raw[JINDEX_OFFSET:JINDEX_OFFSET + JOURNAL_INDEX.size] = JOURNAL_INDEX.pack(
+            {"count": len(extra_journals), "starts": starts})
+    return bytes(raw)

@@ -33,15 +33,14 @@ from storaged.clusterfs.format import (
     JH_CLEAN,
     NAME_MAX,
     RGRP,
-    SUPERBLOCK,
     XATTR_ENTRY,
     XATTR_HEAD,
     XATTR_MAGIC,
     FormatError,
-    Geometry,
     direct_count,
     max_file_blocks,
     pointers_per_block,
+    read_geometry,
 )
 from storaged.clusterfs.glock import BlockCache
 from storaged.clusterfs.journal import Journal, JournalFull
@@ -52,6 +51,9 @@ from storaged.fastio import crc32c
 log = logging.getLogger("storaged.clusterfs")
 
 MAX_DIR_DEPTH = 24
+FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOCATE_CHUNK = 1024      # blocks allocated per transaction by fallocate
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
@@ -101,8 +103,8 @@ class ClusterFS:
         self.locks = locks
         self.read_only = read_only
         self.want_slot = slot
-        sb = SUPERBLOCK.unpack(dev.read(0, SUPERBLOCK.size))
-        self.geo = Geometry(sb)
+        self.geo = read_geometry(dev)
+        sb = self.geo.sb
         self.bs = self.geo.bs
         self.ppb = pointers_per_block(self.bs)
         self.ndirect = direct_count(self.bs)
@@ -136,6 +138,38 @@ class ClusterFS:
     def jname(self, slot: int) -> str:
         return f"{self.tag}.j{slot}"
 
+    def rindex_name(self) -> str:
+        """The lock that serialises changes of the resource-group and journal index
+        (``fs grow``, ``fs add-journal``), like GFS2's rindex glock."""
+        return f"{self.tag}.rindex"
+
+    def refresh_geometry(self) -> bool:
+        """Re-read block 0 (superblock, journal index); True if the filesystem grew.
+
+        Another node's ``fs grow`` or ``add-journal`` rewrites block 0 only after
+        the new groups or journal are on the device, so reading it is enough
+        (no lock: a torn read fails its CRC and is retried).  Called when this
+        node runs out of space, meets a block past its idea of the end, on
+        statfs and before recovery polls."""
+        for _ in range(3):
+            try:
+                geo = read_geometry(self.dev)
+                break
+            except FormatError:
+                time.sleep(0.01)
+        else:
+            return False
+        old = self.geo
+        if geo.total_blocks < old.total_blocks or geo.journals < old.journals:
+            return False  # never shrink under a mounted node
+        if (geo.total_blocks, geo.rg_count, geo.extra_journals) == \
+                (old.total_blocks, old.rg_count, old.extra_journals):
+            return False
+        self.geo = geo
+        if self.journal is not None:
+            self.journal.geo = geo
+        return True
+
     # ------------------------------------------------------------ mounting
     def mount(self) -> ClusterFS:
         """Claim a journal slot (its lock, held until umount), replay free journals."""
@@ -159,7 +193,7 @@ class ClusterFS:
             time.sleep(0.1 * (attempt + 1))
         if self.slot is None:
             raise _err(errno.EBUSY, f"all {self.geo.journals} journal slots are in use "
-                       "(storaged fs add-journal is not implemented yet; mkfs --journals N)")
+                       "(add one with 'storaged fs add-journal DEVICE')")
         self.journal = Journal(self.dev, self.geo, self.slot)
         self.stats["replayed"] += self.journal.replay()
         for s in range(self.geo.journals):
@@ -193,6 +227,7 @@ class ClusterFS:
         """Replay every other slot whose lock is free (its node is gone and fenced)."""
         if self.withdrawn is not None or self.journal is None:
             return 0
+        self.refresh_geometry()  # journals added by another node are recovered too
         n = 0
         for s in range(self.geo.journals):
             if s != self.slot:
@@ -229,6 +264,8 @@ class ClusterFS:
 
     # ---------------------------------------------------------- plumbing
     def read_block(self, block: int) -> bytes:
+        if block >= self.geo.total_blocks:
+            self.refresh_geometry()
         if block <= 0 or block >= self.geo.total_blocks:
             raise _err(errno.EIO, f"block {block} outside the filesystem")
         return self.dev.read(block * self.bs, self.bs)
@@ -316,6 +353,8 @@ class ClusterFS:
     def bmap(self, t: Txn, ip: Inode, idx: int, alloc: bool = False) -> int:
         """Device block of logical block ``idx`` (0 = hole); allocates with ``alloc``."""
         blk = self._bmap(t, ip, idx, alloc)
+        if blk >= self.geo.total_blocks:
+            self.refresh_geometry()  # another node allocated it in space grown since
         if blk and not self.geo.rg_start <= blk < self.geo.total_blocks:
             raise FormatError(f"inode {ip.ino}: block pointer {blk} outside the data area")
         return blk
@@ -360,6 +399,14 @@ class ClusterFS:
 
     def alloc(self, t: Txn, ip: Inode | None) -> int:
         """Allocate one block, starting in this node's home resource group."""
+        try:
+            return self._alloc(t, ip)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.refresh_geometry():
+                raise
+        return self._alloc(t, ip)  # another node grew the filesystem
+
+    def _alloc(self, t: Txn, ip: Inode | None) -> int:
         g = self.geo
         home = (self.slot or 0) % g.rg_count
         for step in range(g.rg_count):
@@ -911,6 +958,114 @@ class ClusterFS:
             self.iput(t, ip)
         self.run(body)
 
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) modes 0 and FALLOC_FL_KEEP_SIZE: allocate every block of
+        ``[offset, offset + length)`` that is a hole, so later writes there cannot
+        fail with ENOSPC; the size grows to the end of the range unless KEEP_SIZE.
+
+        The format has no "unwritten extent" flag, so new blocks are written
+        with zeros (ordered data, before the metadata that maps them).  Large
+        ranges commit FALLOCATE_CHUNK blocks per transaction (one journal record
+        each): an ENOSPC part way keeps what was allocated, as ext4 does.
+        PUNCH_HOLE|KEEP_SIZE frees the blocks the range covers whole and zeroes
+        the partial ones at its edges.  Other modes (zero, collapse, insert
+        range, punch without KEEP_SIZE as Linux) give EOPNOTSUPP."""
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if mode & ~punch or mode == FALLOC_FL_PUNCH_HOLE:
+            raise _err(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
+        if offset < 0 or length <= 0:
+            raise _err(errno.EINVAL)
+        bs = self.bs
+        end = offset + length
+        parts = split_path(path)
+        if mode == punch:
+            self._punch(parts, offset, min(end, max_file_blocks(bs) * bs))
+            return
+        if end > max_file_blocks(bs) * bs:
+            raise _err(errno.EFBIG)
+        first, last = offset // bs, (end - 1) // bs
+        zero = bytes(bs)
+        lo = first
+        while lo <= last:
+            hi = min(last + 1, lo + FALLOCATE_CHUNK)
+
+            def body(t: Txn, lo: int = lo, hi: int = hi) -> None:
+                ip = self.walk(t, parts, EX)
+                if ip.is_dir():
+                    raise _err(errno.EISDIR)
+                if not stat.S_ISREG(ip.mode):
+                    raise _err(errno.ENODEV)
+                for i in range(lo, hi):
+                    if not self.bmap(t, ip, i):
+                        t.write_data(self.bmap(t, ip, i, alloc=True), zero)
+                now = time.time_ns()
+                if hi > last and not mode & FALLOC_FL_KEEP_SIZE and end > ip.f["size"]:
+                    ip.f["size"] = end
+                    ip.f["mtime_ns"] = now
+                ip.f["ctime_ns"] = now
+                self.iput(t, ip)
+            self.run(body)
+            lo = hi
+
+    def _unmap(self, t: Txn, ip: Inode, idx: int) -> None:
+        """Free the block at logical index ``idx`` (mapping blocks stay)."""
+        nd, p = self.ndirect, self.ppb
+        if idx < nd:
+            slot = INODE_HEAD // 8 + idx
+            blk = self._ptr(ip.buf, slot)
+            if blk:
+                self.free(t, blk, ip)
+                self._setptr(ip.buf, slot, 0)
+                t.dirty.add(ip.ino)
+            return
+        idx -= nd
+        if idx < p:
+            path = [self.bs // 8 - 2, idx]
+        else:
+            idx -= p
+            path = [self.bs // 8 - 1, idx // p, idx % p]
+        buf, owner = ip.buf, ip.ino
+        for slot in path[:-1]:
+            blk = self._ptr(buf, slot)
+            if not blk:
+                return
+            buf, owner = t.read(blk, self.iname(ip.ino)), blk
+        blk = self._ptr(buf, path[-1])
+        if blk:
+            self.free(t, blk, ip)
+            t.change(owner)
+            self._setptr(buf, path[-1], 0)
+
+    def _punch(self, parts: list[str], offset: int, end: int) -> None:
+        """FALLOC_FL_PUNCH_HOLE: holes where the range covers whole blocks, zeros
+        in the partial blocks at its edges; the size stays."""
+        bs = self.bs
+        lo = offset // bs
+        last = (end - 1) // bs
+        while lo <= last:
+            hi = min(last + 1, lo + FALLOCATE_CHUNK)
+
+            def body(t: Txn, lo: int = lo, hi: int = hi) -> None:
+                ip = self.walk(t, parts, EX)
+                if ip.is_dir():
+                    raise _err(errno.EISDIR)
+                if not stat.S_ISREG(ip.mode):
+                    raise _err(errno.ENODEV)
+                for i in range(lo, hi):
+                    a, b = max(offset, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
+                    if b - a == bs:
+                        self._unmap(t, ip, i)
+                        continue
+                    blk = self.bmap(t, ip, i)
+                    if blk:
+                        old = t.data.get(blk) or self.dev.read(blk * bs, bs)
+                        t.write_data(blk, old[:a] + bytes(b - a) + old[b:])
+                now = time.time_ns()
+                ip.f["mtime_ns"] = ip.f["ctime_ns"] = now
+                self.iput(t, ip)
+            self.run(body)
+            lo = hi
+
     # ------------------------------------------------------------- listing
     def readdir(self, path: str) -> list[tuple[str, int, int]]:
         """(name, ino, DT type) of every entry, '.' and '..' first."""
@@ -928,6 +1083,7 @@ class ClusterFS:
 
     def statfs(self) -> dict[str, int]:
         """Totals from the resource-group headers (read without locks: a snapshot)."""
+        self.refresh_geometry()
         g = self.geo
         free = 0
         for k in range(g.rg_count):

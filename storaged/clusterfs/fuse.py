@@ -130,6 +130,10 @@ class FuseOps(mfusepy.Operations):
         self.fs.truncate(path, length)
         return 0
 
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        self.fs.fallocate(path, mode, offset, size)
+        return 0
+
     def unlink(self, path: str) -> int:
         self.fs.unlink(path)
         return 0

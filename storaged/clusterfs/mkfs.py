@@ -20,6 +20,7 @@ from storaged.clusterfs.format import (
     Geometry,
     direct_count,
     pointers_per_block,
+    read_geometry,
 )
 from storaged.clusterfs.journal import Journal
 from storaged.clusterfs.locks import LocalLocks
@@ -127,11 +128,10 @@ def check(dev: BlockDevice, repair: bool = False) -> CheckReport:
     Offline: nothing may have the filesystem mounted."""
     rep = CheckReport()
     try:
-        sb = SUPERBLOCK.unpack(dev.read(0, SUPERBLOCK.size))
+        geo = read_geometry(dev)
     except FormatError as e:
         rep.problems.append(f"superblock: {e}")
         return rep
-    geo = Geometry(sb)
     bs = geo.bs
     for s in range(geo.journals):
         j = Journal(dev, geo, s)
@@ -155,6 +155,8 @@ def check(dev: BlockDevice, repair: bool = False) -> CheckReport:
         return rep  # journals first: checking a filesystem that needs replay misleads
 
     used: set[int] = set()
+    for start in geo.extra_journals:  # added journals are extents of the data area
+        used.update(range(start, start + geo.journal_blocks))
     links: dict[int, int] = {}
     nlink: dict[int, int] = {}
     subdirs: dict[int, int] = {}
