@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storaged.iscsi import connection as c
+from storaged.iscsi import framing as c
 from storaged.iscsi.connection import Connection
 from storaged.iscsi.target import Registry
 

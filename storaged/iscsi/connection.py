@@ -9,6 +9,12 @@ except the ``now`` values the shell passes to ``tick``.
 
 Since MaxConnections is negotiated to 1, a session has exactly one
 connection and the session-wide sequence numbers (CmdSN window) live here.
+
+This module holds the full-feature session: dispatch, CmdSN ordering, the
+SCSI command path (quick path, R2T/Data-Out, Data-In, status), NOP, Text,
+Logout, task management and timers.  The receive buffer and PDU framing are
+``storaged.iscsi.framing.PduFraming``, the login phase is
+``storaged.iscsi.login.LoginPhase``; ``Connection`` inherits both.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 from storaged.fastio import crc32c, decode_bhs, encode_bhs
 from storaged.iscsi import redirect, text
-from storaged.iscsi.chap import ChapError, ChapTarget
-from storaged.iscsi.params import NegotiationError, Negotiator
-from storaged.iscsi.pdu import BHS_LEN, PADS, RESERVED_TAG, Op, Pdu, build, frame, isid_tsih
+from storaged.iscsi.chap import ChapTarget
+from storaged.iscsi.events import Close, Execute
+from storaged.iscsi.framing import _RBUF_START, PduFraming, ProtocolError
+from storaged.iscsi.login import LOGIN_MRDSL, STAGE_SECURITY, LoginPhase
+from storaged.iscsi.params import Negotiator
+from storaged.iscsi.pdu import BHS_LEN, PADS, RESERVED_TAG, Op, Pdu, build, frame
 from storaged.iscsi.target import Registry, TargetContext
 from storaged.scsi import sense
 from storaged.scsi.types import (
@@ -38,18 +46,6 @@ from storaged.scsi.types import (
 
 log = logging.getLogger("storaged.iscsi")
 
-# Login status class/detail (§11.13.5).
-LOGIN_OK = 0x0000
-LOGIN_AUTH_FAILED = 0x0201
-LOGIN_FORBIDDEN = 0x0202
-LOGIN_NOT_FOUND = 0x0203
-LOGIN_UNSUPPORTED_VERSION = 0x0205
-LOGIN_MISSING_PARAM = 0x0207
-LOGIN_NO_SESSION = 0x020A
-LOGIN_INIT_ERROR = 0x0200
-LOGIN_INVALID_REQUEST = 0x020B
-LOGIN_TARGET_ERROR = 0x0300
-
 # Reject reasons (§11.17.1).
 REJ_DIGEST = 0x02
 REJ_SNACK = 0x03
@@ -61,20 +57,6 @@ REJ_INVALID_FIELD = 0x09
 # ABORTED COMMAND / DATA PHASE ERROR for Data-Out sequence errors (SPC-4 4B/00).
 _DATA_PHASE_ERROR = sense.check(sense.Key.ABORTED_COMMAND, 0x4B, 0x00)
 
-STAGE_SECURITY = 0
-STAGE_OPERATIONAL = 1
-STAGE_FULL = 3
-
-LOGIN_MRDSL = 8192  # login PDUs use the default segment size (§13.12)
-# Receive buffer: starts small so idle sessions cost little memory (a zeroed
-# 1 MiB bytearray per connection was 1 MiB of RSS per idle session), doubles
-# up to _RBUF_BUSY while socket reads fill all the space offered (a busy
-# connection reads big chunks: fewer syscalls, bigger batches), and grows
-# beyond that only for a PDU larger than the buffer.
-_RBUF_START = 16 << 10
-_RBUF_BUSY = 1 << 20
-_MIN_READ = 4 << 10  # least free space offered to a socket read
-
 
 def _sn_lt(a: int, b: int) -> bool:
     """Serial number arithmetic a < b (RFC 1982, 32 bits) as CmdSN needs."""
@@ -84,20 +66,6 @@ def _sn_lt(a: int, b: int) -> bool:
 def _sn_in(sn: int, lo: int, hi: int) -> bool:
     """lo <= sn <= hi in serial arithmetic."""
     return ((sn - lo) & 0xFFFFFFFF) <= ((hi - lo) & 0xFFFFFFFF)
-
-
-@dataclass(slots=True)
-class Execute:
-    """A command is ready: run ``task.command`` and call ``complete``."""
-
-    task: Task
-
-
-@dataclass(slots=True)
-class Close:
-    """The connection must close once pending output is flushed."""
-
-    reason: str
 
 
 QuickCommand = Callable[..., "bytes | object | None"]
@@ -122,11 +90,6 @@ QUEUED = object()
 """What a QuickCommand returns for a command it finishes later."""
 
 _QUICK_FIELDS = struct.Struct(">QIII")   # LUN, ITT, EDTL, CmdSN: BHS bytes 8-27
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol badly enough that the connection drops."""
-
 
 _LUN_NUMBERS: dict[int, int] = {}
 
@@ -182,7 +145,7 @@ class Task:
         return not self.write or self.received >= self.edtl
 
 
-class Connection:
+class Connection(PduFraming, LoginPhase):
     """One iSCSI connection/session on the target side."""
 
     def __init__(self, registry: Registry, local: tuple[str, int], peer: tuple[str, int],
@@ -257,113 +220,7 @@ class Connection:
         self.ping_ttt = 0
         self.logout_sent = False
 
-    # ------------------------------------------------------------------ I/O
-    def get_buffer(self, sizehint: int = 0) -> memoryview:
-        """Writable space where the next socket read should land (the asyncio
-        BufferedProtocol path: bytes go from the kernel into our buffer)."""
-        size = len(self._rbuf)
-        if size - self._rend < _MIN_READ or size < self._rwant:
-            self._compact(max(sizehint, _MIN_READ,
-                              self._rwant - (self._rend - self._rstart)))
-        view = memoryview(self._rbuf)[self._rend:]
-        self._offered = len(view)
-        return view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` were written into the last ``get_buffer``: handle them."""
-        if nbytes >= self._offered and self._rwant < _RBUF_BUSY:
-            # The read filled everything offered: the socket has more, offer more.
-            self._rwant = min(2 * max(self._rwant, len(self._rbuf)), _RBUF_BUSY)
-        self._rend += nbytes
-        self._parse()
-
-    def receive_data(self, data: bytes | memoryview) -> None:
-        """Feed bytes from the socket; parse and handle every complete PDU."""
-        view = memoryview(data).cast("B")
-        while len(view) and not self.closed:
-            with self.get_buffer(len(view)) as buf:
-                n = min(len(buf), len(view))
-                buf[:n] = view[:n]
-            view = view[n:]
-            self.buffer_updated(n)
-
-    def _compact(self, need: int) -> None:
-        """Move unparsed bytes to the front (or into a larger buffer)."""
-        pending = self._rend - self._rstart
-        if pending + need > len(self._rbuf):
-            new = bytearray(max(2 * len(self._rbuf), pending + need))
-            new[:pending] = self._rbuf[self._rstart:self._rend]
-            self._rbuf = new
-        elif pending:
-            # Same-length slice assignment: allowed while a view is exported.
-            self._rbuf[:pending] = self._rbuf[self._rstart:self._rend]
-        self._rstart = 0
-        self._rend = pending
-
-    def _parse(self) -> None:
-        buf = self._rbuf
-        pos = self._rstart
-        end = self._rend
-        mv = memoryview(buf)
-        quick = self._quick if not self.dd else None
-        try:
-            while not self.closed:
-                if end - pos < BHS_LEN:
-                    break
-                ahs = buf[pos + 4] * 4
-                dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
-                hlen = BHS_LEN + ahs + (4 if self.hd else 0)
-                plen = (dlen + 3) & ~3
-                total = hlen + plen + (4 if (self.dd and dlen) else 0)
-                if dlen > self.max_recv and dlen > self.first_burst:
-                    raise ProtocolError(f"data segment of {dlen} bytes exceeds "
-                                        f"MaxRecvDataSegmentLength {self.max_recv}")
-                if end - pos < total:
-                    if end - pos >= hlen and self.hd:
-                        self._check_hd(mv, pos, ahs)
-                    break
-                if self.hd:
-                    self._check_hd(mv, pos, ahs)
-                dstart = pos + hlen
-                if quick is not None and buf[pos] == 0x01 and not ahs and \
-                        self._quick_command(quick, mv, pos, dstart, dlen,
-                                            end - pos - total < BHS_LEN):
-                    pos += total
-                    continue
-                header = bytes(mv[pos:pos + BHS_LEN + ahs])
-                payload = bytes(mv[dstart:dstart + dlen]) if dlen else b""
-                pos += total
-                if self.dd and dlen:
-                    want = int.from_bytes(mv[dstart + plen:dstart + plen + 4], "little")
-                    crc = crc32c(payload)
-                    if plen != dlen:
-                        crc = crc32c(bytes(plen - dlen), crc)
-                    if crc != want:
-                        self._data_digest_error(header)
-                        continue
-                self._dispatch(Pdu(header, payload))
-        except ProtocolError as e:
-            self.drop(str(e))
-        finally:
-            mv.release()
-            if pos == end:
-                self._rstart = self._rend = 0
-            else:
-                self._rstart = pos
-
-    def _check_hd(self, mv: memoryview, pos: int, ahs: int) -> None:
-        end = pos + BHS_LEN + ahs
-        want = int.from_bytes(mv[end:end + 4], "little")
-        if crc32c(mv[pos:end]) != want:
-            # §7.8: at ERL 0 a header digest error ends the connection.
-            raise ProtocolError("header digest error")
-
-    def data_to_send(self) -> list[bytes | memoryview]:
-        """Buffers to write, in order (for transport.writelines)."""
-        out = self._out
-        self._out = []
-        return out
-
+    # --------------------------------------------------------------- events
     def next_events(self) -> list[Execute | Close]:
         ev = self._events
         self._events = []
@@ -391,9 +248,6 @@ class Connection:
                 del self.registry.sessions[key]
             if self.nexus is not None:
                 self.target.scsi.nexus_lost(self.nexus)
-
-    def _send(self, header: bytes, data: bytes | memoryview = b"") -> None:
-        self._out.extend(frame(header, data, self.hd, self.dd))
 
     # -------------------------------------------------------------- helpers
     @property
@@ -473,221 +327,6 @@ class Connection:
             else:
                 pdu, handler = item  # type: ignore[misc]
                 handler(pdu)
-
-    # ----------------------------------------------------------------- login
-    def _login(self, pdu: Pdu) -> None:
-        flags = pdu.flags
-        transit = bool(flags & 0x80)
-        cont = bool(flags & 0x40)
-        csg = (flags >> 2) & 3
-        nsg = flags & 3
-        isid, tsih = isid_tsih(pdu.lun)
-        if not self.login_started:
-            self.login_started = True
-            self.isid = isid
-            self.tsih = tsih
-            self.cid = pdu.w20 >> 16
-            self.expcmdsn = pdu.w24
-            self.statsn = pdu.w28
-            if pdu.b3 > 0 or pdu.b2 < pdu.b3:
-                self._login_fail(pdu, LOGIN_UNSUPPORTED_VERSION, "unsupported version")
-                return
-        try:
-            pairs = text.decode(pdu.data)
-        except text.TextError as e:
-            self._login_fail(pdu, LOGIN_INIT_ERROR, str(e))
-            return
-        self.login_keys.extend(pairs)
-        if cont:
-            # §11.12.2: a continued text; answer with an empty response, no transit.
-            self._login_response(pdu, [], transit=False, csg=csg, nsg=nsg)
-            return
-        pairs = self.login_keys
-        self.login_keys = []
-        keys = dict(pairs)
-        if csg == 2 or (transit and (nsg == 2 or nsg <= csg)):
-            self._login_fail(pdu, LOGIN_INIT_ERROR, f"bad login stage transition {flags:#x}")
-            return
-        if csg != self.stage:
-            if csg == STAGE_OPERATIONAL and self.stage == STAGE_SECURITY \
-                    and self.auth_method is None:
-                self.stage = STAGE_OPERATIONAL  # security stage skipped (§6.3)
-            else:
-                self._login_fail(pdu, LOGIN_INIT_ERROR, f"unexpected login stage {csg}")
-                return
-        try:
-            answers: list[tuple[str, str]] = []
-            if not self.initiator:
-                status = self._login_identify(keys)
-                if status:
-                    self._login_fail(pdu, status, "login refused", self.redirect_keys)
-                    return
-                if self.target is not None and not self.declared_tpgt:
-                    self.declared_tpgt = True
-                    answers.append(("TargetPortalGroupTag", str(self.target.tpgt)))
-            if csg == STAGE_SECURITY:
-                answers += self._security(keys, pdu)
-                if self.closed:
-                    return
-                if self.auth_needed and not self.auth_done:
-                    transit = False
-            elif csg == STAGE_OPERATIONAL:
-                if self.auth_needed and not self.auth_done:
-                    self._login_fail(pdu, LOGIN_AUTH_FAILED, "authentication required")
-                    return
-            answers += self.neg.respond(pairs, in_login=True)
-            if csg == STAGE_OPERATIONAL or (transit and nsg == STAGE_FULL):
-                answers += self.neg.declarations()
-        except NegotiationError as e:
-            self._login_fail(pdu, e.status, str(e))
-            return
-        except ChapError as e:
-            log.warning("login from %s (%s): %s", self.peer[0], self.initiator, e)
-            self._login_fail(pdu, LOGIN_AUTH_FAILED, str(e))
-            return
-        if transit:
-            self.stage = nsg
-        if transit and nsg == STAGE_FULL:
-            self._login_response(pdu, answers, transit=True, csg=csg, nsg=nsg, final=True)
-            self._enter_full_feature()
-        else:
-            self._login_response(pdu, answers, transit=transit, csg=csg, nsg=nsg)
-
-    def _login_identify(self, keys: dict[str, str]) -> int:
-        """Process the first login request's identity keys; return a failure status."""
-        name = keys.get("InitiatorName")
-        if not name:
-            return LOGIN_MISSING_PARAM
-        self.initiator = name.lower()
-        self.alias = keys.get("InitiatorAlias", "")
-        stype = keys.get("SessionType", "Normal")
-        if stype == "Discovery":
-            self.discovery = True
-            self.neg = Negotiator(discovery=True)
-            return LOGIN_OK
-        if stype != "Normal":
-            return 0x0209
-        tname = keys.get("TargetName")
-        if not tname:
-            return LOGIN_MISSING_PARAM
-        moved = redirect.login_redirect(self.registry, self.local, self.peer, self.initiator,
-                                        tname, self.last_rx)
-        if moved is not None:  # a group portal: never logs in here itself
-            status, self.redirect_keys = moved
-            return status
-        target = self.registry.target(tname)
-        if target is None or not target.served_on(self.local):
-            return LOGIN_NOT_FOUND
-        if not target.allowed(self.initiator):
-            log.warning("initiator %s not in the ACL of %s", self.initiator, target.name)
-            return LOGIN_FORBIDDEN
-        self.target = target
-        self.auth_needed = target.credentials(self.initiator) is not None
-        self.queue_depth = target.queue_depth
-        self.neg = Negotiator(target.params)
-        if self.tsih:
-            old = self.registry.sessions.get((self.initiator, self.isid, target.name))
-            if old is None or old.tsih != self.tsih:
-                return LOGIN_NO_SESSION
-        return LOGIN_OK
-
-    def _security(self, keys: dict[str, str], pdu: Pdu) -> list[tuple[str, str]]:
-        creds = self.target.credentials(self.initiator) if self.target else None
-        out: list[tuple[str, str]] = []
-        if "AuthMethod" in keys and self.auth_method is None:
-            offered = [m.strip() for m in keys["AuthMethod"].split(",")]
-            if creds is not None:
-                if "CHAP" not in offered:
-                    raise ChapError("CHAP is required but the initiator does not offer it")
-                self.auth_method = "CHAP"
-                self.chap = ChapTarget(creds)
-            elif "None" in offered:
-                self.auth_method = "None"
-            else:
-                raise ChapError("initiator insists on authentication but none is configured")
-            out.append(("AuthMethod", self.auth_method))
-            return out
-        if self.auth_method is None and creds is not None:
-            raise ChapError("authentication required; AuthMethod not offered")
-        if self.chap is not None and not self.auth_done:
-            if "CHAP_A" in keys:
-                return self.chap.select_algorithm(keys["CHAP_A"])
-            if "CHAP_R" in keys or "CHAP_N" in keys:
-                out += self.chap.verify(keys)
-                self.auth_done = True
-                return out
-            raise ChapError("unexpected keys during CHAP")
-        return out
-
-    def _login_fail(self, pdu: Pdu, status: int, reason: str,
-                    answers: list[tuple[str, str]] | None = None) -> None:
-        """End the login with a non-zero status (§11.13.5); ``answers`` carries
-        the TargetAddress of a redirect (status class 1)."""
-        if status >> 8 == 1:
-            log.info("login from %s:%s (%s) redirected: %s (status 0x%04x)", self.peer[0],
-                     self.peer[1], self.initiator, dict(answers or ()).get("TargetAddress"),
-                     status)
-        else:
-            log.warning("login from %s:%s (%s) failed: %s (status 0x%04x)", self.peer[0],
-                        self.peer[1], self.initiator or "?", reason, status)
-        data = text.encode(answers) if answers else b""
-        hdr = build(Op.LOGIN_RSP, flags=0, b2=0, b3=0, data_len=len(data), lun=pdu.lun,
-                    itt=pdu.itt, w24=self._next_statsn(), w28=self.expcmdsn,
-                    w32=self.maxcmdsn, w36=status << 16)
-        self._send(hdr, data)
-        self.closed = True
-        self._events.append(Close(reason))
-
-    def _login_response(self, pdu: Pdu, answers: list[tuple[str, str]], transit: bool,
-                        csg: int, nsg: int, final: bool = False) -> None:
-        if final and not self.tsih:
-            self.tsih = self.registry.allocate_tsih()
-        flags = (0x80 if transit else 0) | (csg << 2) | (nsg if transit else 0)
-        data = text.encode(answers)
-        lun = (self.isid << 16) | (self.tsih if final else pdu.lun & 0xFFFF)
-        hdr = build(Op.LOGIN_RSP, flags=flags, b2=0, b3=0, data_len=len(data), lun=lun,
-                    itt=pdu.itt, w24=self._next_statsn(), w28=self.expcmdsn,
-                    w32=self.maxcmdsn)
-        self._send(hdr, data)
-
-    def _enter_full_feature(self) -> None:
-        self.neg.finish()
-        v = self.neg
-        self.full_feature = True
-        self.hd = v.header_digest
-        self.dd = v.data_digest
-        self.max_recv = int(v.ours["MaxRecvDataSegmentLength"])
-        self.max_send = v.num("MaxRecvDataSegmentLength")
-        self.first_burst = v.num("FirstBurstLength")
-        self.max_burst = v.num("MaxBurstLength")
-        self.initial_r2t = v.flag("InitialR2T")
-        self.immediate_data = v.flag("ImmediateData")
-        self.max_r2t = v.num("MaxOutstandingR2T")
-        if self.target is not None:
-            t = self.target
-            self.nexus = Nexus(
-                initiator_port=f"{self.initiator},i,0x{self.isid:012x}",
-                target_port=f"{t.name},t,0x{t.tpgt:04x}",
-                relative_port_id=t.tpgt,
-                initiator_name=self.initiator,
-                target_name=t.name,
-            )
-            key = (self.initiator, self.isid, t.name)
-            old = self.registry.sessions.get(key)
-            if old is not None and old is not self:
-                # §6.3.5 session reinstatement: the old session's tasks end now.
-                old.drop("session reinstated by a new login with the same ISID")
-            self.registry.sessions[key] = self
-            redirect.logged_in(self.registry, self)
-            if self.quick is not None and not self.discovery:
-                self._quick = partial(self.quick, t.scsi, t.name,
-                                      (self.nexus.initiator_port, self.nexus.target_port))
-        quiet = self.discovery and self.initiator == redirect.HEALTH_INITIATOR
-        log.log(logging.DEBUG if quiet else logging.INFO,
-                "login: %s from %s:%s %s (hd=%s dd=%s mrdsl=%d)", self.initiator,
-                self.peer[0], self.peer[1],
-                "discovery" if self.discovery else f"to {self.target.name}",  # type: ignore
-                self.hd, self.dd, self.max_send)
 
     # ------------------------------------------------------------ SCSI path
     def _scsi_command(self, pdu: Pdu) -> None:

@@ -1,10 +1,12 @@
-"""iSCSI PDU layouts (RFC 7143 §11) as declarative field tables.
+"""iSCSI PDU basics (RFC 7143 §11): opcodes, the Basic Header Segment, framing.
 
 Every PDU shares the 48-byte Basic Header Segment.  The generic codec in
 ``storaged.fastio`` splits it into 16 slots (opcode, I bit, flags, bytes 2
 and 3, AHS length, data length, bytes 8-15, ITT, and the seven words at
-offsets 20..44); the tables below name those slots per opcode, so parsing
-and building stay one line each and the compiled codec does the work.
+offsets 20..44); ``Pdu`` exposes them under those generic names (``w24`` is
+CmdSN in a SCSI Command, ``w20`` the TTT in a Data-Out: §11.3-§11.18 give
+each opcode's layout) and ``build`` takes the same names, so parsing and
+building stay one line each and the compiled codec does the work.
 """
 
 from __future__ import annotations
@@ -45,20 +47,6 @@ INITIATOR_OPS = {Op.NOP_OUT, Op.SCSI_CMD, Op.TMF_REQ, Op.LOGIN_REQ, Op.TEXT_REQ,
 SLOTS = ("opcode", "immediate", "flags", "b2", "b3", "ahs_len", "data_len", "lun",
          "itt", "w20", "w24", "w28", "w32", "w36", "w40", "w44")
 
-# Per-opcode names for the opcode-specific slots (the rest keep generic names).
-FIELDS: dict[int, dict[str, str]] = {
-    Op.SCSI_CMD: {"w20": "edtl", "w24": "cmdsn", "w28": "expstatsn"},
-    Op.DATA_OUT: {"w20": "ttt", "w28": "expstatsn", "w36": "datasn", "w40": "offset"},
-    Op.NOP_OUT: {"w20": "ttt", "w24": "cmdsn", "w28": "expstatsn"},
-    Op.TMF_REQ: {"w20": "rtt", "w24": "cmdsn", "w28": "expstatsn", "w32": "refcmdsn",
-                 "w36": "expdatasn"},
-    Op.LOGIN_REQ: {"b2": "version_max", "b3": "version_min", "lun": "isid_tsih",
-                   "w20": "cid_word", "w24": "cmdsn", "w28": "expstatsn"},
-    Op.TEXT_REQ: {"w20": "ttt", "w24": "cmdsn", "w28": "expstatsn"},
-    Op.LOGOUT_REQ: {"w20": "cid_word", "w24": "cmdsn", "w28": "expstatsn"},
-    Op.SNACK: {"w20": "ttt", "w28": "expstatsn", "w36": "begrun", "w40": "runlength"},
-}
-
 
 class Pdu:
     """A received PDU: decoded header slots, raw header bytes, data segment."""
@@ -85,12 +73,6 @@ class Pdu:
     @property
     def lun_bytes(self) -> bytes:
         return bytes(self.header[8:16])
-
-    def field(self, name: str) -> int:
-        for slot, alias in FIELDS.get(self.opcode, {}).items():
-            if alias == name:
-                return getattr(self, slot)
-        return getattr(self, name)
 
     def __repr__(self) -> str:
         return (f"Pdu(op=0x{self.opcode:02x}, flags=0x{self.flags:02x}, itt=0x{self.itt:08x}, "
