@@ -300,6 +300,17 @@ def _storage_cluster_steps(spec: LabSpec, s: Node) -> list[Step]:
     ]
 
 
+def _same_identity_steps(spec: LabSpec, s: Node) -> list[Step]:
+    """Storage nodes after the first take its LU identity (wwn, serial): one LU with a
+    path per node, and one ``pr:<wwn>`` lock for their shared reservations."""
+    first = spec.storage_nodes[0]
+    if s == first:
+        return []
+    return [Step("run", f"{s.name}: LU identity of {first.name} (same wwn and serial)",
+                 argv=(spec.python, "-m", "storaged.lab.identity", spec.node_dir(first),
+                       spec.node_dir(s), "shared"))]
+
+
 def _storage_steps(spec: LabSpec, password: str) -> list[Step]:
     steps: list[Step] = [Step("file", "storage cluster fence command (bridge port down)",
                               path=spec.storage_fence_script,
@@ -309,8 +320,11 @@ def _storage_steps(spec: LabSpec, password: str) -> list[Step]:
         steps += [
             Step("dir", f"{s.name}: state directory", path=spec.node_dir(s), node=s.name),
             *_storage_cluster_steps(spec, s),
-            Step("run", f"{s.name}: backstore on the shared image",
-                 argv=cli("backstore", "create", "shared", spec.image, "--no-write-cache")),
+            Step("run", f"{s.name}: backstore on the shared image (shared PR with the other "
+                        "storage nodes)",
+                 argv=cli("backstore", "create", "shared", spec.image, "--no-write-cache",
+                          "--shared")),
+            *_same_identity_steps(spec, s),
             Step("run", f"{s.name}: target {TARGET_IQN}",
                  argv=cli("target", "create", TARGET_IQN,
                           *[a for p in portal_addresses(spec, s) for a in ("--portal", p)])),
