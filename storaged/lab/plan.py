@@ -12,12 +12,15 @@ no lab address is reachable from (or routed to) the host.  Every namespace
 name starts with the lab id (``<id>-sw``, ``<id>-s1``, ``<id>-c1``), so two
 labs or CI runs never collide.
 
-The pieces still to come plug in at one function each:
+The storage nodes form a storaged cluster of their own and hold the
+floating portal address :attr:`LabSpec.vip` (``storaged vip``); the pieces
+that decide how the LUN is reached are one function each:
 
-* :func:`portal_addresses`: the storage nodes' portals; a floating portal
-  address (``storaged vip``) and a group portal become the address here;
+* :func:`portal_addresses`: the storage nodes' portals (own address and the
+  floating one; a group portal per node would join here);
 * :func:`device_for`: what a cluster node mounts: the shared LUN as an
-  ``iscsi://`` URL (storaged's initiator, the node's own IQN);
+  ``iscsi://`` URL through the floating address (storaged's initiator, the
+  node's own IQN);
 * :func:`mount_steps`: how a cluster node mounts (and so runs its
   cluster node: the mount process holds membership + DLM).
 """
