@@ -385,7 +385,8 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
               "storage node killed to the address on a survivor"
               if "moved" in portal else portal.get("why", "not run"))
     tl.figure("portal I/O gap", portal.get("io_gap"),
-              "storage node killed to every survivor's next acknowledged write")
+              "storage node killed to every survivor's next acknowledged write"
+              if "io_gap" in portal else portal.get("why", "not run"))
     for line in tl.render_figures():
         echo(line)
     lost = report.get("acknowledged", 0) - report.get("verified", 0)
