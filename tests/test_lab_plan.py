@@ -63,17 +63,38 @@ def test_plan_up_builds_every_piece(tmp_path):
             assert any(f"--dir {spec.node_dir(s)} fence map {c.name} --initiator {c.iqn}" in t
                        for t in text)
     # two nodes: two_node quorum and a fence delay on node 1 so exactly one side wins
-    assert sum("--two-node" in t for t in text) == 2
+    assert sum("--two-node" in t and "cluster init lab " in t for t in text) == 2
     assert sum("--node-delay-ms=1=" in t for t in text) == 2
     # every long-running process runs inside its node's namespace only
     for s in steps:
         if s.kind == "spawn":
             assert s.argv[:2] == ("nsenter", f"--net=/run/netns/{spec.node(s.node).netns}")
-    # the pluggable pieces: portals per storage node, the device each node mounts
-    assert portal_addresses(spec, spec.storage_nodes[1]) == ["10.250.0.12:3260"]
+    # portals: the node's own and the floating one; every mount goes through the latter
+    assert portal_addresses(spec, spec.storage_nodes[1]) == ["10.250.0.12:3260",
+                                                             "10.250.0.10:3260"]
     assert device_for(spec, spec.cluster_nodes[0]) == (
-        "iscsi://10.250.0.11:3260/iqn.2026-11.org.storaged.lab:shared/0"
+        "iscsi://10.250.0.10:3260/iqn.2026-11.org.storaged.lab:shared/0"
         "?initiator=iqn.2026-11.org.storaged.lab:c1")
+    # the storage nodes: a cluster of their own (two-node), the same vip on each, the
+    # backstore shared and s2 given s1's LU identity before its daemon starts
+    for s in spec.storage_nodes:
+        d = spec.node_dir(s)
+        init = [t for t in text if f"--dir {d} cluster init labstore --id={s.index}" in t]
+        assert len(init) == 1 and "--two-node" in init[0] and "--fencer=command" in init[0]
+        assert "--node=1=10.250.0.11:7870 --node=2=10.250.0.12:7870" in init[0]
+        assert any(f"--dir {d} vip add 10.250.0.10/24 --dev eth0 --node-preference 1,2" in t
+                   for t in text)
+        assert any(f"--dir {d} backstore create shared" in t and "--shared" in t
+                   for t in text)
+    ident = [i for i, t in enumerate(text) if "storaged.lab.identity" in t]
+    assert len(ident) == 1 and text[ident[0]].endswith(
+        f"{spec.node_dir('s1')} {spec.node_dir('s2')} shared")
+    s2_serve = next(i for i, st in enumerate(steps) if st.label == "s2/serve")
+    assert ident[0] < s2_serve  # s2's daemon starts with s1's identity
+
+    fence = next(s for s in steps if s.path == spec.storage_fence_script)
+    assert 'ip -n labx-sw link set "s$1" down' in fence.stdin
+    assert kinds.index("wait_vip") > kinds.index("wait_socket")
     # waits come after the spawns they wait for
     assert kinds.index("wait_mount") > max(i for i, k in enumerate(kinds) if k == "spawn")
 
@@ -103,6 +124,31 @@ def test_lab_records_validate():
         LabResource(1, "veth", "x").validate()
     rec = LabResource(3, "proc", "c1/mount", pid=42, start_ticks=7)
     assert LabResource.from_dict(rec.to_dict()) == rec and rec.key == "00000003"
+
+
+def test_lu_identity_copied_between_storage_nodes(tmp_path):
+    from storaged.lab.identity import copy_identity, main
+    from storaged.state import Store
+    from storaged.state.records import Backstore
+
+    a, b = str(tmp_path / "s1"), str(tmp_path / "s2")
+    for d in (a, b):
+        os.makedirs(d)
+        st = Store(d)
+        with st.write() as txn:
+            txn.put(Backstore(name="shared", kind="file", path=str(tmp_path / "img"),
+                              size=1 << 20))
+        st.close()
+
+    def ident(d):
+        st = Store(d)
+        with st.read() as txn:
+            r = txn.get(Backstore, "shared")
+        st.close()
+        return r.wwn, r.serial
+    assert ident(a) != ident(b)  # random per node until copied
+    assert copy_identity(a, b, "shared") == ident(a) == ident(b)
+    assert main([a, b, "nosuch"]) == 1 and main([a]) == 2
 
 
 def test_timeline_figures():

@@ -196,7 +196,8 @@ def _finish(result, json_out: str | None) -> None:
 @_dir_option
 @click.option("--acks", type=click.Path(file_okay=False), required=True,
               help="The writers' acknowledged-write logs.")
-@click.option("--via", default="", help="Node whose namespace reads the LUN (default: s1).")
+@click.option("--via", default="", help="Node whose namespace reads the LUN through the "
+                                         "floating portal address (default: its holder).")
 def lab_check(directory: str, acks: str, via: str) -> None:
     """Read the shared LUN over iSCSI and verify every acknowledged write."""
     import subprocess
@@ -204,7 +205,9 @@ def lab_check(directory: str, acks: str, via: str) -> None:
     _need_root()
     _st, spec = _state(directory)
     try:
-        node = spec.node(via) if via else spec.storage_nodes[0]
+        from storaged.lab.shell import vip_holders
+        holders = [] if via else vip_holders(spec)
+        node = spec.node(via or (holders[0] if holders else spec.storage_nodes[0].name))
     except KeyError as e:
         _fail(str(e.args[0]))
     from storaged.lab.plan import shared_lun_url

@@ -12,12 +12,15 @@ no lab address is reachable from (or routed to) the host.  Every namespace
 name starts with the lab id (``<id>-sw``, ``<id>-s1``, ``<id>-c1``), so two
 labs or CI runs never collide.
 
-The pieces still to come plug in at one function each:
+The storage nodes form a storaged cluster of their own and hold the
+floating portal address :attr:`LabSpec.vip` (``storaged vip``); the pieces
+that decide how the LUN is reached are one function each:
 
-* :func:`portal_addresses`: the storage nodes' portals; a floating portal
-  address (``storaged vip``) and a group portal become the address here;
+* :func:`portal_addresses`: the storage nodes' portals (own address and the
+  floating one; a group portal per node would join here);
 * :func:`device_for`: what a cluster node mounts: the shared LUN as an
-  ``iscsi://`` URL (storaged's initiator, the node's own IQN);
+  ``iscsi://`` URL through the floating address (storaged's initiator, the
+  node's own IQN);
 * :func:`mount_steps`: how a cluster node mounts (and so runs its
   cluster node: the mount process holds membership + DLM).
 """
@@ -40,8 +43,10 @@ CLUSTER_PORT = 7870
 FENCE_USER = "fencer"
 CLUSTER_NAME = "lab"
 DEFAULT_SUBNET = "10.250.0.0/24"
-#: the address a floating portal (``storaged vip``) will take; kept free today
+#: the floating portal address (``storaged vip``) the storage nodes hold
 VIP_HOST = 10
+#: the storage nodes' own cluster (membership + DLM inside ``storaged serve``)
+STORAGE_CLUSTER = "labstore"
 STORAGE_HOST0 = 11
 CLUSTER_HOST0 = 21
 #: the winner of a two-node fence race: fencing node 1 waits this long
@@ -170,8 +175,13 @@ class LabSpec:
 
     @property
     def vip(self) -> str:
-        """The address reserved for the floating portal (not taken until ``storaged vip``)."""
+        """The floating portal address: held by exactly one storage node (``storaged vip``)."""
         return str(self._net[VIP_HOST])
+
+    @property
+    def storage_fence_script(self) -> str:
+        """The storage cluster's fence command: takes the node's bridge port down."""
+        return os.path.join(self.directory, "storage-fence.sh")
 
     # ------------------------------------------------------------ paths
     def node_dir(self, node: Node | str) -> str:
@@ -207,24 +217,25 @@ class LabSpec:
 # ---------------------------------------------------------------- pluggable pieces
 
 def portal_addresses(spec: LabSpec, node: Node) -> list[str]:
-    """The portals storage node ``node`` listens on.  With floating portal
-    addresses the group portal on :attr:`LabSpec.vip` joins them here."""
-    return [f"{node.address}:{ISCSI_PORT}"]
+    """The portals storage node ``node`` listens on: its own address and the floating
+    portal address (opened only while this node holds it, docs/ha.md)."""
+    return [f"{node.address}:{ISCSI_PORT}", f"{spec.vip}:{ISCSI_PORT}"]
 
 
 def shared_lun_url(spec: LabSpec, initiator: str | None = None,
                    storage: Node | None = None) -> str:
-    """The shared LUN through ``storage`` (default: the first storage node)."""
-    s = storage or spec.storage_nodes[0]
+    """The shared LUN through ``storage``'s own address, or (default) through the
+    floating portal address, whichever storage node holds it."""
+    host = storage.address if storage is not None else spec.vip
     query = f"?initiator={initiator}" if initiator else ""
-    return f"iscsi://{s.address}:{ISCSI_PORT}/{TARGET_IQN}/0{query}"
+    return f"iscsi://{host}:{ISCSI_PORT}/{TARGET_IQN}/0{query}"
 
 
 def device_for(spec: LabSpec, node: Node) -> str:
-    """What cluster node ``node`` mounts: the shared LUN through storaged's initiator,
-    logged in as the node's own initiator name, so the SAN fence of that name
-    (sessions dropped, logins refused) withdraws the mount at its next I/O.
-    A floating portal address becomes the host part here."""
+    """What cluster node ``node`` mounts: the shared LUN through storaged's initiator and
+    the floating portal address, logged in as the node's own initiator name, so the
+    SAN fence of that name (sessions dropped, logins refused) withdraws the mount at
+    its next I/O, and a storage node's death only moves the address under it."""
     return shared_lun_url(spec, node.iqn)
 
 
@@ -265,14 +276,58 @@ def _network_steps(spec: LabSpec) -> list[Step]:
     return steps
 
 
+def storage_fence_text(spec: LabSpec) -> str:
+    """The storage cluster's fence command (``--fencer command``, node id appended):
+    take storage node ``s<id>``'s port on the lab bridge down, as fence_ifmib does on
+    a switch.  A dead or cut-off storage node then cannot answer on the floating
+    address after a survivor took it."""
+    return ("#!/bin/sh\n# storaged lab: fence storage node s<id> by its bridge port\n"
+            f"exec ip -n {spec.switch_netns} link set \"s$1\" down\n")
+
+
+def _storage_cluster_steps(spec: LabSpec, s: Node) -> list[Step]:
+    """``s`` joins the storage nodes' own cluster (run by ``storaged serve``) and may
+    hold the floating portal address (preference s1, s2, ...)."""
+    members = [f"--node={x.index}={x.address}:{CLUSTER_PORT}" for x in spec.storage_nodes]
+    two = ("--two-node",) if spec.storage == 2 else ()
+    prefer = ",".join(str(x.index) for x in spec.storage_nodes)
+    return [
+        Step("run", f"{s.name}: storage cluster {STORAGE_CLUSTER}, node {s.index}",
+             argv=spec.storaged(s, "cluster", "init", STORAGE_CLUSTER, f"--id={s.index}",
+                                *members, f"--token-ms={spec.token_ms}", *two,
+                                "--fencer=command",
+                                f"--fence-command=sh {spec.storage_fence_script}")),
+        Step("run", f"{s.name}: floating portal address {spec.vip}/{s.prefix}",
+             argv=spec.storaged(s, "vip", "add", f"{spec.vip}/{s.prefix}", "--dev", "eth0",
+                                "--node-preference", prefer)),
+    ]
+
+
+def _same_identity_steps(spec: LabSpec, s: Node) -> list[Step]:
+    """Storage nodes after the first take its LU identity (wwn, serial): one LU with a
+    path per node, and one ``pr:<wwn>`` lock for their shared reservations."""
+    first = spec.storage_nodes[0]
+    if s == first:
+        return []
+    return [Step("run", f"{s.name}: LU identity of {first.name} (same wwn and serial)",
+                 argv=(spec.python, "-m", "storaged.lab.identity", spec.node_dir(first),
+                       spec.node_dir(s), "shared"))]
+
+
 def _storage_steps(spec: LabSpec, password: str) -> list[Step]:
-    steps: list[Step] = []
+    steps: list[Step] = [Step("file", "storage cluster fence command (bridge port down)",
+                              path=spec.storage_fence_script,
+                              stdin=storage_fence_text(spec))]
     for s in spec.storage_nodes:
         cli = lambda *a, s=s: spec.storaged(s, *a)  # noqa: E731
         steps += [
             Step("dir", f"{s.name}: state directory", path=spec.node_dir(s), node=s.name),
-            Step("run", f"{s.name}: backstore on the shared image",
-                 argv=cli("backstore", "create", "shared", spec.image, "--no-write-cache")),
+            *_storage_cluster_steps(spec, s),
+            Step("run", f"{s.name}: backstore on the shared image (shared PR with the other "
+                        "storage nodes)",
+                 argv=cli("backstore", "create", "shared", spec.image, "--no-write-cache",
+                          "--shared")),
+            *_same_identity_steps(spec, s),
             Step("run", f"{s.name}: target {TARGET_IQN}",
                  argv=cli("target", "create", TARGET_IQN,
                           *[a for p in portal_addresses(spec, s) for a in ("--portal", p)])),
@@ -297,6 +352,8 @@ def _storage_steps(spec: LabSpec, password: str) -> list[Step]:
     for s in spec.storage_nodes:
         steps.append(Step("wait_socket", f"{s.name}: daemon ready",
                           path=os.path.join(spec.node_dir(s), "control.sock"), node=s.name))
+    steps.append(Step("wait_vip", f"floating portal address {spec.vip} held by one storage "
+                                  "node", path=spec.vip))
     return steps
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from storaged.control.client import probe_json
 from storaged.lab.plan import LabSpec, Node
 from storaged.lab.records import LabResource
-from storaged.lab.shell import is_mounted, proc_alive, resolve_parent
+from storaged.lab.shell import is_mounted, proc_alive, resolve_parent, vip_holders
 
 
 def cluster_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
@@ -80,16 +80,27 @@ class NodeView:
     mounted: bool = False
     fenced_by: list[str] = field(default_factory=list)
     fence_known: bool = False
+    holds_vip: bool = False
+    """Storage node: the floating portal address is on its eth0 and its port is up."""
+    vip_stale: bool = False
+    """Storage node: the address is still on its eth0 but its bridge port is down
+    (fenced after its daemon died: nobody reaches it there)."""
 
 
 def survey(spec: LabSpec, resources: list[LabResource]) -> list[NodeView]:
     """What every node is doing now."""
     fences = {s.name: fence_states(spec, s) for s in spec.storage_nodes}
+    holders = vip_holders(spec)
+    stale = set(vip_holders(spec, reachable=False)) - set(holders)
     views = []
     for n in spec.all_nodes:
         v = NodeView(n)
         v.processes = [(r.name, r.pid, proc_alive(r.pid, r.start_ticks))
                        for r in resources if r.kind == "proc" and r.node == n.name]
+        if n.role == "storage":
+            v.cluster = cluster_status(spec, n)
+            v.holds_vip = n.name in holders
+            v.vip_stale = n.name in stale
         if n.role == "cluster":
             v.cluster = cluster_status(spec, n)
             v.mount = mount_status(spec, n)

@@ -16,15 +16,16 @@ def _view_text(v: NodeView) -> tuple[str, str]:
     """(view, quorum) columns of a cluster node."""
     c = v.cluster
     if c is None:
-        return "-", "no node process" if v.node.role == "cluster" else ""
+        return "-", "no node process"
     view = c.get("view")
     if view is None:
         return "none yet", "-"
-    members = ",".join(f"c{m}" for m in view["members"])
+    letter = "s" if v.node.role == "storage" else "c"
+    members = ",".join(f"{letter}{m}" for m in view["members"])
     quorum = (f"{'quorate' if view['quorate'] else 'NOT quorate'} "
               f"{view['votes']}/{view['expected_votes']}")
     if c.get("pending_fence"):
-        quorum += " fencing " + ",".join(f"c{n}" for n in c["pending_fence"])
+        quorum += " fencing " + ",".join(f"{letter}{n}" for n in c["pending_fence"])
     return f"{view['id']} [{members}]", quorum
 
 
@@ -42,6 +43,14 @@ def _mount_text(v: NodeView) -> str:
     return text
 
 
+def _portal_text(spec: LabSpec, v: NodeView) -> str:
+    if v.node.role != "storage":
+        return ""
+    if v.holds_vip:
+        return f"HOLDS {spec.vip}"
+    return "fenced (port down)" if v.vip_stale else "standby"
+
+
 def _fence_text(v: NodeView) -> str:
     if v.node.role != "cluster":
         return ""
@@ -52,29 +61,36 @@ def _fence_text(v: NodeView) -> str:
 
 def status_table(spec: LabSpec, resources: list[LabResource]) -> Table:
     """Nodes, addresses, processes, view/quorum, SAN fence state and mounts."""
-    t = Table(title=f"lab {spec.lab_id} ({spec.directory}, {spec.subnet})")
+    views = survey(spec, resources)
+    owner = ",".join(v.node.name for v in views if v.holds_vip) or "nobody"
+    t = Table(title=f"lab {spec.lab_id} ({spec.directory}, {spec.subnet}), "
+                    f"floating portal {spec.vip} on {owner}")
     for col in ("node", "role", "namespace", "address", "processes", "view", "quorum",
-                "SAN access", "mount"):
+                "portal", "SAN access", "mount"):
         t.add_column(col)
-    for v in survey(spec, resources):
+    for v in views:
         procs = ", ".join(f"{label.split('/')[-1]} {pid}" + ("" if alive else " (gone)")
                           for label, pid, alive in v.processes) or "-"
         view, quorum = _view_text(v)
         t.add_row(*(escape(x) for x in (v.node.name, v.node.role, v.node.netns,
                                           v.node.address, procs, view, quorum,
-                                          _fence_text(v), _mount_text(v))))
+                                          _portal_text(spec, v), _fence_text(v),
+                                          _mount_text(v))))
     return t
 
 
 def status_json(spec: LabSpec, resources: list[LabResource]) -> dict[str, Any]:
     """The same as :func:`status_table`, machine-readable."""
     nodes = []
-    for v in survey(spec, resources):
+    views = survey(spec, resources)
+    for v in views:
         nodes.append({"node": v.node.name, "role": v.node.role, "netns": v.node.netns,
                       "address": v.node.address,
                       "processes": [{"label": label, "pid": pid, "alive": alive}
                                     for label, pid, alive in v.processes],
                       "cluster": v.cluster, "mounted": v.mounted, "mount": v.mount,
-                      "fenced_by": v.fenced_by if v.fence_known else None})
+                      "fenced_by": v.fenced_by if v.fence_known else None,
+                      "holds_vip": v.holds_vip})
     return {"lab": spec.lab_id, "dir": spec.directory, "subnet": spec.subnet,
-            "vip_reserved": spec.vip, "nodes": nodes}
+            "vip": spec.vip, "vip_holders": [v.node.name for v in views if v.holds_vip],
+            "nodes": nodes}

@@ -13,14 +13,17 @@ which reads the LUN itself.
 * ``failover``: writers on every node; one node is cut off from the others;
   the majority fences it at the SAN (fence_storaged on every storage node),
   recovers its locks and replays its journal, and the survivors' writers go
-  on.  The portal failover step needs floating portal addresses and runs
-  once they exist (:data:`STEPS_NOT_ON_MAIN`).
+  on.  Then the storage node holding the floating portal address is killed
+  (SIGKILL of its daemon); the other storage node fences it (its bridge port
+  goes down), takes the address, and the mounts' sessions log in again
+  through it: the writers go on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,15 +31,15 @@ from typing import Any
 
 from storaged.lab import probe
 from storaged.lab.plan import LabSpec, Node, Step, shared_lun_url
-from storaged.lab.shell import LabState, Runner, is_mounted
+from storaged.lab.shell import (
+    LabState,
+    Runner,
+    is_mounted,
+    proc_alive,
+    switch_port_up,
+    vip_holders,
+)
 from storaged.lab.timeline import ScenarioResult, Timeline
-
-#: Steps of the failover story that need pieces still being built; each names
-#: what it waits for, and the scenario prints it in the timeline as not run.
-STEPS_NOT_ON_MAIN = {
-    "portal failover": "floating portal addresses (storaged vip): kill the storage node "
-                       "owning the portal address, the address moves, I/O resumes",
-}
 
 POLL = 0.05
 
@@ -354,8 +357,7 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
     complete = w.until(need, timeout)
     w.until([f"{v.name} writer stopped", f"{v.name} loses quorum", f"{v.name} mount withdrew"],
             1.0)
-    for step, needs in STEPS_NOT_ON_MAIN.items():
-        tl.mark(f"{step}: not run", f"needs {needs}")
+    portal = portal_failover(spec, state, tl, logs, survivors, timeout)
     time.sleep(1.0)
     for c in spec.cluster_nodes:
         _stop_writer(state, c.name)
@@ -367,7 +369,7 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
             and a["t_start"] > fenced_t]
     report = run_check(spec, ack_dir)
     tl.mark("check", f"{report.get('verified')}/{report.get('acknowledged')} acknowledged "
-                     f"writes verified on the LUN through {spec.storage_nodes[0].name}"
+                     f"writes verified on the LUN through {spec.vip}"
             if "verified" in report else f"checker failed: {report.get('error')}")
     gaps = [g for c in survivors if (g := _max_gap(_read_log(logs[c.name]), t_cut))]
     tl.figure("detection", w.since("survivors detect", t_cut), "cut to the survivors' view")
@@ -379,21 +381,90 @@ def failover(spec: LabSpec, state: LabState, echo: Callable[[str], None], *, ack
               "longest pause between acknowledged writes on a survivor")
     tl.figure("victim stopped", w.since(f"{v.name} writer stopped", t_cut),
               "cut to the victim's first failed write")
-    tl.figure("portal failover", None, "needs storaged vip (not on main yet)")
+    tl.figure("portal failover", portal.get("moved"),
+              "storage node killed to the address on a survivor"
+              if "moved" in portal else portal.get("why", "not run"))
+    tl.figure("portal I/O gap", portal.get("io_gap"),
+              "storage node killed to every survivor's next acknowledged write"
+              if "io_gap" in portal else portal.get("why", "not run"))
     for line in tl.render_figures():
         echo(line)
     lost = report.get("acknowledged", 0) - report.get("verified", 0)
     ok = (complete and "verified" in report and lost == 0 and not ok_v and not late
-          and report.get("acknowledged", 0) > 0)
+          and report.get("acknowledged", 0) > 0 and portal.get("ok", False))
     if ok:
         verdict = (f"{v.name} fenced and replayed, survivors resumed, "
-                   f"{report['verified']}/{report['acknowledged']} acknowledged writes on the LUN")
+                   + (f"portal moved {portal['from']} -> {portal['to']}, "
+                      if "to" in portal else "")
+                   + f"{report['verified']}/{report['acknowledged']} acknowledged writes "
+                     "on the LUN")
     else:
         missing = [n for n in need if n not in w.met]
         verdict = (f"FAILED: not reached {missing}, lost {lost}, victim login accepted "
-                   f"{ok_v}, victim acks after its fence {len(late)}, check {report}")
+                   f"{ok_v}, victim acks after its fence {len(late)}, portal {portal}, "
+                   f"check {report}")
     return ScenarioResult("failover", ok, verdict, tl,
-                          {"check": report, "victim": v.name, "late_acks": len(late)})
+                          {"check": report, "victim": v.name, "late_acks": len(late),
+                           "portal": portal})
+
+
+def portal_failover(spec: LabSpec, state: LabState, tl: Timeline,
+                    logs: dict[str, str], survivors: list[Node],
+                    timeout: float) -> dict[str, Any]:
+    """Kill (SIGKILL) the daemon of the storage node holding the floating portal address;
+    watch the storage cluster fence it, the address come up on a survivor, and every
+    surviving writer acknowledge a write through it.  The measured figures, or why not
+    run (``ok`` is True when the step was not applicable: a one-storage-node lab)."""
+    holders = vip_holders(spec)
+    if spec.storage < 2:
+        tl.mark("portal failover: not run", "one storage node: nobody to take the address")
+        return {"ok": True, "why": "one storage node"}
+    if len(holders) != 1:
+        tl.mark("portal failover: not run", f"address {spec.vip} on {holders or 'nobody'}")
+        return {"ok": False, "why": f"address on {holders or 'nobody'}"}
+    owner = spec.node(holders[0])
+    procs = [r for r in state.resources() if r.kind == "proc" and r.name == f"{owner.name}/serve"]
+    if not procs or not proc_alive(procs[0].pid, procs[0].start_ticks):
+        tl.mark("portal failover: not run", f"{owner.name}'s daemon is not running")
+        return {"ok": False, "why": f"{owner.name}'s daemon not running"}
+    t_kill = time.time()
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    tl.mark(f"kill {owner.name}", f"SIGKILL to {owner.name}'s storaged serve (pid "
+                                  f"{procs[0].pid}), the holder of {spec.vip}", wall=t_kill)
+    w = Watch(tl)
+    w.add(f"{owner.name} fenced", lambda: not switch_port_up(spec, owner.name),
+          lambda _v: "the storage cluster's fence command took its bridge port down")
+    w.add("address moved", lambda: (h := vip_holders(spec)) and owner.name not in h and h,
+          lambda h: f"{spec.vip} up on {','.join(h)} (survivor's view, fence, DLM "
+                    "recovery, lock granted, gratuitous ARPs)")
+
+    def resumed() -> float | bool:
+        moved = w.met.get("address moved")
+        if moved is None:
+            return False
+        ts = []
+        for c in survivors:
+            after = [a["t"] for a in _read_log(logs[c.name]) if "error" not in a
+                     and a["t"] > moved]
+            if not after:
+                return False
+            ts.append(min(after))
+        return float(max(ts))
+    w.add("I/O resumed through the portal", resumed,
+          lambda _t: "every survivor's writer acknowledged a write through the moved address")
+    complete = w.until(["address moved", "I/O resumed through the portal"], timeout)
+    w.until([f"{owner.name} fenced"], 0.5)
+    now = vip_holders(spec)
+    out: dict[str, Any] = {"from": owner.name, "holders": now,
+                           "ok": complete and len(now) == 1 and owner.name not in now}
+    if "address moved" in w.met:
+        out["moved"] = w.since("address moved", t_kill)
+        out["to"] = ",".join(now)
+    if "I/O resumed through the portal" in w.met:
+        out["io_gap"] = w.since("I/O resumed through the portal", t_kill)
+    if not complete:
+        out["why"] = "not reached within " + f"{timeout:g}s"
+    return out
 
 
 def _stop_writer(state: LabState, node: str) -> None:
@@ -405,10 +476,16 @@ def _stop_writer(state: LabState, node: str) -> None:
 
 
 def run_check(spec: LabSpec, ack_dir: str, via: Node | None = None) -> dict[str, Any]:
-    """Run :mod:`storaged.lab.check` in a storage node's namespace, reading the LUN over
-    iSCSI; its JSON report (or ``{"error": ...}``)."""
-    node = via or spec.storage_nodes[0]
-    url = shared_lun_url(spec, "iqn.2026-11.org.storaged.lab:check", node)
+    """Run :mod:`storaged.lab.check` in a storage node's namespace (default: the one
+    holding the floating portal address, through it), reading the LUN over iSCSI;
+    its JSON report (or ``{"error": ...}``)."""
+    if via is None:
+        holders = vip_holders(spec)
+        node = spec.node(holders[0]) if holders else spec.storage_nodes[0]
+        url = shared_lun_url(spec, "iqn.2026-11.org.storaged.lab:check")
+    else:
+        node = via
+        url = shared_lun_url(spec, "iqn.2026-11.org.storaged.lab:check", node)
     argv = spec.in_netns(node.netns, [spec.python, "-m", "storaged.lab.check", url, ack_dir])
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -57,6 +57,33 @@ def netns_list() -> list[str]:
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
+def switch_port_up(spec: LabSpec, node: str) -> bool:
+    """``node``'s port on the lab bridge is up (the storage cluster's fence takes a
+    storage node's port down)."""
+    r = subprocess.run(["ip", "-n", spec.switch_netns, "-o", "link", "show", node],
+                       capture_output=True, text=True)
+    flags = r.stdout.split("<", 1)[-1].split(">", 1)[0].split(",")
+    return r.returncode == 0 and "UP" in flags
+
+
+def vip_holders(spec: LabSpec, reachable: bool = True) -> list[str]:
+    """The storage nodes whose ``eth0`` carries the floating portal address now
+    (``ip -n NS -o addr``: the kernel's answer, not a daemon's).  With ``reachable``
+    only those whose bridge port is up: a killed daemon leaves the address on its
+    interface, and once fenced (port down) nobody can reach it there."""
+    out = []
+    found = set(netns_list())
+    for s in spec.storage_nodes:
+        if s.netns not in found:
+            continue
+        r = subprocess.run(["ip", "-n", s.netns, "-o", "-4", "addr", "show", "dev", "eth0"],
+                           capture_output=True, text=True)
+        if any(f" {spec.vip}/" in line for line in r.stdout.splitlines()) and (
+                not reachable or switch_port_up(spec, s.name)):
+            out.append(s.name)
+    return out
+
+
 def resolve_parent(path: str) -> str:
     """``path`` with its parent resolved, not the last component: an lstat of a FUSE
     mount point is a request to that filesystem, and blocks while its node waits."""
@@ -264,6 +291,18 @@ class Runner:
                         return
             time.sleep(0.05)
         raise LabError(f"{step.what}: {step.path} did not appear within {timeout:g}s")
+
+    def _do_wait_vip(self, step: Step, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for s in self.spec.storage_nodes:
+                self._check_alive(Step("wait", f"{step.what} ({s.name}/serve)", node=s.name))
+            if len(vip_holders(self.spec)) == 1:
+                return
+            time.sleep(0.1)
+        raise LabError(f"{step.what}: holders {vip_holders(self.spec)} after {timeout:g}s: "
+                       + " / ".join(_tail(self.spec.log(s, "serve"), 2)
+                                    for s in self.spec.storage_nodes))
 
     def _do_wait_mount(self, step: Step, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
