@@ -58,14 +58,20 @@ def fence_states(spec: LabSpec, storage: Node) -> dict[str, bool] | None:
 def journal_clean(spec: LabSpec, slot: int) -> bool | None:
     """Whether journal ``slot`` of the shared filesystem is marked clean (flags bit 0),
     read from the image: True once a survivor replayed a dead node's journal."""
-    from storaged.clusterfs.format import JOURNAL_HEADER, SUPERBLOCK
+    from storaged.block.file import FileBlockDevice
+    from storaged.clusterfs.format import JOURNAL_HEADER, FormatError, read_geometry
     try:
-        with open(spec.image, "rb") as f:
-            sb = SUPERBLOCK.unpack(f.read(SUPERBLOCK.size))
-            f.seek((sb["journal_start"] + slot * sb["journal_blocks"]) * sb["block_size"])
-            h = JOURNAL_HEADER.unpack(f.read(JOURNAL_HEADER.size))
-    except (OSError, ValueError, struct.error, KeyError):
+        dev = FileBlockDevice(spec.image, read_only=True)
+    except (OSError, ValueError):
         return None
+    try:
+        geo = read_geometry(dev)
+        block = dev.read(geo.journal_block(slot) * geo.bs, geo.bs)
+        h = JOURNAL_HEADER.unpack(block[:JOURNAL_HEADER.size])
+    except (OSError, ValueError, struct.error, KeyError, IndexError, FormatError):
+        return None
+    finally:
+        dev.close()
     return bool(h["flags"] & 1)
 
 
