@@ -32,8 +32,13 @@ def run_dir() -> str:
 
 def status_socket(mountpoint: str, directory: str | None = None) -> str:
     """The status socket of the mount on ``mountpoint``, in ``directory`` (default
-    :func:`run_dir`): ``fs status``/``umount`` and the OCF agent find the mount by it."""
-    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    :func:`run_dir`): ``fs status``/``umount`` and the OCF agent find the mount by it.
+
+    Only the parent is resolved: a stat of the mount point itself waits for its
+    FUSE daemon, and a hung daemon would hang the caller (umount, monitor)."""
+    path = os.path.abspath(mountpoint)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    key = hashlib.sha1(path.encode()).hexdigest()[:16]
     return os.path.join(directory or run_dir(), f"{key}.sock")
 
 

@@ -14,7 +14,9 @@ stop and a fresh mount).  Installed by ``storaged ocf install``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,7 +185,7 @@ def validate(p: dict[str, str]) -> int:
     if not is_url(p["device"]) and not os.path.exists(p["device"]):
         _log(f"device {p['device']} does not exist on this node")
         return OCF_ERR_INSTALLED
-    if os.path.exists(d) and not os.path.isdir(d):
+    if not _in_mount_table(d) and os.path.exists(d) and not os.path.isdir(d):
         _log(f"directory {d} exists and is not a directory")
         return OCF_ERR_CONFIGURED
     if shutil.which("fusermount3") is None:
@@ -224,15 +226,22 @@ def _validate_cluster(p: dict[str, str]) -> int:
     return OCF_SUCCESS
 
 
+def _resolve(directory: str) -> str:
+    """``directory`` with its parent resolved, without a stat of the directory itself
+    (on a hung mount that stat waits for the FUSE daemon forever)."""
+    path = os.path.abspath(directory)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def _in_mount_table(directory: str) -> bool:
     """Whether a FUSE filesystem is mounted on ``directory`` (by the kernel's table:
     ``os.path.ismount`` misses a withdrawn or dead mount, whose root stat fails)."""
-    real = os.path.realpath(directory)
+    real = _resolve(directory)
     try:
         with open("/proc/self/mounts") as f:
             lines = f.read().splitlines()
     except OSError:
-        return os.path.ismount(real)
+        return False
     for line in lines:
         fields = line.split()
         if len(fields) < 3:
@@ -249,6 +258,30 @@ def _status(p: dict[str, str]) -> dict | None:
     from storaged.control.client import probe_json
 
     return probe_json(status_socket(p["directory"], p["run_dir"] or None))
+
+
+def _pidfile(p: dict[str, str]) -> str:
+    from storaged.clusterfs.cli import status_socket
+
+    return status_socket(p["directory"], p["run_dir"] or None)[:-5] + ".ocf.pid"
+
+
+def _mount_pid(p: dict[str, str], info: dict | None) -> int | None:
+    """The mount process: from its status, or (when it does not answer: hung or
+    stopped) from the pid start recorded, if that process still mounts this directory."""
+    if info is not None and isinstance(info.get("pid"), int):
+        return info["pid"]
+    try:
+        with open(_pidfile(p)) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    real = _resolve(p["directory"]).encode()
+    ours = b"mount" in argv and any(_resolve(a.decode(errors="replace")).encode() == real
+                                    for a in argv if a.startswith(b"/"))
+    return pid if ours else None
 
 
 def monitor(p: dict[str, str]) -> int:
@@ -295,6 +328,10 @@ def start(p: dict[str, str]) -> int:
     if r.returncode != 0:
         _log(f"storaged fs mount failed: {(r.stderr or r.stdout).strip()}")
         return OCF_ERR_GENERIC
+    m = re.search(r"\(pid (\d+)\)", r.stdout)
+    if m:
+        with open(_pidfile(p), "w") as f:
+            f.write(m.group(1) + "\n")
     deadline = time.monotonic() + 5
     while (rc := monitor(p)) != OCF_SUCCESS and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -302,13 +339,12 @@ def start(p: dict[str, str]) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, waiting for its parent to reap it, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill(pid: int, wait: float) -> bool:
@@ -334,7 +370,7 @@ def stop(p: dict[str, str]) -> int:
     force = p["force_unmount"] in TRUE
     # a clean unmount gets most of the time; a forced one the rest
     clean = timeout * 0.7 if force else timeout
-    pid = info.get("pid") if info else None
+    pid = _mount_pid(p, info)
     if info is not None:
         try:
             r = subprocess.run([sys.executable, "-m", "storaged", "fs", "umount",
@@ -350,7 +386,7 @@ def stop(p: dict[str, str]) -> int:
             _log(f"the mount process {pid} did not exit and force_unmount is off")
             return OCF_ERR_GENERIC
         _log(f"killing the mount process {pid} of {p['directory']} (force_unmount)")
-        if not _kill(pid, max(1.0, (timeout - clean) / 3)):
+        if not _kill(pid, max(2.0, (timeout - clean) / 3)):
             _log(f"the mount process {pid} survived SIGKILL")
             return OCF_ERR_GENERIC
     if _in_mount_table(p["directory"]):
@@ -363,6 +399,8 @@ def stop(p: dict[str, str]) -> int:
     if _in_mount_table(p["directory"]):
         _log(f"{p['directory']} is still mounted")
         return OCF_ERR_GENERIC
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pidfile(p))
     return OCF_SUCCESS
 
 
