@@ -9,6 +9,7 @@ a mount process that does not exit is killed by stop (force_unmount)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -243,3 +244,25 @@ def test_stop_kills_a_mount_process_that_does_not_exit(work):
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
         assert not fuse_mounted(mnt)
         assert action(agent, "monitor", **p).returncode == 7
+
+
+def test_cluster_mode_mount_runs_the_cluster_node(work):
+    """Without local: the mount runs the node of cluster_dir's (one-node) cluster and
+    takes its locks from the DLM; stop leaves the node's control socket gone."""
+    need_fuse()
+    agent = str(work / "agents" / "clusterfs")
+    img, mnt, c = image(work), str(work / "mnt"), str(work / "cluster")
+    storaged("cluster", "init", "ocffs", "--id=1", f"--node=1=127.0.0.1:{free_port()}",
+             directory=c)
+    p = {"device": img, "directory": mnt, "cluster_dir": c, "run_dir": str(work / "run")}
+    with started(agent, p):
+        assert action(agent, "monitor", **p).returncode == 0
+        r = subprocess.run([sys.executable, "-m", "storaged", "fs", "status", "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=30,
+                           env=dict(os.environ, STORAGED_FS_RUNDIR=p["run_dir"]))
+        (st,) = json.loads(r.stdout)
+        assert st["mode"] == "cluster ocffs node 1" and st["withdrawn"] is None, st
+        Path(mnt, "f").write_bytes(b"clustered")
+        assert action(agent, "stop", **p).returncode == 0
+        assert not fuse_mounted(mnt) and action(agent, "monitor", **p).returncode == 7
+        assert not list(Path(c).glob("*.sock")), list(Path(c).iterdir())
