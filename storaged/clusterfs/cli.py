@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 import click
 
 RUN_DIR_ENV = "STORAGED_FS_RUNDIR"
+MOUNT_OPTIONS = frozenset({"ro", "rw", "noatime", "relatime", "local", "lockspace", "hold_ms",
+                           "localflocks", "nocache"})
 
 
 def _fail(message: str) -> NoReturn:
@@ -28,9 +30,19 @@ def run_dir() -> str:
     return os.environ.get(RUN_DIR_ENV) or "/run/storaged/fs"
 
 
-def _sock_for(mountpoint: str) -> str:
-    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(run_dir(), f"{key}.sock")
+def status_socket(mountpoint: str, directory: str | None = None) -> str:
+    """The status socket of the mount on ``mountpoint``, in ``directory`` (default
+    :func:`run_dir`): ``fs status``/``umount`` and the OCF agent find the mount by it.
+
+    Only the parent is resolved: a stat of the mount point itself waits for its
+    FUSE daemon, and a hung daemon would hang the caller (umount, monitor)."""
+    path = os.path.abspath(mountpoint)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    key = hashlib.sha1(path.encode()).hexdigest()[:16]
+    return os.path.join(directory or run_dir(), f"{key}.sock")
+
+
+_sock_for = status_socket
 
 
 def _open_device(path: str, read_only: bool = False) -> Any:
@@ -100,11 +112,10 @@ def _parse_opts(opts: tuple[str, ...]) -> dict[str, str | bool]:
                 continue
             key, eq, val = item.partition("=")
             out[key] = val if eq else True
-    known = {"ro", "rw", "noatime", "relatime", "local", "lockspace", "hold_ms", "localflocks",
-             "nocache"}
-    unknown = sorted(set(out) - known)
+    unknown = sorted(set(out) - MOUNT_OPTIONS)
     if unknown:
-        _fail(f"unknown mount option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        _fail(f"unknown mount option(s): {', '.join(unknown)} "
+              f"(known: {', '.join(sorted(MOUNT_OPTIONS))})")
     if "hold_ms" in out:
         raw = out["hold_ms"]
         try:

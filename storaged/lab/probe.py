@@ -31,7 +31,7 @@ def cluster_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
 def mount_status(spec: LabSpec, node: Node) -> dict[str, Any] | None:
     """The mount process's status (journal slot, withdrawn, pid), from its status socket."""
     mp = spec.mountpoint(node)
-    # The mount's own key is sha1(realpath(mountpoint)); resolve only the parent here: an
+    # The mount's key (clusterfs.cli.status_socket) resolves only the parent too: an
     # lstat of the mount point is a FUSE request, which blocks while that node waits.
     key = hashlib.sha1(resolve_parent(mp).encode()).hexdigest()[:16]
     path = os.path.join(spec.run_dir(node), f"{key}.sock")

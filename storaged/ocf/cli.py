@@ -10,7 +10,8 @@ import click
 from storaged.cli.root import fail
 
 OCF_DIR = "/usr/lib/ocf/resource.d/storaged"
-AGENTS = {"storaged": "storaged.ocf.daemon_ra", "vip": "storaged.ocf.vip_ra"}
+AGENTS = {"storaged": "storaged.ocf.daemon_ra", "vip": "storaged.ocf.vip_ra",
+          "clusterfs": "storaged.ocf.clusterfs_ra"}
 
 
 def stub(name: str, module: str) -> str:
@@ -35,10 +36,14 @@ def ocf() -> None:
 @click.option("--dir", "directory", default=OCF_DIR, show_default=True,
               help="Provider directory (pacemaker looks in /usr/lib/ocf/resource.d/<provider>).")
 @click.option("--remove", is_flag=True, help="Remove the agents installed there instead.")
-def ocf_install(directory: str, remove: bool) -> None:
+@click.option("--agent", "agents", multiple=True, type=click.Choice(sorted(AGENTS)),
+              help="Only this agent (repeatable; default: all of them).")
+def ocf_install(directory: str, remove: bool, agents: tuple[str, ...]) -> None:
     """Install the agents (a stub running this Python) as ocf:storaged:<agent>."""
     try:
         for name, module in AGENTS.items():
+            if agents and name not in agents:
+                continue
             path = os.path.join(directory, name)
             if remove:
                 if os.path.exists(path):
