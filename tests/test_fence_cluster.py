@@ -71,6 +71,9 @@ def test_agent_fencer_two_node_race(tmp_path):
         cfg = _config(fencer="agent", fence_agent=_agent_script(tmp_path), fence_delay_max_ms=200,
                       fence_options={"ip": "127.0.0.1", "ipport": str(mport),
                                      "username": "agent", "password": PASSWORD})
+        # The winner's head start must exceed one fence action (pcmk_delay_base
+        # guidance): a loaded CI machine takes over a second to run the agent.
+        cfg.nodes[1].fence_delay_ms = 2500
         fencers = {n: make_fencer("agent", config=cfg, node_id=n) for n in (1, 2)}
         ep = Endpoint("127.0.0.1", mport, "agent", PASSWORD)
 
